@@ -1,0 +1,49 @@
+# listing-vision: `make help` lists the targets. Every target creates the venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast test-gpu lint format up demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+test: $(STAMP) ## run the whole test suite (real PostgreSQL, Valkey and worker processes)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP) ## unit tests only
+	$(BIN)/pytest -q tests/unit
+
+test-gpu: $(STAMP) ## GPU-marked tests (skipped without CUDA)
+	$(BIN)/pytest -q -m gpu tests/gpu
+
+lint: $(STAMP) ## ruff (lint and format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy producer db listing_vision worker
+
+format: $(STAMP) ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+up: $(STAMP) ## run the stack in the foreground (embedded servers, worker, Flower); Ctrl-C stops it
+	$(BIN)/listing-vision up
+
+demo: $(STAMP) ## the offline demo: a sample catalogue with planted mismatches, scored end to end
+	$(BIN)/listing-vision demo
+
+bench: $(STAMP) ## throughput benchmarks (results go to bench/results/)
+	$(BIN)/python -m bench.throughput
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,118 @@
+"""Image embeddings in pgvector: the per-(image, model) cache and nearest-neighbour search.
+
+The `embedding` column has no fixed dimension because models differ, so each model gets its own
+partial HNSW index on a cast to its dimension; queries repeat the same cast and filter, which is
+what lets the planner use that index (pgvector's documented pattern for mixed dimensions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from db.records import ImageFacts
+from db.schema import Embedding, Image
+
+
+@dataclass(frozen=True)
+class CachedImage:
+    """An image this model has already embedded: its stored facts and vector."""
+
+    facts: ImageFacts
+    embedding: list[float]
+
+
+def cached_images(session: Session, shas: Sequence[str], model_id: str) -> dict[str, CachedImage]:
+    """Images (by SHA-256) that already have an embedding from `model_id`."""
+    if not shas:
+        return {}
+    rows = session.execute(
+        select(Image, Embedding.embedding)
+        .join(Embedding, Embedding.sha256 == Image.sha256)
+        .where(Embedding.model_id == model_id, Image.sha256.in_(list(set(shas))))
+    ).all()
+    return {
+        image.sha256: CachedImage(
+            ImageFacts(
+                image.sha256,
+                image.width,
+                image.height,
+                image.format,
+                image.bytes,
+                image.blur,
+                image.brightness,
+            ),
+            [float(x) for x in vector],
+        )
+        for image, vector in rows
+    }
+
+
+def index_name(model_id: str) -> str:
+    """A valid, unique index name for any model id."""
+    digest = hashlib.sha1(model_id.encode()).hexdigest()[:10]
+    safe = "".join(c if c.isalnum() else "_" for c in model_id)[:30]
+    return f"embeddings_hnsw_{safe}_{digest}"
+
+
+def ensure_hnsw_index(session: Session, model_id: str, dim: int) -> None:
+    """Create the model's cosine HNSW index if missing (run by the worker once it knows `dim`)."""
+    literal = model_id.replace("'", "''")
+    session.execute(
+        text(
+            f"CREATE INDEX IF NOT EXISTS {index_name(model_id)} ON embeddings "
+            f"USING hnsw ((embedding::vector({int(dim)})) vector_cosine_ops) "
+            f"WHERE model_id = '{literal}'"
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    listing_id: str
+    distance: float
+    sha256: str
+
+
+def nearest_listings(
+    session: Session, listing_id: str, model_id: str, dim: int, k: int
+) -> list[Neighbour]:
+    """The `k` other listings whose images are closest (cosine) to any image of `listing_id`."""
+    literal = model_id.replace("'", "''")
+    cast = f"vector({int(dim)})"
+    # The model filter must appear as a literal so the partial index's predicate matches it.
+    query = text(
+        f"""
+        WITH mine AS (
+            SELECT DISTINCT e.embedding::{cast} AS embedding
+            FROM listing_images li
+            JOIN embeddings e ON e.sha256 = li.sha256 AND e.model_id = '{literal}'
+            WHERE li.listing_id = :listing_id
+        ),
+        near AS (
+            SELECT n.sha256, n.distance
+            FROM mine
+            CROSS JOIN LATERAL (
+                SELECT e.sha256, e.embedding::{cast} <=> mine.embedding AS distance
+                FROM embeddings e
+                WHERE e.model_id = '{literal}'
+                ORDER BY e.embedding::{cast} <=> mine.embedding
+                LIMIT :fanout
+            ) n
+        )
+        SELECT li.listing_id, min(near.distance) AS distance,
+               (array_agg(near.sha256 ORDER BY near.distance))[1] AS sha256
+        FROM near
+        JOIN listing_images li ON li.sha256 = near.sha256
+        WHERE li.listing_id <> :listing_id
+        GROUP BY li.listing_id
+        ORDER BY distance, li.listing_id
+        LIMIT :k
+        """
+    )
+    rows = session.execute(query, {"listing_id": listing_id, "fanout": k * 4 + 10, "k": k}).all()
+    return [Neighbour(row.listing_id, float(row.distance), row.sha256) for row in rows]

@@ -1,0 +1,123 @@
+"""The `jobs` table: created by the producer, claimed and finished by workers."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.listings import get_listing
+from db.records import ListingRecord
+from db.schema import Job
+
+ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class NewJob:
+    job_id: uuid.UUID
+    listing_id: str
+    model_id: str
+    run_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job a worker may run now: its attempt number and the listing as stored."""
+
+    job_id: uuid.UUID
+    model_id: str
+    attempt: int
+    listing: ListingRecord
+
+
+@dataclass(frozen=True)
+class Unclaimable:
+    """Why a delivered job is not run: `finished` (a duplicate delivery), `missing`,
+    or `exhausted` (its attempts are used up; the caller records it as dead)."""
+
+    reason: str
+    listing_id: str | None = None
+    model_id: str | None = None
+    last_error: str | None = None
+
+
+def create_jobs(session: Session, jobs: Sequence[NewJob]) -> None:
+    """Insert queued jobs (sent to the broker only after this transaction commits)."""
+    session.add_all(
+        Job(job_id=j.job_id, listing_id=j.listing_id, model_id=j.model_id, run_id=j.run_id)
+        for j in jobs
+    )
+
+
+def mark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
+    """Remember that the broker has these jobs, so the reconciler leaves them alone."""
+    ids = list(job_ids)
+    if ids:
+        session.execute(update(Job).where(Job.job_id.in_(ids)).values(sent_at=func.now()))
+
+
+def unsent_jobs(session: Session, older_than: timedelta, limit: int = 1000) -> list[NewJob]:
+    """Queued jobs never handed to the broker (a crash between commit and send)."""
+    rows = session.execute(
+        select(Job.job_id, Job.listing_id, Job.model_id, Job.run_id)
+        .where(Job.status == "queued", Job.sent_at.is_(None))
+        .where(Job.created_at < func.now() - older_than)
+        .order_by(Job.created_at)
+        .limit(limit)
+    ).all()
+    return [NewJob(*row) for row in rows]
+
+
+def claim(
+    session: Session, job_id: uuid.UUID, *, worker: str, max_attempts: int
+) -> ClaimedJob | Unclaimable:
+    """Start an attempt: counts it before any work, so a job that kills its worker every time
+    still reaches its cap and ends `dead` instead of looping forever."""
+    claimed = session.execute(
+        update(Job)
+        .where(Job.job_id == job_id, Job.status.in_(ACTIVE), Job.attempts < max_attempts)
+        .values(status="running", attempts=Job.attempts + 1, started_at=func.now(), worker=worker)
+        .returning(Job.listing_id, Job.model_id, Job.attempts)
+    ).first()
+    if claimed is None:
+        return _why_unclaimable(session, job_id)
+    listing_id, model_id, attempt = claimed
+    listing = get_listing(session, listing_id)
+    if listing is None:
+        return Unclaimable("missing", listing_id, model_id)
+    return ClaimedJob(job_id, model_id, attempt, listing)
+
+
+def _why_unclaimable(session: Session, job_id: uuid.UUID) -> Unclaimable:
+    row = session.execute(
+        select(Job.status, Job.listing_id, Job.model_id, Job.error).where(Job.job_id == job_id)
+    ).first()
+    if row is None:
+        return Unclaimable("missing")
+    status, listing_id, model_id, error = row
+    reason = "exhausted" if status in ACTIVE else "finished"
+    return Unclaimable(reason, listing_id, model_id, error)
+
+
+def note_retry(session: Session, job_id: uuid.UUID, error: str) -> None:
+    """A transient failure: the job goes back to queued with the error kept for the record."""
+    session.execute(update(Job).where(Job.job_id == job_id).values(status="queued", error=error))
+
+
+def status_counts(session: Session, job_ids: Sequence[uuid.UUID]) -> Counter[str]:
+    """How many of these jobs are in each state."""
+    counts: Counter[str] = Counter()
+    for chunk_start in range(0, len(job_ids), 5000):
+        chunk = job_ids[chunk_start : chunk_start + 5000]
+        rows = session.execute(
+            select(Job.status, func.count()).where(Job.job_id.in_(chunk)).group_by(Job.status)
+        ).all()
+        for status, count in rows:
+            counts[status] += count
+    return counts

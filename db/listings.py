@@ -1,0 +1,53 @@
+"""Writes and reads of `listings`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.records import ListingRecord
+from db.schema import Listing
+
+
+def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None:
+    """Store the latest version of each listing (the last one wins within one call)."""
+    latest = {listing.listing_id: listing for listing in listings}
+    if not latest:
+        return
+    rows = [
+        {
+            "listing_id": listing.listing_id,
+            "title": listing.title,
+            "description": listing.description,
+            "category": listing.category,
+            "image_urls": listing.image_urls,
+        }
+        for listing in latest.values()
+    ]
+    statement = insert(Listing).values(rows)
+    excluded = statement.excluded
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[Listing.listing_id],
+            set_={
+                "title": excluded.title,
+                "description": excluded.description,
+                "category": excluded.category,
+                "image_urls": excluded.image_urls,
+                "updated_at": func.now(),
+            },
+        )
+    )
+
+
+def get_listing(session: Session, listing_id: str) -> ListingRecord | None:
+    """The stored listing, or None."""
+    row = session.scalar(select(Listing).where(Listing.listing_id == listing_id))
+    if row is None:
+        return None
+    return ListingRecord(
+        row.listing_id, row.title, row.description, row.category, list(row.image_urls)
+    )

@@ -1,0 +1,61 @@
+"""The `models` table: which models jobs name, what their workers learned, which one is active."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.schema import Model
+
+
+def ensure_model(
+    session: Session,
+    model_id: str,
+    *,
+    backend: str,
+    name: str,
+    pretrained: str | None,
+    threshold: float | None,
+) -> None:
+    """Record a registry entry the first time a job or worker names it (keeps it up to date)."""
+    statement = insert(Model).values(
+        model_id=model_id, backend=backend, name=name, pretrained=pretrained, threshold=threshold
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[Model.model_id],
+            set_={
+                "backend": backend,
+                "name": name,
+                "pretrained": pretrained,
+                "threshold": threshold,
+            },
+        )
+    )
+
+
+def record_loaded(session: Session, model_id: str, *, embed_dim: int, scoring: str) -> None:
+    """What a worker learned when it loaded the model."""
+    session.execute(
+        update(Model)
+        .where(Model.model_id == model_id)
+        .values(embed_dim=embed_dim, scoring=scoring, loaded_at=func.now())
+    )
+
+
+def active_model(session: Session, default: str) -> str:
+    """The model a `reindex` switched to, else `default` (the `LV_MODEL` setting)."""
+    chosen = session.scalar(select(Model.model_id).where(Model.active))
+    return chosen or default
+
+
+def set_active_model(session: Session, model_id: str) -> None:
+    """Switch the active model; the partial unique index keeps at most one active."""
+    session.execute(update(Model).where(Model.active).values(active=False))
+    session.execute(update(Model).where(Model.model_id == model_id).values(active=True))
+
+
+def embed_dim(session: Session, model_id: str) -> int | None:
+    """The embedding size a worker recorded for `model_id` (None before any worker loaded it)."""
+    return session.scalar(select(Model.embed_dim).where(Model.model_id == model_id))

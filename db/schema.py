@@ -1,0 +1,186 @@
+"""The tables, as typed SQLAlchemy models. The view, sequence and triggers live in the migration."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "dead")
+TERMINAL_JOB_STATES = ("succeeded", "failed", "dead")
+RUN_STATES = ("running", "succeeded", "failed", "cancelled")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), server_default=func.now(), nullable=False)
+
+
+class Model(Base):
+    """A model that jobs have named; the worker fills in what it learns when it loads it."""
+
+    __tablename__ = "models"
+    model_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    backend: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    pretrained: Mapped[str | None] = mapped_column(Text)
+    embed_dim: Mapped[int | None] = mapped_column(Integer)
+    scoring: Mapped[str | None] = mapped_column(Text)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    registered_at: Mapped[datetime] = _now()
+    loaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        Index("models_one_active", "active", unique=True, postgresql_where=text("active")),
+    )
+
+
+class Listing(Base):
+    """The latest event seen for each listing."""
+
+    __tablename__ = "listings"
+    listing_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    title: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(Text)
+    image_urls: Mapped[list[str]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class Image(Base):
+    """One distinct image, by content: what it is, whichever listings use it."""
+
+    __tablename__ = "images"
+    sha256: Mapped[str] = mapped_column(Text, primary_key=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(Text)
+    bytes: Mapped[int] = mapped_column(Integer)
+    blur: Mapped[float] = mapped_column(Float)
+    brightness: Mapped[float] = mapped_column(Float)
+    first_seen_at: Mapped[datetime] = _now()
+
+
+class ListingImage(Base):
+    """Where a listing's image came from and what happened when it was last fetched."""
+
+    __tablename__ = "listing_images"
+    listing_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("listings.listing_id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(Text, ForeignKey("images.sha256"))
+    error: Mapped[str | None] = mapped_column(Text)
+    checked_at: Mapped[datetime] = _now()
+    __table_args__ = (Index("listing_images_sha256", "sha256"),)
+
+
+class Embedding(Base):
+    """An image embedding per (image content, model): computed once, reused by every listing."""
+
+    __tablename__ = "embeddings"
+    sha256: Mapped[str] = mapped_column(Text, ForeignKey("images.sha256"), primary_key=True)
+    model_id: Mapped[str] = mapped_column(Text, ForeignKey("models.model_id"), primary_key=True)
+    # No fixed dimension: models differ. HNSW indexes are per model, on a cast (see db.embeddings).
+    embedding: Mapped[Any] = mapped_column(Vector())
+    created_at: Mapped[datetime] = _now()
+
+
+class Result(Base):
+    """The analysis of one listing by one model; `change_seq` is set by a trigger on every write."""
+
+    __tablename__ = "results"
+    listing_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("listings.listing_id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(Text, ForeignKey("models.model_id"), primary_key=True)
+    status: Mapped[str] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    similarity: Mapped[float | None] = mapped_column(Float)
+    is_match: Mapped[bool | None] = mapped_column(Boolean)
+    top_category: Mapped[str | None] = mapped_column(Text)
+    categories: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
+    category_mismatch: Mapped[bool | None] = mapped_column(Boolean)
+    best_image: Mapped[int | None] = mapped_column(Integer)
+    images_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    images_failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    change_seq: Mapped[int] = mapped_column(BigInteger)
+    analyzed_at: Mapped[datetime] = _now()
+    __table_args__ = (
+        CheckConstraint("status IN ('ok', 'failed')", name="results_status"),
+        Index("results_change_seq", "change_seq", unique=True),
+    )
+
+
+class Run(Base):
+    """A bulk run over the catalogue (nightly rescoring, re-embedding for a model change)."""
+
+    __tablename__ = "runs"
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    model_id: Mapped[str] = mapped_column(Text, ForeignKey("models.model_id"))
+    status: Mapped[str] = mapped_column(Text, server_default=text("'running'"))
+    total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    done: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    started_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('running', 'succeeded', 'failed', 'cancelled')", name="runs_status"
+        ),
+    )
+
+
+class Job(Base):
+    """One analysis of one listing by one model, as the broker carries it (job_id = task id)."""
+
+    __tablename__ = "jobs"
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    listing_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("listings.listing_id", ondelete="CASCADE")
+    )
+    model_id: Mapped[str] = mapped_column(Text, ForeignKey("models.model_id"))
+    run_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.run_id", ondelete="SET NULL")
+    )
+    status: Mapped[str] = mapped_column(Text, server_default=text("'queued'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(Text)
+    batch_size: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now()
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'succeeded', 'failed', 'dead')", name="jobs_status"
+        ),
+        Index("jobs_listing", "listing_id"),
+        Index("jobs_status_created", "status", "created_at"),
+        Index("jobs_run", "run_id"),
+    )

@@ -1,0 +1,3 @@
+from listing_vision.cli import main
+
+main()

@@ -1,0 +1,119 @@
+"""`listing-vision enqueue`: read JSON lines, queue the valid ones, optionally wait with a bar."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import IO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from db.schema import TERMINAL_JOB_STATES
+from listing_vision.embedded import ServerUrls
+from listing_vision.settings import Settings
+from producer.enqueue import EnqueueReport, Producer
+from producer.events import ListingEvent, Refusal, parse_lines
+
+CHUNK_LINES = 5000
+NO_WORKER_HINT_AFTER = 15.0
+console = Console(stderr=True)
+
+
+def enqueue_file(
+    settings: Settings,
+    urls: ServerUrls,
+    path: str,
+    *,
+    model: str | None,
+    wait: bool,
+    timeout: float | None,
+) -> int:
+    """Queue a file's events; the exit status is SPEC.md's: 2 refused, 1 failed, else 0."""
+    assert urls.database_url and urls.broker_url
+    with Producer(settings, urls.database_url, urls.broker_url) as producer:
+        spec = producer.resolve_model(model)
+        report = EnqueueReport(spec.model_id)
+        with _open(path) as stream:
+            for events, refused in _chunks(stream, settings):
+                queued = producer.enqueue(events, model=spec.model_id)
+                report.job_ids += queued.job_ids
+                report.refused += refused
+        for refusal in report.refused:
+            console.print(f"[yellow]refused[/yellow] {refusal}")
+        console.print(
+            f"queued {len(report.job_ids)} listing(s) for model {spec.model_id} "
+            f"(queue {spec.queue}); refused {len(report.refused)}"
+        )
+        if report.refused:
+            return 2
+        if not wait or not report.job_ids:
+            return 0
+        counts = _wait_with_bar(producer, report, timeout)
+    return _report_outcome(counts, len(report.job_ids))
+
+
+def _open(path: str) -> IO[str] | nullcontext[IO[str]]:
+    if path == "-":
+        return nullcontext(sys.stdin)
+    return open(path, encoding="utf-8")
+
+
+def _chunks(
+    stream: IO[str], settings: Settings
+) -> Iterator[tuple[list[ListingEvent], list[Refusal]]]:
+    """Parse in chunks so a huge file is queued progressively, keeping global line numbers."""
+    lines: list[str] = []
+    first_line = 1
+    for line in stream:
+        lines.append(line)
+        if len(lines) >= CHUNK_LINES:
+            yield parse_lines(lines, settings.file_roots, first_line)
+            first_line += len(lines)
+            lines = []
+    yield parse_lines(lines, settings.file_roots, first_line)
+
+
+def _wait_with_bar(
+    producer: Producer, report: EnqueueReport, timeout: float | None
+) -> Counter[str]:
+    total = len(report.job_ids)
+    started = time.monotonic()
+    hinted = False
+    columns = (
+        TextColumn("[bold]analysing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("jobs", total=total, detail="")
+
+        def update(counts: Counter[str]) -> None:
+            nonlocal hinted
+            finished = sum(counts[state] for state in TERMINAL_JOB_STATES)
+            detail = f"failed {counts['failed'] + counts['dead']}"
+            progress.update(bar, completed=finished, detail=detail)
+            idle = counts["queued"] == total and time.monotonic() - started > NO_WORKER_HINT_AFTER
+            if idle and not hinted:
+                hinted = True
+                progress.console.print(
+                    f"[yellow]no job has started yet: is a worker running for model "
+                    f"{report.model_id}? (listing-vision worker --model {report.model_id})"
+                )
+
+        return producer.wait(report.job_ids, timeout=timeout, on_progress=update)
+
+
+def _report_outcome(counts: Counter[str], total: int) -> int:
+    failed = counts["failed"] + counts["dead"]
+    unfinished = total - sum(counts[state] for state in TERMINAL_JOB_STATES)
+    console.print(
+        f"done: {counts['succeeded']} succeeded, {counts['failed']} failed, "
+        f"{counts['dead']} dead, {unfinished} unfinished"
+    )
+    return 1 if failed or unfinished else 0

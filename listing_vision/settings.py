@@ -1,0 +1,118 @@
+"""All configuration, read once from `LV_*` environment variables and passed down."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the `LV_` variable."""
+
+
+class Settings(BaseSettings):
+    """Every setting of SPEC.md with its documented default (see README, Configuration)."""
+
+    # An empty variable (as compose files often write) means unset.
+    model_config = SettingsConfigDict(
+        env_prefix="LV_", extra="ignore", frozen=True, env_ignore_empty=True
+    )
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    home: Path = Path("~/.listing-vision")
+    models_file: Path | None = None
+    model: str = "clip-vit-b32"
+    file_roots: Annotated[tuple[Path, ...], NoDecode] = ()
+    categories_file: Path | None = None
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+    flower_port: int = Field(5555, ge=1, le=65535)
+
+    max_image_bytes: int = Field(20_000_000, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    fetch_timeout: float = Field(15.0, gt=0)
+    allowed_private_networks: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff: float = Field(2.0, ge=0)
+    task_time_limit: int = Field(300, gt=0)
+    visibility_timeout: int = Field(3600, gt=0)
+    batch_max_size: int = Field(64, ge=1)
+    batch_max_wait_ms: int = Field(20, ge=0)
+    worker_concurrency: int | None = Field(None, ge=1)
+    log_level: str = "INFO"
+
+    @field_validator("home", "models_file", "categories_file", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("file_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(Path(p).expanduser().resolve() for p in value.split(":") if p.strip())
+        return value
+
+    @field_validator("allowed_private_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(
+                ipaddress.ip_network(part.strip(), strict=False)
+                for part in value.split(",")
+                if part.strip()
+            )
+        return value
+
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _visibility_exceeds_time_limit(self) -> Settings:
+        # A job still running when the broker's visibility timeout expires is delivered twice.
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                f"LV_VISIBILITY_TIMEOUT ({self.visibility_timeout}) must exceed "
+                f"LV_TASK_TIME_LIMIT ({self.task_time_limit})"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when either server is left to the embedded stack under `LV_HOME`."""
+        return self.database_url is None or self.broker_url is None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if not field:
+            lines.append(f"invalid settings: {message}")
+            continue
+        got = item.get("input")
+        suffix = f" (got {got!r})" if isinstance(got, str | int | float) else ""
+        lines.append(f"invalid setting LV_{field.upper()}: {message}{suffix}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment; a bad value raises `SettingsError` naming it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_describe(error)) from None

@@ -1,0 +1,189 @@
+"""`listing-vision up`: the worker(s) and Flower as child processes, supervised in the foreground.
+
+Children run in their own sessions so that Ctrl-C reaches only this process, which then stops
+them in order (workers first, with a warm shutdown that finishes or returns their jobs), and
+only then the servers. A worker that dies is started again, unless it keeps dying at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from listing_vision.embedded import ServerUrls
+from listing_vision.settings import Settings
+
+log = logging.getLogger(__name__)
+RESTART_LIMIT = 5  # deaths within RESTART_WINDOW before giving up
+RESTART_WINDOW = 300.0
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path | None = None
+    restart: bool = True
+    process: subprocess.Popen[bytes] | None = None
+    deaths: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        self.process = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+
+def _die_with_parent() -> None:
+    """Linux: if `up` is killed outright, its children get SIGTERM instead of running on."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def child_env(settings: Settings, urls: ServerUrls, **extra: str) -> dict[str, str]:
+    """The environment of a child: the resolved server URLs, so it never starts its own."""
+    env = dict(os.environ)
+    env["LV_DATABASE_URL"] = urls.database_url or ""
+    env["LV_BROKER_URL"] = urls.broker_url or ""
+    env.update(extra)
+    return env
+
+
+def worker_children(settings: Settings, urls: ServerUrls, model_id: str) -> list[Child]:
+    """One worker per visible GPU, or one CPU worker."""
+    gpus = _gpu_count()
+    base = [sys.executable, "-m", "listing_vision", "worker", "--model", model_id]
+    if gpus == 0:
+        return [Child("worker", base, child_env(settings, urls))]
+    return [
+        Child(f"worker-gpu{i}", [*base, "--gpu", str(i)], child_env(settings, urls))
+        for i in range(gpus)
+    ]
+
+
+def flower_child(settings: Settings, urls: ServerUrls) -> Child:
+    """Flower on 127.0.0.1; with LV_FLOWER_USER/PASSWORD set it also asks for them."""
+    extra = {}
+    if settings.flower_user and settings.flower_password:
+        password = settings.flower_password.get_secret_value()
+        extra["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
+    argv = [
+        sys.executable, "-m", "celery", f"--broker={urls.broker_url}", "flower",
+        "--address=127.0.0.1", f"--port={settings.flower_port}", "--max_tasks=10000",
+    ]  # fmt: skip
+    logs = settings.home.expanduser() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return Child("flower", argv, child_env(settings, urls, **extra), logs / "flower.log")
+
+
+def run_stack(settings: Settings, urls: ServerUrls, model_id: str) -> int:
+    """Start the children and keep them up until Ctrl-C/SIGTERM; returns the exit status."""
+    children = [*worker_children(settings, urls, model_id), flower_child(settings, urls)]
+    return supervise(children, banner=_banner(settings, model_id))
+
+
+def supervise(children: list[Child], banner: str = "", until: float | None = None) -> int:
+    """Run `children` until a signal (0), `until` passes (0) or one keeps crashing (1)."""
+    stopping = _StopFlag()
+    for child in children:
+        child.start()
+    if banner:
+        print(banner, flush=True)
+    status = 0
+    try:
+        while not stopping.set and (until is None or time.monotonic() < until):
+            failed = _restart_dead(children)
+            if failed:
+                log.error("%s keeps exiting; stopping the stack", failed.name)
+                status = 1
+                break
+            time.sleep(0.5)
+    finally:
+        stop_children(children, timeout=60.0)
+        stopping.restore()
+    return status
+
+
+def _restart_dead(children: list[Child]) -> Child | None:
+    now = time.monotonic()
+    for child in children:
+        if child.process is None or child.process.poll() is None:
+            continue
+        code = child.process.returncode
+        child.deaths = [t for t in child.deaths if now - t < RESTART_WINDOW] + [now]
+        log.warning("%s exited with status %s", child.name, code)
+        if not child.restart or len(child.deaths) >= RESTART_LIMIT:
+            return child
+        time.sleep(min(10.0, 0.5 * 2 ** len(child.deaths)))
+        child.start()
+    return None
+
+
+def stop_children(children: list[Child], timeout: float) -> None:
+    """SIGTERM everyone (Celery's warm shutdown), wait, then SIGKILL what is left."""
+    running = [c.process for c in children if c.process and c.process.poll() is None]
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class _StopFlag:
+    """Turns the first SIGINT/SIGTERM into a flag; the supervisor loop then stops cleanly."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if not self.set:
+            print("\nstopping: waiting for workers to finish their jobs...", flush=True)
+        self.set = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _gpu_count() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    try:
+        output = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in output.splitlines() if line.startswith("GPU "))
+
+
+def _banner(settings: Settings, model_id: str) -> str:
+    auth = "with basic auth" if settings.flower_user else "no auth: loopback only"
+    return (
+        f"listing-vision is up: model {model_id}; Flower on "
+        f"http://127.0.0.1:{settings.flower_port} ({auth}). Ctrl-C stops everything."
+    )

@@ -1,0 +1,135 @@
+"""Events in, jobs out: record listings and jobs, commit, and only then send the tasks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs, listings, models
+from db.engine import make_engine, make_sessions
+from db.jobs import NewJob
+from db.schema import TERMINAL_JOB_STATES
+from listing_vision.settings import Settings
+from producer.events import ListingEvent, Refusal, parse_event
+from worker.app import ANALYZE_TASK, make_celery
+from worker.models.registry import ModelSpec, get_spec, load_registry
+
+Progress = Callable[[Counter[str]], None]
+
+
+@dataclass
+class EnqueueReport:
+    """What was queued (one job per listing) and what was refused."""
+
+    model_id: str
+    job_ids: list[uuid.UUID] = field(default_factory=list)
+    listing_ids: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+
+
+class Producer:
+    """The catalogue's entry point: `enqueue` events, optionally `wait` for their results."""
+
+    def __init__(self, settings: Settings, database_url: str, broker_url: str) -> None:
+        self.settings = settings
+        self.registry = load_registry(settings.models_file)
+        self.engine = make_engine(database_url, application_name="listing-vision-producer")
+        self.sessions: sessionmaker[Session] = make_sessions(self.engine)
+        self.celery: Celery = make_celery(settings, broker_url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def resolve_model(self, model_id: str | None) -> ModelSpec:
+        """The named model, else the active one (a `reindex` switch, else `LV_MODEL`)."""
+        if model_id is None:
+            with self.sessions() as session:
+                model_id = models.active_model(session, self.settings.model)
+        return get_spec(self.registry, model_id)
+
+    def enqueue(
+        self, events: Iterable[ListingEvent | dict[str, Any]], model: str | None = None
+    ) -> EnqueueReport:
+        """Validate, record and queue; invalid events are refused and never reach a worker."""
+        spec = self.resolve_model(model)
+        report = EnqueueReport(spec.model_id)
+        latest: dict[str, ListingEvent] = {}
+        for number, raw in enumerate(events, start=1):
+            parsed = self._validate(raw, number)
+            if isinstance(parsed, Refusal):
+                report.refused.append(parsed)
+            else:
+                latest[parsed.listing_id] = parsed  # the last event for a listing wins
+        new_jobs = [NewJob(uuid.uuid4(), listing_id, spec.model_id) for listing_id in latest]
+        with self.sessions.begin() as session:
+            models.ensure_model(
+                session,
+                spec.model_id,
+                backend=spec.backend,
+                name=spec.name,
+                pretrained=spec.pretrained,
+                threshold=spec.threshold,
+            )
+            listings.upsert_listings(session, [event.to_record() for event in latest.values()])
+            jobs.create_jobs(session, new_jobs)
+        # Sent only after the commit: a worker never receives a job it cannot find.
+        self.send(new_jobs, spec)
+        report.job_ids = [job.job_id for job in new_jobs]
+        report.listing_ids = [job.listing_id for job in new_jobs]
+        return report
+
+    def send(self, new_jobs: Sequence[NewJob], spec: ModelSpec) -> None:
+        """Hand committed jobs to the broker on the model's queue; the task id is the job id."""
+        if not new_jobs:
+            return
+        with self.celery.producer_or_acquire() as connection:
+            for job in new_jobs:
+                self.celery.send_task(
+                    ANALYZE_TASK,
+                    kwargs={"job_id": str(job.job_id), "listing_id": job.listing_id},
+                    queue=spec.queue,
+                    task_id=str(job.job_id),
+                    producer=connection,
+                )
+        with self.sessions.begin() as session:
+            jobs.mark_sent(session, [job.job_id for job in new_jobs])
+
+    def wait(
+        self,
+        job_ids: Sequence[uuid.UUID],
+        *,
+        timeout: float | None = None,
+        on_progress: Progress | None = None,
+        poll_interval: float = 0.5,
+    ) -> Counter[str]:
+        """Block until every job is finished (or `timeout` passes); returns the state counts."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.sessions() as session:
+                counts = jobs.status_counts(session, job_ids)
+            if on_progress:
+                on_progress(counts)
+            finished = sum(counts[state] for state in TERMINAL_JOB_STATES)
+            if finished >= len(job_ids):
+                return counts
+            if deadline is not None and time.monotonic() > deadline:
+                return counts
+            time.sleep(poll_interval)
+
+    def _validate(self, raw: ListingEvent | dict[str, Any], number: int) -> ListingEvent | Refusal:
+        if isinstance(raw, ListingEvent):
+            return parse_event(raw.model_dump(), number, self.settings.file_roots)
+        return parse_event(raw, number, self.settings.file_roots)

@@ -1,0 +1,201 @@
+"""Real servers and real worker processes, started once per test session."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from db.engine import make_engine, make_sessions
+from db.migrate import upgrade
+from listing_vision.embedded import EmbeddedServers, ServerUrls
+from listing_vision.settings import Settings, load_settings
+from producer.enqueue import Producer
+from tests.tiny_models import save_tiny_open_clip
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class Stack:
+    home: Path
+    urls: ServerUrls
+    engine: Engine
+
+    @property
+    def database_url(self) -> str:
+        assert self.urls.database_url
+        return self.urls.database_url
+
+    @property
+    def broker_url(self) -> str:
+        assert self.urls.broker_url
+        return self.urls.broker_url
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("lv-home")
+    with EmbeddedServers(home) as urls:
+        assert urls.database_url
+        engine = make_engine(urls.database_url)
+        upgrade(engine)
+        yield Stack(home, urls, engine)
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_open_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def models_file(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("registry") / "models.toml"
+    path.write_text(
+        f"""
+[models.tiny]
+backend = "open_clip"
+name = "local-dir:{model_dir}"
+threshold = 0.1
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("images")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def image_server(image_root: Path) -> Iterator[str]:
+    """Serves `image_root` on 127.0.0.1; yields its base URL."""
+
+    def handler(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return _QuietHandler(*args, directory=str(image_root), **kwargs)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def lv_environment(
+    stack: Stack, models_file: Path, image_root: Path, **extra: str
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LV_")}
+    env.update(
+        LV_HOME=str(stack.home),
+        LV_DATABASE_URL=stack.database_url,
+        LV_BROKER_URL=stack.broker_url,
+        LV_MODELS_FILE=str(models_file),
+        LV_MODEL="tiny",
+        LV_FILE_ROOTS=str(image_root),
+        LV_ALLOWED_PRIVATE_NETWORKS="127.0.0.0/8",
+        LV_MAX_IMAGE_BYTES="300000",
+        LV_FETCH_TIMEOUT="5",
+        LV_RETRY_BACKOFF="0.2",
+        LV_BATCH_MAX_WAIT_MS="50",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    """The settings a process started with `env` would read (init values beat the shell's)."""
+    values = {k.removeprefix("LV_").lower(): v for k, v in env.items() if k.startswith("LV_")}
+    return load_settings(**values)
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_worker(
+    stack: Stack, env: dict[str, str], log_path: Path, model: str = "tiny", timeout: float = 120
+) -> WorkerProcess:
+    """`listing-vision worker` as a real subprocess; returns once its model is loaded."""
+    output = open(log_path, "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "listing_vision", "worker", "--model", model],
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    worker = WorkerProcess(process, log_path, env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"worker exited with {process.returncode}:\n{worker.log()[-4000:]}")
+        if "ready." in worker.log():
+            return worker
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"worker not ready within {timeout}s:\n{worker.log()[-4000:]}")
+
+
+def stop_worker(worker: WorkerProcess) -> None:
+    worker.process.terminate()
+    try:
+        worker.process.wait(60)
+    except subprocess.TimeoutExpired:
+        worker.process.kill()
+        worker.process.wait()
+
+
+@pytest.fixture(scope="session")
+def worker_env(stack: Stack, models_file: Path, image_root: Path) -> dict[str, str]:
+    return lv_environment(stack, models_file, image_root)
+
+
+@pytest.fixture(scope="session")
+def worker(
+    stack: Stack, worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    log_path = tmp_path_factory.mktemp("logs") / "worker.log"
+    process = start_worker(stack, worker_env, log_path)
+    yield process
+    stop_worker(process)
+
+
+@pytest.fixture(scope="session")
+def producer(stack: Stack, worker_env: dict[str, str]) -> Iterator[Producer]:
+    settings = settings_from(worker_env)
+    with Producer(settings, stack.database_url, stack.broker_url) as instance:
+        yield instance
+
+
+def query(stack: Stack, sql: str, **params: object) -> list[dict]:  # type: ignore[type-arg]
+    with make_sessions(stack.engine)() as session:
+        return [dict(row) for row in session.execute(text(sql), params).mappings()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,629 @@
+"""worker.fetch: the SSRF guard, redirects, limits and error wording, against loopback servers only.
+
+Every TCP connection the code under test opens goes through `socket.create_connection`; the
+autouse `connections` fixture records each one and fails the test on any non-loopback address,
+so a guard that let a request through would fail loudly instead of reaching the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.unit.fetch_servers import (
+    IMAGE_BYTES,
+    OVERSIZE,
+    Running,
+    make_certificate,
+    serve,
+)
+from worker import fetch
+from worker.errors import FetchError, TransientError
+from worker.fetch import FetchPolicy, check_address, fetch_image, resolve_checked
+
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+METADATA_URL = "http://169.254.169.254/latest/meta-data"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def policy(**overrides: Any) -> FetchPolicy:
+    """A loopback-allowing policy with a 1000-byte limit, so oversize bodies are cheap."""
+    settings: dict[str, Any] = {
+        "max_bytes": 1000,
+        "timeout": 5.0,
+        "allowed_private_networks": LOOPBACK,
+    }
+    return FetchPolicy(**(settings | overrides))
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every outgoing connection attempt; anything but loopback fails the test on the spot."""
+    attempts: list[tuple[str, int]] = []
+    real = socket.create_connection
+
+    def guarded(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        attempts.append((address[0], address[1]))
+        if not ipaddress.ip_address(address[0]).is_loopback:
+            pytest.fail(f"fetch tried to connect to {address[0]}:{address[1]}")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", guarded)
+    return attempts
+
+
+@dataclass
+class FakeDNS:
+    """Answers for `.test` names: addresses, or a function of the lookup's number (1, 2, ...)."""
+
+    answers: dict[str, list[str] | Callable[[int], list[str]]] = field(default_factory=dict)
+    lookups: dict[str, int] = field(default_factory=dict)
+
+    def __setitem__(self, host: str, answer: list[str] | Callable[[int], list[str]]) -> None:
+        self.answers[host] = answer
+
+    def answer(self, host: str) -> list[str]:
+        self.lookups[host] = self.lookups.get(host, 0) + 1
+        answer = self.answers[host]
+        return answer(self.lookups[host]) if callable(answer) else answer
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
+    """Route getaddrinfo for the names a test sets through a FakeDNS; others resolve for real."""
+    fake = FakeDNS()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        if host not in fake.answers:
+            return real(host, port, *args, **kwargs)
+        return [_addrinfo(address, port) for address in fake.answer(host)]
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", getaddrinfo)
+    return fake
+
+
+def _addrinfo(address: str, port: int) -> tuple[Any, ...]:
+    if ":" in address:
+        return (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (address, port, 0, 0))
+    return (socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
+
+
+@pytest.fixture
+def server() -> Iterator[Running]:
+    with serve() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    made = make_certificate(tmp_path_factory.mktemp("tls"), "images.test")
+    if made is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    return made
+
+
+@pytest.fixture
+def tls_server(certificate: tuple[Path, Path]) -> Iterator[Running]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    with serve(tls=context) as running:
+        yield running
+
+
+@pytest.fixture
+def trust_test_certificate(monkeypatch: pytest.MonkeyPatch, certificate: tuple[Path, Path]) -> None:
+    cert = str(certificate[0])
+    monkeypatch.setattr(fetch, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def refusal(url: str, fetch_policy: FetchPolicy) -> str:
+    """Fetch a URL that must fail, and return its one-line message."""
+    with pytest.raises(FetchError) as caught:
+        fetch_image(url, fetch_policy)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+# --- the address guard -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("100.64.0.1", "CGNAT"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("255.255.255.255", "reserved"),
+        ("::1", "loopback"),
+        ("::", "unspecified"),
+        ("fe80::1", "link-local"),
+        ("fc00::1", "private"),
+        ("ff02::1", "multicast"),
+        ("::ffff:169.254.169.254", "link-local"),
+        ("::ffff:10.0.0.1", "private"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("2002:a9fe:a9fe::1", "embedding 169.254.169.254"),  # 6to4
+        ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 of 169.254.169.254
+    ],
+)
+def test_non_public_addresses_are_refused_with_their_kind(address: str, kind: str) -> None:
+    with pytest.raises(FetchError, match=kind) as caught:
+        check_address(ipaddress.ip_address(address), ())
+    assert "LV_ALLOWED_PRIVATE_NETWORKS" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["93.184.216.34", "8.8.8.8", "2606:2800:220:1:248:1893:25c8:1946", "64:ff9b::5db8:d822"],
+)
+def test_global_addresses_pass_the_guard(address: str) -> None:
+    check_address(ipaddress.ip_address(address), ())  # raises if refused
+    assert resolve_checked(address, 443, ()) == [ipaddress.ip_address(address)]
+
+
+def test_allowed_private_network_lets_its_addresses_through() -> None:
+    allowed = (ipaddress.ip_network("10.0.0.0/8"),)
+    check_address(ipaddress.ip_address("10.0.0.5"), allowed)
+    check_address(ipaddress.ip_address("::ffff:10.0.0.5"), allowed)
+    with pytest.raises(FetchError, match="private"):
+        check_address(ipaddress.ip_address("192.168.0.5"), allowed)
+
+
+def test_resolve_checked_refuses_localhost_unless_loopback_is_allowed() -> None:
+    with pytest.raises(FetchError, match=r"localhost resolves to .*loopback"):
+        resolve_checked("localhost", 80, ())
+    addresses = resolve_checked("localhost", 80, LOOPBACK)
+    assert addresses
+    assert all(address.is_loopback for address in addresses)
+
+
+def test_resolve_checked_refuses_a_host_when_any_address_is_private(dns: FakeDNS) -> None:
+    dns["mixed.test"] = ["93.184.216.34", "10.0.0.5"]
+    with pytest.raises(FetchError, match=r"mixed\.test resolves to 10\.0\.0\.5, a private address"):
+        resolve_checked("mixed.test", 443, ())
+
+
+def test_resolve_checked_checks_literal_ips_without_dns(dns: FakeDNS) -> None:
+    with pytest.raises(FetchError, match=r"169\.254\.169\.254 is a link-local address"):
+        resolve_checked("169.254.169.254", 80, ())
+    assert dns.lookups == {}
+
+
+def test_hostname_resolving_to_metadata_address_is_refused_before_connecting(
+    dns: FakeDNS, connections: list[tuple[str, int]]
+) -> None:
+    dns["metadata.test"] = ["169.254.169.254"]
+    message = refusal("http://metadata.test/latest/meta-data", policy())
+    assert message == (
+        "image URL http://metadata.test/latest/meta-data: metadata.test resolves to "
+        "169.254.169.254, a link-local address (blocked; see LV_ALLOWED_PRIVATE_NETWORKS)"
+    )
+    assert connections == []
+
+
+def test_hostname_with_one_private_address_among_public_ones_is_refused(
+    dns: FakeDNS, connections: list[tuple[str, int]]
+) -> None:
+    dns["mixed.test"] = ["127.0.0.1", "10.0.0.5"]
+    assert "10.0.0.5, a private address" in refusal("http://mixed.test/a.jpg", policy())
+    assert connections == []
+
+
+def test_loopback_url_is_refused_before_connecting_when_not_allowed(
+    server: Running, connections: list[tuple[str, int]]
+) -> None:
+    message = refusal(f"{server.base_url}/image.jpg", policy(allowed_private_networks=()))
+    assert "127.0.0.1 is a loopback address" in message
+    assert connections == []
+    assert server.requests == []
+
+
+# --- connecting to the checked address -------------------------------------------------------
+
+
+def test_fetches_an_image_with_its_content_type(server: Running) -> None:
+    image = fetch_image(f"{server.base_url}/image.jpg", policy())
+    assert image.data == IMAGE_BYTES
+    assert image.content_type == "image/png"
+    assert image.url == f"{server.base_url}/image.jpg"
+
+
+def test_connects_to_the_checked_address_and_sends_the_original_host_header(
+    server: Running, dns: FakeDNS, connections: list[tuple[str, int]]
+) -> None:
+    # A rebinding resolver: the first answer passes the guard, any later one is the metadata IP.
+    dns["images.test"] = lambda nth: ["127.0.0.1"] if nth == 1 else ["169.254.169.254"]
+    image = fetch_image(f"http://images.test:{server.port}/image.jpg", policy())
+    assert image.data == IMAGE_BYTES
+    assert image.url == f"http://images.test:{server.port}/image.jpg"
+    assert dns.lookups == {"images.test": 1}
+    assert connections == [("127.0.0.1", server.port)]
+    assert server.requests[0].host == f"images.test:{server.port}"
+    assert server.requests[0].user_agent == "listing-vision/0.1"
+
+
+def test_falls_back_to_the_hosts_next_checked_address_when_one_refuses(
+    server: Running, dns: FakeDNS, connections: list[tuple[str, int]]
+) -> None:
+    dns["images.test"] = ["127.0.0.2", "127.0.0.1"]  # nothing listens on 127.0.0.2
+    assert fetch_image(f"http://images.test:{server.port}/image.jpg", policy()).data == IMAGE_BYTES
+    assert connections == [("127.0.0.2", server.port), ("127.0.0.1", server.port)]
+
+
+def test_ipv6_literal_url_is_fetched_with_a_bracketed_host() -> None:
+    try:
+        context = serve("::1")
+        running = context.__enter__()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        image = fetch_image(f"{running.base_url}/image.jpg", policy())
+        assert image.data == IMAGE_BYTES
+        assert running.requests[0].host == f"[::1]:{running.port}"
+    finally:
+        context.__exit__(None, None, None)
+
+
+def test_https_connects_to_the_ip_but_verifies_the_certificate_for_the_hostname(
+    tls_server: Running,
+    dns: FakeDNS,
+    trust_test_certificate: None,
+    connections: list[tuple[str, int]],
+) -> None:
+    dns["images.test"] = ["127.0.0.1"]
+    image = fetch_image(f"https://images.test:{tls_server.port}/image.jpg", policy())
+    assert image.data == IMAGE_BYTES
+    assert connections == [("127.0.0.1", tls_server.port)]
+    assert tls_server.tls_server_names == ["images.test"]
+    assert tls_server.requests[0].host == f"images.test:{tls_server.port}"
+
+
+def test_https_certificate_for_another_hostname_is_rejected(
+    tls_server: Running, dns: FakeDNS, trust_test_certificate: None
+) -> None:
+    dns["other.test"] = ["127.0.0.1"]
+    message = refusal(f"https://other.test:{tls_server.port}/image.jpg", policy())
+    assert "TLS certificate of host other.test rejected" in message
+    assert "mismatch" in message
+    assert tls_server.requests == []
+
+
+def test_https_self_signed_certificate_is_rejected_by_default(
+    tls_server: Running, dns: FakeDNS
+) -> None:
+    dns["images.test"] = ["127.0.0.1"]
+    message = refusal(f"https://images.test:{tls_server.port}/image.jpg", policy())
+    assert "TLS certificate of host images.test rejected" in message
+    assert tls_server.requests == []
+
+
+# --- redirects -------------------------------------------------------------------------------
+
+
+def test_redirect_chain_within_the_limit_reaches_the_image(server: Running) -> None:
+    image = fetch_image(f"{server.base_url}/redirect/4", policy(max_redirects=5))
+    assert image.data == IMAGE_BYTES
+    assert image.url == f"{server.base_url}/image.jpg"
+    assert len(server.requests) == 6
+
+
+def test_redirect_chain_over_the_limit_is_refused(server: Running) -> None:
+    message = refusal(f"{server.base_url}/redirect/5", policy(max_redirects=5))
+    assert "more than 5 redirects" in message
+    assert len(server.requests) == 6
+
+
+def test_redirect_loop_is_refused(server: Running) -> None:
+    assert "more than 3 redirects" in refusal(f"{server.base_url}/loop", policy(max_redirects=3))
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_every_redirect_status_is_followed(server: Running, status: int) -> None:
+    image = fetch_image(f"{server.base_url}/redirect-code/{status}", policy())
+    assert image.url == f"{server.base_url}/image.jpg"
+
+
+def test_redirect_to_link_local_is_refused_before_connecting(
+    server: Running, connections: list[tuple[str, int]]
+) -> None:
+    message = refusal(f"{server.base_url}/redirect-to?to={METADATA_URL}", policy())
+    assert f"redirected to {METADATA_URL}: 169.254.169.254 is a link-local address" in message
+    assert connections == [("127.0.0.1", server.port)]
+
+
+def test_redirect_to_file_url_is_refused(server: Running) -> None:
+    fetch_policy = policy(file_roots=(Path("/"),))  # even where file URLs are allowed
+    message = refusal(f"{server.base_url}/redirect-to?to=file:///etc/passwd", fetch_policy)
+    assert "redirect to file:///etc/passwd refused" in message
+
+
+def test_redirect_without_location_is_refused(server: Running) -> None:
+    assert "without a Location" in refusal(f"{server.base_url}/no-location", policy())
+
+
+# --- status codes and failures ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 410])
+def test_client_error_statuses_fail_the_listing(server: Running, status: int) -> None:
+    message = refusal(f"{server.base_url}/status/{status}", policy())
+    assert f"HTTP {status} from host 127.0.0.1" in message
+
+
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
+def test_overload_and_server_error_statuses_are_transient(server: Running, status: int) -> None:
+    with pytest.raises(TransientError, match=f"HTTP {status} from host 127.0.0.1"):
+        fetch_image(f"{server.base_url}/status/{status}", policy())
+
+
+def test_connection_refused_is_a_short_fetch_error() -> None:
+    port = closed_port()
+    message = refusal(f"http://127.0.0.1:{port}/a.jpg", policy())
+    assert message == (
+        f"image URL http://127.0.0.1:{port}/a.jpg: "
+        "cannot connect to host 127.0.0.1 (Connection refused)"
+    )
+
+
+def test_unknown_host_is_a_fetch_error(dns: FakeDNS) -> None:
+    def not_found(nth: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    dns["gone.test"] = not_found
+    message = refusal("http://gone.test/a.jpg", policy())
+    assert "cannot resolve host gone.test (Name or service not known)" in message
+
+
+def test_temporary_dns_failure_is_transient(dns: FakeDNS) -> None:
+    def try_again(nth: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    dns["flaky.test"] = try_again
+    with pytest.raises(TransientError, match=r"cannot resolve host flaky\.test right now"):
+        fetch_image("http://flaky.test/a.jpg", policy())
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme"),
+    [
+        ("ftp://example.com/a.jpg", "'ftp'"),
+        ("gopher://example.com/", "'gopher'"),
+        ("data:image/png;base64,AAAA", "'data'"),
+        ("javascript:alert(1)", "'javascript'"),
+    ],
+)
+def test_unsupported_schemes_are_refused(url: str, scheme: str) -> None:
+    assert f"unsupported URL scheme {scheme}" in refusal(url, policy())
+
+
+def test_url_without_scheme_is_refused() -> None:
+    assert "no scheme" in refusal("//example.com/a.jpg", policy())
+
+
+def test_long_urls_are_cut_in_messages() -> None:
+    message = refusal("ftp://example.com/" + "a" * 5000, policy())
+    assert len(message) < 400
+    assert message.endswith("(only http, https and file are fetched)")
+
+
+# --- size and time limits --------------------------------------------------------------------
+
+
+def test_oversize_body_with_honest_content_length_is_refused(server: Running) -> None:
+    message = refusal(f"{server.base_url}/big", policy())
+    assert f"image is larger than the 1000 bytes limit (Content-Length {OVERSIZE} bytes)" in message
+
+
+@pytest.mark.parametrize("route", ["big-chunked", "big-close-delimited"])
+def test_oversize_body_without_content_length_stops_at_the_limit(
+    server: Running, route: str
+) -> None:
+    started = time.monotonic()
+    message = refusal(f"{server.base_url}/{route}", policy())
+    assert message.endswith("image is larger than the 1000 bytes limit")
+    assert time.monotonic() - started < 2  # the server would stream 4 MB if we kept reading
+
+
+def test_slow_drip_body_fails_at_the_deadline(server: Running) -> None:
+    started = time.monotonic()
+    message = refusal(f"{server.base_url}/drip", policy(timeout=1.0))
+    elapsed = time.monotonic() - started
+    assert message.endswith("timed out after 1s")
+    assert 0.9 < elapsed < 3
+
+
+def test_server_that_never_answers_fails_at_the_deadline(server: Running) -> None:
+    started = time.monotonic()
+    assert refusal(f"{server.base_url}/stall", policy(timeout=1.0)).endswith("timed out after 1s")
+    assert time.monotonic() - started < 3
+
+
+def test_deadline_covers_a_hanging_dns_lookup(dns: FakeDNS) -> None:
+    release = threading.Event()
+
+    def hang(nth: int) -> list[str]:
+        release.wait(10)
+        return []
+
+    dns["slow.test"] = hang
+    started = time.monotonic()
+    try:
+        message = refusal("http://slow.test/a.jpg", policy(timeout=0.5))
+    finally:
+        release.set()
+    assert "resolving host slow.test timed out" in message
+    assert time.monotonic() - started < 2
+
+
+# --- file:// ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "photo.jpg").write_bytes(IMAGE_BYTES)
+    (root / "huge.jpg").write_bytes(b"x" * OVERSIZE)
+    (outside / "secret.jpg").write_bytes(b"secret")
+    (root / "link.jpg").symlink_to(outside / "secret.jpg")
+    return {"root": root, "outside": outside}
+
+
+def file_policy(*roots: Path) -> FetchPolicy:
+    return policy(file_roots=roots)
+
+
+def test_file_inside_a_root_is_read(files: dict[str, Path]) -> None:
+    url = f"file://{files['root']}/photo.jpg"
+    image = fetch_image(url, file_policy(files["root"]))
+    assert image == fetch.FetchedImage(data=IMAGE_BYTES, url=url, content_type=None)
+
+
+def test_file_roots_are_resolved_too(files: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "root-link").symlink_to(files["root"])
+    image = fetch_image(f"file://{files['root']}/photo.jpg", file_policy(tmp_path / "root-link"))
+    assert image.data == IMAGE_BYTES
+
+
+def test_file_outside_the_roots_is_refused(files: dict[str, Path]) -> None:
+    message = refusal(f"file://{files['outside']}/secret.jpg", file_policy(files["root"]))
+    assert "file URLs are only read under LV_FILE_ROOTS" in message
+
+
+def test_symlink_from_a_root_to_outside_is_refused(files: dict[str, Path]) -> None:
+    message = refusal(f"file://{files['root']}/link.jpg", file_policy(files["root"]))
+    assert "only read under LV_FILE_ROOTS" in message
+
+
+@pytest.mark.parametrize("dots", ["..", "%2e%2e"])
+def test_dot_dot_traversal_out_of_a_root_is_refused(files: dict[str, Path], dots: str) -> None:
+    url = f"file://{files['root']}/{dots}/outside/secret.jpg"
+    assert "only read under LV_FILE_ROOTS" in refusal(url, file_policy(files["root"]))
+
+
+def test_file_urls_are_refused_without_roots(files: dict[str, Path]) -> None:
+    message = refusal(f"file://{files['root']}/photo.jpg", policy())
+    assert "only read under LV_FILE_ROOTS, and none is configured" in message
+
+
+def test_oversize_file_is_refused(files: dict[str, Path]) -> None:
+    message = refusal(f"file://{files['root']}/huge.jpg", file_policy(files["root"]))
+    assert message.endswith("image is larger than the 1000 bytes limit")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("missing.jpg", "no such file"), ("", "not a regular file")]
+)
+def test_missing_file_or_directory_is_refused(
+    files: dict[str, Path], name: str, expected: str
+) -> None:
+    assert expected in refusal(f"file://{files['root']}/{name}", file_policy(files["root"]))
+
+
+def test_file_url_naming_a_host_is_refused(files: dict[str, Path]) -> None:
+    url = f"file://fileserver{files['root']}/photo.jpg"
+    assert "may not name a host" in refusal(url, file_policy(files["root"]))
+
+
+# --- end to end in a private network namespace -----------------------------------------------
+
+NAMESPACE_SCRIPT = """
+    import ipaddress, sys, threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from worker.errors import FetchError
+    from worker.fetch import FetchPolicy, fetch_image
+
+    seen = []
+
+    class Metadata(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "6")
+            self.end_headers()
+            self.wfile.write(b"secret")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("169.254.169.254", 80), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = "http://169.254.169.254/latest/meta-data"
+    try:
+        fetch_image(url, FetchPolicy(max_bytes=1000, timeout=2))
+        sys.exit("FETCHED the metadata address")
+    except FetchError as exc:
+        print("refused:", exc)
+    assert seen == [], seen
+    # Control: the same fetch, explicitly allowed, does reach the listener.
+    allowed = (ipaddress.ip_network("169.254.0.0/16"),)
+    got = fetch_image(url, FetchPolicy(max_bytes=1000, timeout=2, allowed_private_networks=allowed))
+    assert got.data == b"secret" and seen == ["/latest/meta-data"], seen
+    print("ok")
+"""
+
+
+def namespace_runner() -> Callable[[Path], subprocess.CompletedProcess[str]] | None:
+    """Run a script in a fresh network namespace with 169.254.169.254 on its own loopback."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return None
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return None
+    setup = 'ip link set lo up && ip addr add 169.254.169.254/32 dev lo || exit 77; exec "$0" "$1"'
+
+    def run(script: Path) -> subprocess.CompletedProcess[str]:
+        command = ["unshare", "--net", "sh", "-c", setup, sys.executable, str(script)]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=30, env=env, check=False
+        )
+
+    return run
+
+
+def test_metadata_address_is_refused_end_to_end_in_a_network_namespace(tmp_path: Path) -> None:
+    run = namespace_runner()
+    if run is None:
+        pytest.skip("unshare --net is not available or not permitted here")
+    script = tmp_path / "metadata.py"
+    script.write_text(textwrap.dedent(NAMESPACE_SCRIPT))
+    done = run(script)
+    if done.returncode == 77:
+        pytest.skip(f"cannot configure the namespace's loopback: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "refused: image URL http://169.254.169.254/latest/meta-data" in done.stdout
+    assert "link-local address" in done.stdout
+    assert done.stdout.rstrip().endswith("ok")

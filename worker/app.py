@@ -1,0 +1,51 @@
+"""The Celery wiring, in one place: broker settings, delivery guarantees, task and queue names.
+
+Importing this module does not import torch, so the producer and Flower can use it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from listing_vision.settings import Settings
+
+ANALYZE_TASK = "lv.analyze"
+
+
+def queue_name(model_id: str) -> str:
+    """One queue per model, so a worker only receives jobs for the model it holds."""
+    return f"lv.{model_id}"
+
+
+def make_celery(settings: Settings, broker_url: str) -> Celery:
+    """A Celery app with the delivery guarantees SPEC.md promises (JSON only, late acks)."""
+    app = Celery("listing_vision", broker=broker_url, set_as_current=False)
+    transport = {
+        # A message not acknowledged within this many seconds is delivered again; it must
+        # exceed the hard time limit (checked in Settings).
+        "visibility_timeout": settings.visibility_timeout,
+    }
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,  # results live in PostgreSQL, not in the broker
+        task_acks_late=True,  # ack only after the result is committed
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Flower needs the events; "started" lets it show what a worker is doing now.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        task_default_queue="lv.default",
+        worker_hijack_root_logger=False,
+        worker_soft_shutdown_timeout=float(min(settings.task_time_limit, 60)),
+        worker_enable_soft_shutdown_on_idle=True,
+    )
+    return app

@@ -1,0 +1,170 @@
+"""Dynamic batching: many task threads submit items, one thread runs them as model batches.
+
+A batch is run when `max_size` units wait or when the oldest item has waited `max_wait` seconds,
+whichever comes first; items already queued are always taken at once. If a batch call raises,
+the batch is split in half and each half run again, so one bad item fails alone and the others
+still get their results (the complaint behind Ray #66140 and Infinity #367).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: Future[R]
+    units: int
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """Counters for monitoring and tests: how many calls served how many items."""
+
+    calls: int = 0  # every call of run_batch, failed ones included
+    items: int = 0
+    units: int = 0
+    splits: int = 0
+    last_batch_units: int = 0
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Turns `submit(item)` calls from any thread into `run_batch(list_of_items)` calls."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], list[R]],
+        *,
+        max_size: int,
+        max_wait: float,
+        units: Callable[[T], int] = lambda _item: 1,
+        name: str = "batcher",
+    ) -> None:
+        self._run_batch = run_batch
+        self._max_size = max(1, max_size)
+        self._max_wait = max(0.0, max_wait)
+        self._units = units
+        self._queue: queue.Queue[_Pending[T, R] | None] = queue.Queue()
+        self._carry: _Pending[T, R] | None = None
+        self._busy_since: float | None = None
+        self.stats = BatchStats()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: T) -> Future[R]:
+        """Queue `item`; the future gets its result, or the exception its batch raised alone."""
+        future: Future[R] = Future()
+        self._queue.put(_Pending(item, future, max(1, self._units(item))))
+        return future
+
+    def busy_for(self) -> float:
+        """Seconds the current batch call has been running (0 when idle): for a stall watchdog."""
+        started = self._busy_since
+        return 0.0 if started is None else time.monotonic() - started
+
+    def close(self) -> None:
+        """Stop after the batches already queued; later submissions are never run."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._collect()
+            if batch is None:
+                return
+            self._busy_since = time.monotonic()
+            try:
+                self._run(batch)
+            finally:
+                self._busy_since = None
+
+    def _collect(self) -> list[_Pending[T, R]] | None:
+        first = self._carry or self._queue.get()
+        self._carry = None
+        if first is None:
+            return None
+        batch, size = [first], first.units
+        deadline = first.submitted + self._max_wait
+        while size < self._max_size:
+            pending = self._next(deadline)
+            if pending is None:
+                if not self._queue.empty() or time.monotonic() >= deadline:
+                    break
+                continue
+            if size + pending.units > self._max_size:
+                self._carry = pending
+                break
+            batch.append(pending)
+            size += pending.units
+        return batch
+
+    def _next(self, deadline: float) -> _Pending[T, R] | None:
+        try:
+            pending = self._queue.get_nowait()
+        except queue.Empty:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                pending = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                return None
+        if pending is None:  # close() while collecting: run what we have, then stop
+            self._queue.put(None)
+        return pending
+
+    def _run(self, batch: list[_Pending[T, R]]) -> None:
+        live = [pending for pending in batch if not pending.future.cancelled()]
+        if not live:
+            return
+        self.stats.calls += 1
+        try:
+            results = self._run_batch([pending.item for pending in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"batch returned {len(results)} results for {len(live)} items")
+        except Exception as error:
+            self._after_failure(live, error)
+            return
+        self._count(live)
+        for pending, result in zip(live, results, strict=True):
+            _resolve(pending.future, result=result)
+
+    def _after_failure(self, batch: list[_Pending[T, R]], error: Exception) -> None:
+        if len(batch) == 1:
+            self._count(batch)
+            _resolve(batch[0].future, error=error)
+            return
+        log.warning("batch of %d failed (%s); retrying it in halves", len(batch), error)
+        self.stats.splits += 1
+        middle = len(batch) // 2
+        self._run(batch[:middle])
+        self._run(batch[middle:])
+
+    def _count(self, batch: list[_Pending[T, R]]) -> None:
+        units = sum(pending.units for pending in batch)
+        self.stats.items += len(batch)
+        self.stats.units += units
+        self.stats.last_batch_units = units
+
+
+def _resolve(future: Future[R], *, result: R | None = None, error: Exception | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:  # the waiting task gave up (its deadline passed) and cancelled
+        pass

@@ -1,0 +1,89 @@
+"""Zero-shot product categories: the label list, prompt templates, cached text embeddings."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CATEGORIES: tuple[str, ...] = (
+    "handbag", "backpack", "wallet", "suitcase", "sunglasses", "wristwatch", "necklace",
+    "ring", "earrings", "t-shirt", "shirt", "dress", "jeans", "jacket", "coat", "sweater",
+    "hoodie", "skirt", "shorts", "sneakers", "boots", "sandals", "high heels", "hat", "scarf",
+    "gloves", "belt", "smartphone", "laptop", "tablet", "headphones", "camera", "television",
+    "speaker", "keyboard", "computer mouse", "smartwatch", "chair", "sofa", "table", "lamp",
+    "bed", "rug", "mirror", "wall clock", "picture frame", "vase", "candle", "plant pot",
+    "mug", "plate", "cooking pot", "kettle", "blender", "toaster", "water bottle",
+    "teddy bear", "toy car", "board game", "book", "bicycle", "guitar", "tent", "dumbbell",
+    "football", "perfume", "lipstick", "shampoo bottle", "toothbrush", "umbrella",
+    "baby stroller", "dog bed", "drill", "hammer", "car tyre",
+)  # fmt: skip
+
+# An ensemble of a few templates, averaged, is more robust than any single prompt.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a product photo of a {}.",
+    "a photo of the {}, for sale online.",
+    "a close-up photo of a {}.",
+    "a {} on a white background.",
+)
+
+EmbedTexts = Callable[[list[str]], torch.Tensor]
+
+
+def normalise_label(label: str) -> str:
+    """Compare categories case- and space-insensitively ("Car  Tyre" is "car tyre")."""
+    return " ".join(label.lower().split())
+
+
+def read_categories(path: Path | None) -> tuple[str, ...]:
+    """The deployment's list (one label per line, `#` comments) or the default list."""
+    if path is None:
+        return DEFAULT_CATEGORIES
+    labels = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        label = normalise_label(line.split("#", 1)[0])
+        if label and label not in labels:
+            labels.append(label)
+    if len(labels) < 2:
+        raise ValueError(f"LV_CATEGORIES_FILE {path} must list at least two categories")
+    return tuple(labels)
+
+
+class CategoryIndex:
+    """Category text embeddings computed once at worker start; seller claims outside the list
+    are embedded on first sight and cached, so every claim can be judged."""
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        templates: Sequence[str],
+        embed_texts: EmbedTexts,
+    ) -> None:
+        self.labels = tuple(normalise_label(label) for label in labels)
+        self.templates = tuple(templates) or DEFAULT_TEMPLATES
+        self._embed_texts = embed_texts
+        self._lock = threading.Lock()
+        self.embeddings = self._embed_labels(self.labels)
+        self._extra: dict[str, torch.Tensor] = {}
+
+    def with_claim(self, claimed: str | None) -> tuple[tuple[str, ...], torch.Tensor]:
+        """Labels and embeddings to rank for one listing: the list, plus its claim if new."""
+        claim = normalise_label(claimed) if claimed else ""
+        if not claim or claim in self.labels:
+            return self.labels, self.embeddings
+        with self._lock:
+            extra = self._extra.get(claim)
+        if extra is None:
+            extra = self._embed_labels((claim,))
+            with self._lock:
+                self._extra[claim] = extra
+        return (*self.labels, claim), torch.cat([self.embeddings, extra])
+
+    def _embed_labels(self, labels: Sequence[str]) -> torch.Tensor:
+        prompts = [template.format(label) for label in labels for template in self.templates]
+        per_prompt = self._embed_texts(prompts).reshape(len(labels), len(self.templates), -1)
+        return F.normalize(per_prompt.mean(dim=1), dim=-1)

@@ -1,0 +1,105 @@
+"""A listing's images: fetched concurrently, then decoded only when the model has not seen them.
+
+Each image ends either usable or with its own one-line error; a `TransientError` from any fetch
+is re-raised after all fetches finish, so the whole job is retried later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from db.embeddings import CachedImage
+from db.records import ImageFacts
+from worker.decode import decode_image, sha256_hex
+from worker.errors import ListingError, TransientError
+from worker.fetch import FetchPolicy, fetch_image
+from worker.quality import measure_quality
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    position: int
+    url: str
+    data: bytes | None = None
+    sha256: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A usable image: its facts, and either model input (`pixels`) or a cached embedding."""
+
+    position: int
+    url: str
+    facts: ImageFacts
+    pixels: torch.Tensor | None = None
+    cached_embedding: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class FailedImage:
+    position: int
+    url: str
+    error: str
+
+
+def fetch_images(
+    urls: Sequence[str], policy: FetchPolicy, executor: Executor
+) -> list[FetchedImage]:
+    """Fetch every URL at once; failures become per-image errors, transient ones are raised."""
+    results = list(executor.map(lambda item: _fetch_one(item[0], item[1], policy), enumerate(urls)))
+    transient = [r for r in results if isinstance(r, TransientError)]
+    if transient:
+        raise transient[0]
+    return [r for r in results if isinstance(r, FetchedImage)]
+
+
+def _fetch_one(position: int, url: str, policy: FetchPolicy) -> FetchedImage | TransientError:
+    try:
+        fetched = fetch_image(url, policy)
+    except ListingError as error:
+        return FetchedImage(position, url, error=str(error))
+    except TransientError as error:
+        return error
+    return FetchedImage(position, url, fetched.data, sha256_hex(fetched.data))
+
+
+def prepare_images(
+    fetched: Sequence[FetchedImage],
+    cached: dict[str, CachedImage],
+    *,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    max_pixels: int,
+    draft_size: int,
+    executor: Executor,
+) -> list[PreparedImage | FailedImage]:
+    """Decode, measure and preprocess what the model has not embedded yet, in position order."""
+
+    def prepare(image: FetchedImage) -> PreparedImage | FailedImage:
+        if image.data is None or image.sha256 is None:
+            return FailedImage(image.position, image.url, image.error or "not fetched")
+        known = cached.get(image.sha256)
+        if known is not None:
+            return PreparedImage(image.position, image.url, known.facts, None, known.embedding)
+        try:
+            decoded = decode_image(image.data, max_pixels=max_pixels, draft_size=draft_size)
+        except ListingError as error:
+            return FailedImage(image.position, image.url, str(error))
+        quality = measure_quality(decoded.pixels)
+        facts = ImageFacts(
+            decoded.sha256,
+            decoded.width,
+            decoded.height,
+            decoded.format,
+            decoded.bytes,
+            quality.blur,
+            quality.brightness,
+        )
+        return PreparedImage(image.position, image.url, facts, preprocess(decoded.pixels))
+
+    return list(executor.map(prepare, fetched))

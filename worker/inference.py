@@ -1,0 +1,121 @@
+"""The warm model behind the dynamic batcher: one image call and one text call per batch."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import torch
+
+from worker.batching import DynamicBatcher
+from worker.errors import TransientError
+from worker.models.base import ModelBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """What one job needs from the model: its new images and its texts."""
+
+    pixels: tuple[torch.Tensor, ...] = ()
+    texts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    image_embeddings: torch.Tensor  # (len(pixels), dim)
+    text_embeddings: torch.Tensor  # (len(texts), dim)
+    batch_units: int  # images (or 1 for a text-only job) in the model batch that served it
+
+
+@dataclass
+class ModelCalls:
+    """How often the model itself ran: the number dynamic batching exists to keep small."""
+
+    image_calls: int = 0
+    text_calls: int = 0
+    images: int = 0
+    texts: int = 0
+
+
+class InferenceService:
+    """Thread-safe front of one warm model; many jobs' requests share each model call."""
+
+    def __init__(self, backend: ModelBackend, *, max_size: int, max_wait_s: float) -> None:
+        self.backend = backend
+        self.max_size = max_size
+        self.calls = ModelCalls()
+        self._chunk = max_size  # lowered for good after a CUDA out-of-memory
+        self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
+            self._run_batch,
+            max_size=max_size,
+            max_wait=max_wait_s,
+            units=lambda request: len(request.pixels) or 1,
+            name=f"batcher-{backend.spec.model_id}",
+        )
+
+    def embed(self, request: EmbedRequest, timeout: float) -> EmbedResult:
+        """Embeddings for one job's request, computed in a batch with other jobs' requests."""
+        future = self.batcher.submit(request)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise TransientError(f"the model did not answer within {timeout:.0f}s") from None
+
+    def embed_texts(self, texts: list[str], timeout: float = 300.0) -> torch.Tensor:
+        """Text embeddings through the same batcher (for labels met after start-up)."""
+        return self.embed(EmbedRequest(texts=tuple(texts)), timeout).text_embeddings
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def _run_batch(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
+        pixels = [p for request in requests for p in request.pixels]
+        texts = [t for request in requests for t in request.texts]
+        images = self._embed_images(pixels)
+        words = self._embed_texts(texts)
+        units = len(pixels) or len(requests)
+        results, i, j = [], 0, 0
+        for request in requests:
+            n, m = len(request.pixels), len(request.texts)
+            results.append(EmbedResult(images[i : i + n], words[j : j + m], units))
+            i, j = i + n, j + m
+        return results
+
+    def _embed_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        if not pixels:
+            return torch.empty(0, 0)
+        out = []
+        start = 0
+        while start < len(pixels):
+            chunk = pixels[start : start + self._chunk]
+            try:
+                out.append(self.backend.embed_images(torch.stack(chunk)))
+            except torch.cuda.OutOfMemoryError:
+                self._after_oom()
+                continue
+            self.calls.image_calls += 1
+            self.calls.images += len(chunk)
+            start += len(chunk)
+        return torch.cat(out)
+
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        if not texts:
+            return torch.empty(0, 0)
+        out = []
+        for start in range(0, len(texts), 256):
+            out.append(self.backend.embed_texts(texts[start : start + 256]))
+            self.calls.text_calls += 1
+            self.calls.texts += len(texts[start : start + 256])
+        return torch.cat(out)
+
+    def _after_oom(self) -> None:
+        """Free the cache and halve the chunk (down to 1, then the error stands)."""
+        torch.cuda.empty_cache()
+        if self._chunk == 1:
+            raise TransientError("CUDA out of memory even for a single image")
+        self._chunk = max(1, self._chunk // 2)
+        log.warning("CUDA out of memory: image chunk lowered to %d", self._chunk)

@@ -1,0 +1,103 @@
+"""What every model backend is, and the one place that owns device, precision and warm loading.
+
+A backend subclass writes only `_load`, `preprocess`, `_embed_images` and `_embed_texts`; this base
+handles the device, the dtype, `torch.inference_mode`, normalisation and thread safety.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from worker.models.registry import ModelSpec
+
+Scoring = Literal["cosine", "sigmoid"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model that scoring and storage need."""
+
+    embed_dim: int
+    has_text: bool
+    scoring: Scoring
+    logit_scale: float  # already exponentiated: the temperature applied to cosines
+    logit_bias: float
+    image_size: int
+    context_length: int | None
+
+
+class ModelBackend(ABC):
+    """A warm model: load once, then embed image batches and text batches from any thread."""
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device | None = None) -> None:
+        self.spec = spec
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _choose_dtype(spec.precision, self.device)
+        self._load_lock = threading.Lock()
+        self._info: ModelInfo | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError(f"model {self.spec.model_id} is not loaded; call load() first")
+        return self._info
+
+    def load(self) -> ModelInfo:
+        """Load weights once (two threads may ask at the same time) and warm the model up."""
+        with self._load_lock:
+            if self._info is None:
+                with torch.inference_mode():
+                    self._info = self._load()
+        return self._info
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit-length image embeddings, float32 on the CPU, one row per preprocessed image."""
+        with torch.inference_mode():
+            batch = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+            return _normalise(self._embed_images(batch))
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length text embeddings, float32 on the CPU; overlong texts are truncated."""
+        if not self.info.has_text:
+            raise TypeError(f"model {self.spec.model_id} has no text encoder")
+        with torch.inference_mode():
+            return _normalise(self._embed_texts(list(texts)))
+
+    @abstractmethod
+    def _load(self) -> ModelInfo:
+        """Build the model on `self.device` in `self.dtype` and return its facts."""
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One RGB image to the model's input tensor (C, H, W), on the CPU."""
+
+    @abstractmethod
+    def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw image embeddings for a batch already on the device."""
+
+    @abstractmethod
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Raw text embeddings for a batch of strings."""
+
+
+def _normalise(embeddings: torch.Tensor) -> torch.Tensor:
+    return F.normalize(embeddings.float(), dim=-1).cpu()
+
+
+def _choose_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that have it (fp16 otherwise), fp32 on the CPU, unless the registry says."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16

@@ -1,0 +1,160 @@
+"""The model registry: built-in entries plus `LV_MODELS_FILE`, as plain data (no torch here).
+
+The producer reads it too, to refuse an unknown `--model` before anything is queued.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("open_clip", "hf_clip", "hf_siglip", "hf_dino")
+BUILTIN_FILE = Path(__file__).with_name("builtin_models.toml")
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+_MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_KNOWN_KEYS = {
+    "backend",
+    "name",
+    "pretrained",
+    "threshold",
+    "batch_max_size",
+    "batch_max_wait_ms",
+    "prompt_templates",
+    "pooling",
+    "precision",
+    "description",
+}
+
+
+class RegistryError(ValueError):
+    """A registry file or entry is invalid, or a model id is unknown."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: how to load a model and how to judge its scores."""
+
+    model_id: str
+    backend: str
+    name: str
+    pretrained: str | None = None
+    threshold: float | None = None
+    batch_max_size: int | None = None
+    batch_max_wait_ms: int | None = None
+    prompt_templates: tuple[str, ...] = ()
+    pooling: str = "cls"
+    precision: str = "auto"
+    description: str = ""
+    source: str = field(default="built-in", compare=False)
+
+    @property
+    def queue(self) -> str:
+        """The broker queue that carries this model's jobs (one queue per model)."""
+        return f"lv.{self.model_id}"
+
+
+def load_registry(models_file: Path | None = None) -> dict[str, ModelSpec]:
+    """Built-in entries, then `models_file`'s entries (same id replaces the built-in one)."""
+    registry = _read_file(BUILTIN_FILE, "built-in")
+    if models_file is not None:
+        if not models_file.is_file():
+            raise RegistryError(f"LV_MODELS_FILE {models_file} does not exist")
+        registry.update(_read_file(models_file, str(models_file.resolve())))
+    return registry
+
+
+def get_spec(registry: dict[str, ModelSpec], model_id: str) -> ModelSpec:
+    """The entry for `model_id`, or a `RegistryError` listing the ids that exist."""
+    try:
+        return registry[model_id]
+    except KeyError:
+        known = ", ".join(sorted(registry))
+        raise RegistryError(f"unknown model {model_id!r}; the registry has: {known}") from None
+
+
+def _read_file(path: Path, source: str) -> dict[str, ModelSpec]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise RegistryError(f"cannot read model registry {path}: {error}") from None
+    models = document.get("models", {})
+    if not isinstance(models, dict):
+        raise RegistryError(f"{path}: [models] must be a table of entries")
+    return {model_id: _parse_entry(model_id, entry, source) for model_id, entry in models.items()}
+
+
+def _parse_entry(model_id: str, entry: Any, source: str) -> ModelSpec:
+    where = f"{source}: [models.{model_id}]"
+    if not _MODEL_ID.match(model_id):
+        raise RegistryError(f"{where}: id must be lowercase letters, digits, '.', '_' or '-'")
+    if not isinstance(entry, dict):
+        raise RegistryError(f"{where} must be a table")
+    unknown = set(entry) - _KNOWN_KEYS
+    if unknown:
+        raise RegistryError(f"{where}: unknown keys {sorted(unknown)}")
+    backend = entry.get("backend")
+    if backend not in BACKENDS:
+        raise RegistryError(f"{where}: backend must be one of {', '.join(BACKENDS)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise RegistryError(f"{where}: name is required")
+    pooling = entry.get("pooling", "cls")
+    if pooling not in ("cls", "mean"):
+        raise RegistryError(f"{where}: pooling must be 'cls' or 'mean'")
+    precision = entry.get("precision", "auto")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise RegistryError(f"{where}: precision must be auto, fp32, bf16 or fp16")
+    pretrained = entry.get("pretrained")
+    if pretrained is not None and not isinstance(pretrained, str):
+        raise RegistryError(f"{where}: pretrained must be a tag or a checkpoint path (a string)")
+    templates = entry.get("prompt_templates", [])
+    if not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise RegistryError(f"{where}: each prompt template must contain '{{}}'")
+    return ModelSpec(
+        model_id=model_id,
+        backend=backend,
+        name=_expand_local_dir(name, source),
+        pretrained=_expand_checkpoint(pretrained, source),
+        threshold=_optional_number(entry, "threshold", where, float),
+        batch_max_size=_optional_number(entry, "batch_max_size", where, int),
+        batch_max_wait_ms=_optional_number(entry, "batch_max_wait_ms", where, int),
+        prompt_templates=tuple(templates),
+        pooling=pooling,
+        precision=precision,
+        description=str(entry.get("description", "")),
+        source=source,
+    )
+
+
+def _optional_number(entry: dict[str, Any], key: str, where: str, kind: type) -> Any:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RegistryError(f"{where}: {key} must be a number")
+    if kind is int and (not isinstance(value, int) or value < 0):
+        raise RegistryError(f"{where}: {key} must be a whole number >= 0")
+    return kind(value)
+
+
+def _expand_checkpoint(pretrained: str | None, source: str) -> str | None:
+    """A checkpoint path (not a tag) in a user's file resolves against that file's folder."""
+    is_path = "/" in pretrained if pretrained else False
+    is_path = is_path or (pretrained or "").endswith(_CHECKPOINT_SUFFIXES)
+    if pretrained is None or source == "built-in" or not is_path:
+        return pretrained
+    path = Path(pretrained).expanduser()
+    return str(path if path.is_absolute() else Path(source).parent / path)
+
+
+def _expand_local_dir(name: str, source: str) -> str:
+    """`local-dir:~/m` and relative paths in a user's file resolve against that file's folder."""
+    if not name.startswith("local-dir:"):
+        return name
+    path = Path(name.removeprefix("local-dir:")).expanduser()
+    if not path.is_absolute() and source != "built-in":
+        path = Path(source).parent / path
+    return f"local-dir:{path}"

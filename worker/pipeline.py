@@ -1,0 +1,127 @@
+"""A job's life in the worker: claim it, analyse its listing, record exactly one outcome.
+
+Plain Python (no Celery): the task in `worker.tasks` only turns a `JobReport` into an ack or a
+retry. Every path ends in one committed outcome or a scheduled retry, never in silence.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import jobs, results
+from db.jobs import ClaimedJob, Unclaimable
+from db.records import JobOutcome, ResultRecord
+from worker.analysis import ListingAnalysis, ListingAnalyzer
+from worker.errors import ListingError, TransientError
+from worker.retries import backoff_seconds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """What the task hands back to Celery: a short summary (shown in Flower) or a retry delay."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+    retry_in: float | None = None
+
+
+@dataclass
+class JobRunner:
+    sessions: sessionmaker[Session]
+    analyzer: ListingAnalyzer
+    model_id: str
+    worker_name: str
+    max_attempts: int
+    retry_backoff: float
+
+    def run(self, job_id: uuid.UUID) -> JobReport:
+        """Run one delivery of `job_id`; database outages become retries, not lost jobs."""
+        try:
+            return self._run(job_id)
+        except DBAPIError as error:
+            log.warning("job %s: database unavailable, will retry: %s", job_id, _line(error))
+            return JobReport(retry_in=backoff_seconds(2, self.retry_backoff))
+
+    def _run(self, job_id: uuid.UUID) -> JobReport:
+        with self.sessions.begin() as session:
+            claim = jobs.claim(
+                session, job_id, worker=self.worker_name, max_attempts=self.max_attempts
+            )
+        if isinstance(claim, Unclaimable):
+            return self._unclaimable(job_id, claim)
+        try:
+            analysis = self.analyzer.analyze(claim.listing)
+        except ListingError as error:
+            analysis = ListingAnalysis(ResultRecord("failed", _line(error)), [])
+        except Exception as error:  # transient, or a bug: retried, then dead, never silent
+            return self._after_transient(claim, error)
+        status = "succeeded" if analysis.result.status == "ok" else "failed"
+        self._record(claim.job_id, claim.listing.listing_id, status, analysis)
+        return JobReport(_summary(claim.listing.listing_id, analysis.result))
+
+    def _after_transient(self, claim: ClaimedJob, error: Exception) -> JobReport:
+        message = _line(error)
+        if not isinstance(error, TransientError):
+            log.exception("job %s: unexpected error", claim.job_id)
+            message = f"internal error: {type(error).__name__}: {message}"
+        if claim.attempt >= self.max_attempts:
+            reason = f"gave up after {claim.attempt} attempts: {message}"
+            analysis = ListingAnalysis(ResultRecord("failed", reason), [])
+            self._record(claim.job_id, claim.listing.listing_id, "dead", analysis)
+            return JobReport(_summary(claim.listing.listing_id, analysis.result))
+        with self.sessions.begin() as session:
+            jobs.note_retry(session, claim.job_id, message)
+        delay = backoff_seconds(claim.attempt, self.retry_backoff)
+        log.info("job %s: attempt %d failed (%s); retry in %.1fs", claim.job_id, claim.attempt,
+                 message, delay)  # fmt: skip
+        return JobReport(retry_in=delay)
+
+    def _unclaimable(self, job_id: uuid.UUID, why: Unclaimable) -> JobReport:
+        if why.reason != "exhausted" or why.listing_id is None:
+            log.info("job %s not run: %s", job_id, why.reason)
+            return JobReport({"skipped": why.reason})
+        # Its attempts ran out while it was running: the worker died mid-job every time.
+        last = why.last_error or "the worker stopped during every attempt"
+        reason = f"gave up after {self.max_attempts} attempts: {last}"
+        analysis = ListingAnalysis(ResultRecord("failed", reason), [])
+        self._record(job_id, why.listing_id, "dead", analysis)
+        return JobReport(_summary(why.listing_id, analysis.result))
+
+    def _record(
+        self, job_id: uuid.UUID, listing_id: str, status: str, analysis: ListingAnalysis
+    ) -> None:
+        outcome = JobOutcome(
+            job_id=job_id,
+            listing_id=listing_id,
+            model_id=self.model_id,
+            job_status=status,
+            result=analysis.result,
+            images=analysis.images,
+            new_embeddings=analysis.new_embeddings,
+            batch_size=analysis.batch_size,
+        )
+        with self.sessions.begin() as session:
+            results.record_outcome(session, outcome)
+
+
+def _summary(listing_id: str, result: ResultRecord) -> dict[str, Any]:
+    summary: dict[str, Any] = {"listing_id": listing_id, "status": result.status}
+    if result.error:
+        summary["error"] = result.error
+    if result.similarity is not None:
+        summary["similarity"] = round(result.similarity, 4)
+        summary["is_match"] = result.is_match
+        summary["top_category"] = result.top_category
+    return summary
+
+
+def _line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:500]
