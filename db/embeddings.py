@@ -116,3 +116,26 @@ def nearest_listings(
     )
     rows = session.execute(query, {"listing_id": listing_id, "fanout": k * 4 + 10, "k": k}).all()
     return [Neighbour(row.listing_id, float(row.distance), row.sha256) for row in rows]
+
+
+def neighbour_rows(
+    session: Session, listing_id: str, model_id: str, dim: int, k: int
+) -> list[dict[str, object]]:
+    """`nearest_listings` with each neighbour's title, for display."""
+    neighbours = nearest_listings(session, listing_id, model_id, dim, k)
+    titles: dict[str, str] = dict(
+        session.execute(
+            text("SELECT listing_id, title FROM listings WHERE listing_id = ANY(:ids)"),
+            {"ids": [n.listing_id for n in neighbours]},
+        ).all()
+    )
+    return [
+        {
+            "listing_id": n.listing_id,
+            "distance": n.distance,
+            "similarity": 1.0 - n.distance,
+            "title": titles.get(n.listing_id),
+            "sha256": n.sha256,
+        }
+        for n in neighbours
+    ]

@@ -142,6 +142,34 @@ def list_models() -> None:
 
 
 @app.command()
+def similar(
+    listing_id: Annotated[str, typer.Argument(help="the listing to find neighbours of")],
+    model: Annotated[str | None, typer.Option(help="model id (default: the active model)")] = None,
+    k: Annotated[int, typer.Option("-k", help="how many listings")] = 10,
+    format: Annotated[str, typer.Option(help="table or jsonl")] = "table",
+) -> None:
+    """The K listings whose images are nearest (cosine, pgvector HNSW), the listing left out."""
+    from db.embeddings import neighbour_rows
+    from db.engine import make_sessions
+    from db.models import embed_dim
+    from listing_vision.output import print_neighbours
+
+    if format not in ("table", "jsonl"):
+        raise SettingsError("--format must be table or jsonl")
+    settings = _settings()
+    with connected(settings, broker=False) as urls:
+        engine = _engine(urls.database_url, migrate=settings.database_url is None)
+        model_id = model or _active_model(engine, settings)
+        with make_sessions(engine)() as session:
+            dim = embed_dim(session, model_id)
+            if dim is None:
+                raise SettingsError(f"model {model_id} has no embeddings yet (no worker ran it)")
+            rows = neighbour_rows(session, listing_id, model_id, dim, k)
+        engine.dispose()
+    print_neighbours(console, rows, format)
+
+
+@app.command()
 def up() -> None:
     """Run the whole stack in the foreground: servers, migrations, worker(s), Flower."""
     from listing_vision.supervisor import run_stack

@@ -61,3 +61,15 @@ def _number(value: float | None) -> str:
 
 def _flag(value: bool | None) -> str:
     return "" if value is None else ("yes" if value else "no")
+
+
+def print_neighbours(console: Console, rows: list[dict[str, Any]], format: str) -> None:
+    if format == "jsonl":
+        print_results_jsonl(rows)
+        return
+    table = Table()
+    for column in ("listing", "cosine similarity", "title"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["listing_id"], f"{row['similarity']:.4f}", row["title"] or "")
+    console.print(table)

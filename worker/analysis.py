@@ -82,7 +82,11 @@ class ListingAnalyzer:
         info = self.service.backend.info
         fresh = [p for p in usable if p.pixels is not None]
         texts = (listing.text,) if info.has_text else ()
-        request = EmbedRequest(tuple(p.pixels for p in fresh if p.pixels is not None), texts)
+        request = EmbedRequest(
+            tuple(p.pixels for p in fresh if p.pixels is not None),
+            texts,
+            tuple(p.facts.sha256 for p in fresh),
+        )
         embedded = self.service.embed(request, self.model_timeout)
         new_rows = dict(
             zip((p.facts.sha256 for p in fresh), embedded.image_embeddings, strict=True)

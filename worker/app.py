@@ -10,6 +10,7 @@ from celery import Celery
 from listing_vision.settings import Settings
 
 ANALYZE_TASK = "lv.analyze"
+STATS_COMMAND = "lv_stats"  # remote control: `celery inspect lv_stats` / app.control.broadcast
 
 
 def queue_name(model_id: str) -> str:

@@ -17,10 +17,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EmbedRequest:
-    """What one job needs from the model: its new images and its texts."""
+    """What one job needs from the model: its new images and its texts.
+
+    `keys` (the images' SHA-256, when known) let a batch embed an image shared by several
+    listings once, e.g. variants of one product arriving together.
+    """
 
     pixels: tuple[torch.Tensor, ...] = ()
     texts: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,21 +78,22 @@ class InferenceService:
         self.batcher.close()
 
     def _run_batch(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
-        pixels = [p for request in requests for p in request.pixels]
+        slots, unique = _unique_images(requests)
+        images = self._embed_images(unique)
         texts = [t for request in requests for t in request.texts]
-        images = self._embed_images(pixels)
         words = self._embed_texts(texts)
-        units = len(pixels) or len(requests)
+        units = len(unique) or len(requests)
         results, i, j = [], 0, 0
         for request in requests:
             n, m = len(request.pixels), len(request.texts)
-            results.append(EmbedResult(images[i : i + n], words[j : j + m], units))
+            rows = images[slots[i : i + n]] if n else images[:0]
+            results.append(EmbedResult(rows, words[j : j + m], units))
             i, j = i + n, j + m
         return results
 
     def _embed_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         if not pixels:
-            return torch.empty(0, 0)
+            return torch.empty(0, self.backend.info.embed_dim)
         out = []
         start = 0
         while start < len(pixels):
@@ -104,7 +110,7 @@ class InferenceService:
 
     def _embed_texts(self, texts: list[str]) -> torch.Tensor:
         if not texts:
-            return torch.empty(0, 0)
+            return torch.empty(0, self.backend.info.embed_dim)
         out = []
         for start in range(0, len(texts), 256):
             out.append(self.backend.embed_texts(texts[start : start + 256]))
@@ -119,3 +125,25 @@ class InferenceService:
             raise TransientError("CUDA out of memory even for a single image")
         self._chunk = max(1, self._chunk // 2)
         log.warning("CUDA out of memory: image chunk lowered to %d", self._chunk)
+
+
+def _unique_images(requests: list[EmbedRequest]) -> tuple[list[int], list[torch.Tensor]]:
+    """Each request image's row in the list of distinct images (same key: same row)."""
+    rows: dict[str, int] = {}
+    slots: list[int] = []
+    unique: list[torch.Tensor] = []
+    for request in requests:
+        keys = (
+            request.keys
+            if len(request.keys) == len(request.pixels)
+            else (None,) * len(request.pixels)
+        )
+        for key, pixels in zip(keys, request.pixels, strict=True):
+            if key is not None and key in rows:
+                slots.append(rows[key])
+                continue
+            if key is not None:
+                rows[key] = len(unique)
+            slots.append(len(unique))
+            unique.append(pixels)
+    return slots, unique

@@ -1,18 +1,20 @@
-"""The Celery task: decode the message, run the job, turn the report into an ack or a retry."""
+"""The Celery task and remote-control command: thin wrappers around the warm runtime."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from celery import Celery, Task
+from celery.worker.control import inspect_command
 
-from worker.app import ANALYZE_TASK
+from worker.app import ANALYZE_TASK, STATS_COMMAND
 from worker.runtime import WorkerRuntime
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
-    """Bind the analysis task to this process's warm runtime."""
+    """Bind the analysis task and the `lv_stats` command to this process's warm runtime."""
 
     @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, max_retries=None)
     def analyze(self: Task, job_id: str, listing_id: str | None = None) -> dict[str, Any]:
@@ -20,3 +22,13 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         if report.retry_in is not None:
             raise self.retry(countdown=report.retry_in, max_retries=None)
         return report.summary
+
+    @inspect_command(name=STATS_COMMAND)
+    def lv_stats(state: Any) -> dict[str, Any]:
+        """How the model has been used: batches, model calls, items (for operators and tests)."""
+        return {
+            "model": runtime.spec.model_id,
+            "device": str(runtime.backend.device),
+            "batches": asdict(runtime.service.batcher.stats),
+            "model_calls": asdict(runtime.service.calls),
+        }

@@ -68,6 +68,13 @@ def models_file(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 backend = "open_clip"
 name = "local-dir:{model_dir}"
 threshold = 0.1
+
+[models.tiny-batch]
+backend = "open_clip"
+name = "local-dir:{model_dir}"
+threshold = 0.1
+batch_max_size = 32
+batch_max_wait_ms = 500
 """
     )
     return path

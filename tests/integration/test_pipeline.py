@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import text
 
 from tests import images
 from tests.integration.conftest import Stack, WorkerProcess, query
@@ -224,3 +225,40 @@ def test_reenqueue_keeps_one_row_per_listing_and_advances_change_seq(
         "SELECT listing_id, count(*) AS n FROM results WHERE listing_id LIKE 'p-%' GROUP BY 1",
     )
     assert all(row["n"] == 1 for row in per_listing)
+
+
+def test_similar_finds_the_listing_sharing_an_image_first_and_uses_the_hnsw_index(
+    stack: Stack, first_run, worker_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from db.embeddings import index_name, nearest_listings
+    from db.engine import make_sessions
+
+    output = subprocess.run(
+        [sys.executable, "-m", "listing_vision", "similar", "p-red", "-k", "3",
+         "--format", "jsonl"],
+        env=worker_env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in output.stdout.splitlines()]
+    assert len(rows) == 3
+    assert rows[0]["listing_id"] == "p-long"  # the same red.jpg
+    assert rows[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert "p-red" not in [r["listing_id"] for r in rows]
+    assert [r["similarity"] for r in rows] == sorted((r["similarity"] for r in rows), reverse=True)
+    with make_sessions(stack.engine)() as session:
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = (
+            session.execute(
+                text(
+                    "EXPLAIN SELECT sha256 FROM embeddings WHERE model_id = 'tiny' "
+                    "ORDER BY embedding::vector(32) <=> "
+                    "(SELECT embedding::vector(32) FROM embeddings LIMIT 1) LIMIT 5"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        assert any(index_name("tiny") in line for line in plan), plan
+        assert nearest_listings(session, "p-red", "tiny", 32, 1)[0].listing_id == "p-long"

@@ -1,0 +1,66 @@
+"""Many single-listing messages share model calls; one bad image fails only its listing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import images
+from tests.integration.conftest import Stack, query, start_worker, stop_worker
+from worker.app import STATS_COMMAND
+from worker.main import worker_name
+
+pytestmark = pytest.mark.slow
+
+
+def _stats(producer: Any, name: str) -> dict[str, Any]:
+    replies = producer.celery.control.broadcast(
+        STATS_COMMAND, reply=True, destination=[name], timeout=10
+    )
+    assert replies, f"no reply from {name}"
+    stats: dict[str, Any] = replies[0][name]
+    return stats
+
+
+def test_64_single_listing_messages_are_served_in_few_model_calls(
+    stack: Stack, worker_env: dict[str, str], producer: Any, image_root: Path, tmp_path: Path
+) -> None:
+    colours = ["red", "blue", "green", "gold", "purple", "teal", "black", "orange"]
+    urls = []
+    for i in range(63):
+        path = image_root / f"batch-{i}.jpg"
+        shape = ["circle", "square", "triangle"][i % 3]
+        images.save(images.product_image(colours[i % 8], shape, (64 + i, 64)), path)  # distinct
+        urls.append(path.as_uri())
+    urls.insert(17, images.truncated_jpeg(image_root / "batch-bad.jpg").as_uri())
+    events = [
+        {"listing_id": f"b-{i:02d}", "title": f"listing {i}", "image_url": url}
+        for i, url in enumerate(urls)
+    ]
+    worker = start_worker(stack, worker_env, tmp_path / "worker.log", model="tiny-batch")
+    name = worker_name("tiny-batch", None)
+    try:
+        before = _stats(producer, name)
+        report = producer.enqueue(events, model="tiny-batch")
+        assert len(report.job_ids) == 64  # one message per listing
+        counts = producer.wait(report.job_ids, timeout=180)
+        after = _stats(producer, name)
+    finally:
+        stop_worker(worker)
+    assert counts["succeeded"] == 63 and counts["failed"] == 1, worker.log()[-3000:]
+    image_calls = after["model_calls"]["image_calls"] - before["model_calls"]["image_calls"]
+    text_calls = after["model_calls"]["text_calls"] - before["model_calls"]["text_calls"]
+    assert 0 < image_calls + text_calls < 16, after
+    assert after["model_calls"]["images"] - before["model_calls"]["images"] == 63
+    rows = {
+        r["listing_id"]: r
+        for r in query(stack, "SELECT * FROM listing_results WHERE model_id = 'tiny-batch'")
+    }
+    assert rows["b-17"]["status"] == "failed" and "truncated" in rows["b-17"]["error"]
+    assert all(r["status"] == "ok" for k, r in rows.items() if k != "b-17")
+    sizes = query(
+        stack, "SELECT batch_size FROM jobs WHERE model_id = 'tiny-batch' AND status = 'succeeded'"
+    )
+    assert max(s["batch_size"] for s in sizes) > 1
