@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,7 +26,7 @@ app = typer.Typer(
 # Tables stay readable when piped (rich would otherwise squeeze them to 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
-USER_ERRORS = (SettingsError, RegistryError, EmbeddedError)
+USER_ERRORS: tuple[type[Exception], ...] = (SettingsError, RegistryError, EmbeddedError)
 
 
 def _settings(*, service: bool = False) -> Settings:
@@ -167,6 +168,72 @@ def similar(
             rows = neighbour_rows(session, listing_id, model_id, dim, k)
         engine.dispose()
     print_neighbours(console, rows, format)
+
+
+@app.command()
+def demo(
+    model: Annotated[
+        str, typer.Option(help="model id (lv-toy is bundled; others need weights)")
+    ] = "lv-toy",
+    listings: Annotated[int, typer.Option(help="size of the sample catalogue")] = 120,
+    seed: Annotated[int, typer.Option(help="seed of the sample catalogue")] = 2026,
+    timeout: Annotated[float, typer.Option(help="give up after N seconds")] = 900,
+    report: Annotated[Path | None, typer.Option(help="also write the metrics as JSON here")] = None,
+) -> None:
+    """The one-command tour: a sample catalogue with planted mismatches, scored end to end."""
+    from listing_vision.demo.run import DemoError, run_demo
+
+    settings = _settings()
+    with connected(settings) as urls:
+        _engine(urls.database_url, migrate=settings.database_url is None).dispose()
+        try:
+            code = run_demo(
+                settings, urls, model, count=listings, seed=seed, timeout=timeout,
+                report_path=report,
+            )  # fmt: skip
+        except DemoError as error:
+            errors.print(f"[red]demo failed:[/red] {error}")
+            code = 1
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    pairs: Annotated[Path, typer.Option(help="CSV with columns image,text (paths relative to it)")],
+    out: Annotated[Path, typer.Option(help="folder to write the trained local-dir: model to")],
+    model: Annotated[
+        str, typer.Option(help="registry id of the open_clip model to start from")
+    ] = "clip-vit-b32",
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    batch_size: Annotated[int, typer.Option(min=2)] = 64,
+    lr: Annotated[float, typer.Option(help="peak learning rate (warm-up, then cosine)")] = 5e-5,
+    seed: int = 0,
+    half: Annotated[bool, typer.Option(help="store the weights in fp16")] = False,
+) -> None:
+    """Fine-tune an open_clip model on image/text pairs; writes a model the registry can name."""
+    from listing_vision.training import TrainConfig, TrainingError, read_pairs, train_open_clip
+    from worker.models.registry import get_spec, load_registry
+
+    settings = _settings()
+    spec = get_spec(load_registry(settings.models_file), model)
+    try:
+        report = train_open_clip(
+            spec,
+            read_pairs(pairs),
+            out.resolve(),
+            TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, half=half),
+            log=console.print,
+        )
+    except TrainingError as error:
+        raise SettingsError(str(error)) from None
+    threshold = "" if spec.threshold is None else f"\nthreshold = {spec.threshold}"
+    console.print(
+        f"trained {report.steps} steps (loss {report.first_loss:.3f} -> {report.last_loss:.3f}); "
+        f'add to LV_MODELS_FILE:\n\n[models.{spec.model_id}-finetuned]\nbackend = "open_clip"\n'
+        f'name = "local-dir:{report.out_dir}"{threshold}\n',
+        markup=False,
+        highlight=False,
+    )
 
 
 @app.command()

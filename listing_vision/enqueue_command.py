@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import IO
 
@@ -52,7 +52,7 @@ def enqueue_file(
             return 2
         if not wait or not report.job_ids:
             return 0
-        counts = _wait_with_bar(producer, report, timeout)
+        counts = wait_with_bar(producer, report, timeout)
     return _report_outcome(counts, len(report.job_ids))
 
 
@@ -77,9 +77,13 @@ def _chunks(
     yield parse_lines(lines, settings.file_roots, first_line)
 
 
-def _wait_with_bar(
-    producer: Producer, report: EnqueueReport, timeout: float | None
+def wait_with_bar(
+    producer: Producer,
+    report: EnqueueReport,
+    timeout: float | None,
+    check: Callable[[], None] | None = None,
 ) -> Counter[str]:
+    """Wait for the report's jobs with a progress bar; `check` may raise to stop waiting."""
     total = len(report.job_ids)
     started = time.monotonic()
     hinted = False
@@ -95,6 +99,8 @@ def _wait_with_bar(
 
         def update(counts: Counter[str]) -> None:
             nonlocal hinted
+            if check is not None:
+                check()
             finished = sum(counts[state] for state in TERMINAL_JOB_STATES)
             detail = f"failed {counts['failed'] + counts['dead']}"
             progress.update(bar, completed=finished, detail=detail)

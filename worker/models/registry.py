@@ -62,7 +62,7 @@ def load_registry(models_file: Path | None = None) -> dict[str, ModelSpec]:
     if models_file is not None:
         if not models_file.is_file():
             raise RegistryError(f"LV_MODELS_FILE {models_file} does not exist")
-        registry.update(_read_file(models_file, str(models_file.resolve())))
+        registry.update(_read_file(models_file.resolve(), str(models_file.resolve())))
     return registry
 
 
@@ -76,6 +76,7 @@ def get_spec(registry: dict[str, ModelSpec], model_id: str) -> ModelSpec:
 
 
 def _read_file(path: Path, source: str) -> dict[str, ModelSpec]:
+    """Entries of one file; relative paths in it resolve against its folder."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
@@ -83,10 +84,13 @@ def _read_file(path: Path, source: str) -> dict[str, ModelSpec]:
     models = document.get("models", {})
     if not isinstance(models, dict):
         raise RegistryError(f"{path}: [models] must be a table of entries")
-    return {model_id: _parse_entry(model_id, entry, source) for model_id, entry in models.items()}
+    return {
+        model_id: _parse_entry(model_id, entry, source, path.parent)
+        for model_id, entry in models.items()
+    }
 
 
-def _parse_entry(model_id: str, entry: Any, source: str) -> ModelSpec:
+def _parse_entry(model_id: str, entry: Any, source: str, base: Path) -> ModelSpec:
     where = f"{source}: [models.{model_id}]"
     if not _MODEL_ID.match(model_id):
         raise RegistryError(f"{where}: id must be lowercase letters, digits, '.', '_' or '-'")
@@ -116,8 +120,8 @@ def _parse_entry(model_id: str, entry: Any, source: str) -> ModelSpec:
     return ModelSpec(
         model_id=model_id,
         backend=backend,
-        name=_expand_local_dir(name, source),
-        pretrained=_expand_checkpoint(pretrained, source),
+        name=_expand_local_dir(name, base),
+        pretrained=_expand_checkpoint(pretrained, base),
         threshold=_optional_number(entry, "threshold", where, float),
         batch_max_size=_optional_number(entry, "batch_max_size", where, int),
         batch_max_wait_ms=_optional_number(entry, "batch_max_wait_ms", where, int),
@@ -140,21 +144,19 @@ def _optional_number(entry: dict[str, Any], key: str, where: str, kind: type) ->
     return kind(value)
 
 
-def _expand_checkpoint(pretrained: str | None, source: str) -> str | None:
-    """A checkpoint path (not a tag) in a user's file resolves against that file's folder."""
-    is_path = "/" in pretrained if pretrained else False
-    is_path = is_path or (pretrained or "").endswith(_CHECKPOINT_SUFFIXES)
-    if pretrained is None or source == "built-in" or not is_path:
-        return pretrained
+def _expand_checkpoint(pretrained: str | None, base: Path) -> str | None:
+    """A checkpoint path (not a tag) resolves against the registry file's folder."""
+    if pretrained is None:
+        return None
+    if "/" not in pretrained and not pretrained.endswith(_CHECKPOINT_SUFFIXES):
+        return pretrained  # an open_clip tag such as "openai"
     path = Path(pretrained).expanduser()
-    return str(path if path.is_absolute() else Path(source).parent / path)
+    return str(path if path.is_absolute() else (base / path).resolve())
 
 
-def _expand_local_dir(name: str, source: str) -> str:
-    """`local-dir:~/m` and relative paths in a user's file resolve against that file's folder."""
+def _expand_local_dir(name: str, base: Path) -> str:
+    """`local-dir:~/m` and relative paths resolve against the registry file's folder."""
     if not name.startswith("local-dir:"):
         return name
     path = Path(name.removeprefix("local-dir:")).expanduser()
-    if not path.is_absolute() and source != "built-in":
-        path = Path(source).parent / path
-    return f"local-dir:{path}"
+    return f"local-dir:{path if path.is_absolute() else (base / path).resolve()}"
