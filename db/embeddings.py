@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.records import ImageFacts
@@ -52,6 +53,17 @@ def cached_images(session: Session, shas: Sequence[str], model_id: str) -> dict[
     }
 
 
+def insert_embeddings(session: Session, model_id: str, embeddings: dict[str, list[float]]) -> None:
+    """Store new image embeddings (in SHA-256 order, so concurrent writers cannot deadlock)."""
+    if not embeddings:
+        return
+    rows = [
+        {"sha256": sha, "model_id": model_id, "embedding": embeddings[sha]}
+        for sha in sorted(embeddings)
+    ]
+    session.execute(insert(Embedding).values(rows).on_conflict_do_nothing())
+
+
 def index_name(model_id: str) -> str:
     """A valid, unique index name for any model id."""
     digest = hashlib.sha1(model_id.encode()).hexdigest()[:10]
@@ -60,8 +72,16 @@ def index_name(model_id: str) -> str:
 
 
 def ensure_hnsw_index(session: Session, model_id: str, dim: int) -> None:
-    """Create the model's cosine HNSW index if missing (run by the worker once it knows `dim`)."""
+    """Create the model's cosine HNSW index if missing (run by the worker once it knows `dim`).
+
+    Workers starting together for one model take turns (an advisory lock), and building the
+    index over an existing catalogue may take long: no statement limit here.
+    """
     literal = model_id.replace("'", "''")
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": index_name(model_id)}
+    )
+    session.execute(text("SET LOCAL statement_timeout = 0"))
     session.execute(
         text(
             f"CREATE INDEX IF NOT EXISTS {index_name(model_id)} ON embeddings "
@@ -82,11 +102,20 @@ def nearest_listings(
     session: Session, listing_id: str, model_id: str, dim: int, k: int
 ) -> list[Neighbour]:
     """The `k` other listings whose images are closest (cosine) to any image of `listing_id`."""
+    fanout = k * 4 + 10
+    # HNSW returns at most ef_search rows per scan (default 40): widen it to what we ask for.
+    session.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(fanout, 1000))}"))
+    query = text(nearest_sql(model_id, dim))
+    rows = session.execute(query, {"listing_id": listing_id, "fanout": fanout, "k": k}).all()
+    return [Neighbour(row.listing_id, float(row.distance), row.sha256) for row in rows]
+
+
+def nearest_sql(model_id: str, dim: int) -> str:
+    """The neighbour query; the model filter is a literal so the partial index's predicate
+    matches it, and the cast repeats the index expression."""
     literal = model_id.replace("'", "''")
     cast = f"vector({int(dim)})"
-    # The model filter must appear as a literal so the partial index's predicate matches it.
-    query = text(
-        f"""
+    return f"""
         WITH mine AS (
             SELECT DISTINCT e.embedding::{cast} AS embedding
             FROM listing_images li
@@ -113,9 +142,6 @@ def nearest_listings(
         ORDER BY distance, li.listing_id
         LIMIT :k
         """
-    )
-    rows = session.execute(query, {"listing_id": listing_id, "fanout": k * 4 + 10, "k": k}).all()
-    return [Neighbour(row.listing_id, float(row.distance), row.sha256) for row in rows]
 
 
 def neighbour_rows(

@@ -5,6 +5,12 @@ from __future__ import annotations
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+# No statement, lock wait or idle transaction may hold a connection (or the change_seq lock)
+# for long: a stalled writer turns into an error, which the job retries, not a system-wide stall.
+SESSION_LIMITS = (
+    "-c statement_timeout=60000 -c lock_timeout=20000 -c idle_in_transaction_session_timeout=60000"
+)
+
 
 def sqlalchemy_url(url: str) -> str:
     """Use psycopg 3 for plain `postgresql://` URLs (what pgserver and most tools print)."""
@@ -15,15 +21,26 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def make_engine(
-    url: str, *, pool_size: int = 5, application_name: str = "listing-vision"
+    url: str,
+    *,
+    pool_size: int = 5,
+    pool_timeout: float = 30.0,
+    application_name: str = "listing-vision",
 ) -> Engine:
-    """An engine that survives database restarts (pre-ping) and names itself in pg_stat_activity."""
+    """An engine that survives database restarts (pre-ping), bounds every statement and lock
+    wait, and names itself in pg_stat_activity. Waiting for a pooled connection is bounded too
+    (`pool_timeout`): many task threads share few connections, each briefly."""
     return create_engine(
         sqlalchemy_url(url),
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=pool_size,
-        connect_args={"application_name": application_name, "connect_timeout": 10},
+        pool_timeout=pool_timeout,
+        connect_args={
+            "application_name": application_name,
+            "connect_timeout": 10,
+            "options": SESSION_LIMITS,
+        },
     )
 
 

@@ -1,4 +1,4 @@
-"""The `jobs` table: created by the producer, claimed and finished by workers."""
+"""The `jobs` table: created by the producer, claimed, finished and reconciled by workers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.listings import get_listing
@@ -20,6 +20,8 @@ ACTIVE = ("queued", "running")
 
 @dataclass(frozen=True)
 class NewJob:
+    """A job to create and send: which listing, which model, which bulk run (if any)."""
+
     job_id: uuid.UUID
     listing_id: str
     model_id: str
@@ -28,7 +30,7 @@ class NewJob:
 
 @dataclass(frozen=True)
 class ClaimedJob:
-    """A job a worker may run now: its attempt number and the listing as stored."""
+    """A job a worker may run now: its attempt number (the fencing token) and the listing."""
 
     job_id: uuid.UUID
     model_id: str
@@ -45,6 +47,7 @@ class Unclaimable:
     listing_id: str | None = None
     model_id: str | None = None
     last_error: str | None = None
+    attempts: int = 0
 
 
 def create_jobs(session: Session, jobs: Sequence[NewJob]) -> None:
@@ -59,19 +62,9 @@ def mark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
     """Remember that the broker has these jobs, so the reconciler leaves them alone."""
     ids = list(job_ids)
     if ids:
-        session.execute(update(Job).where(Job.job_id.in_(ids)).values(sent_at=func.now()))
-
-
-def unsent_jobs(session: Session, older_than: timedelta, limit: int = 1000) -> list[NewJob]:
-    """Queued jobs never handed to the broker (a crash between commit and send)."""
-    rows = session.execute(
-        select(Job.job_id, Job.listing_id, Job.model_id, Job.run_id)
-        .where(Job.status == "queued", Job.sent_at.is_(None))
-        .where(Job.created_at < func.now() - older_than)
-        .order_by(Job.created_at)
-        .limit(limit)
-    ).all()
-    return [NewJob(*row) for row in rows]
+        session.execute(
+            update(Job).where(Job.job_id.in_(ids)).values(sent_at=func.now(), updated_at=func.now())
+        )
 
 
 def claim(
@@ -82,7 +75,13 @@ def claim(
     claimed = session.execute(
         update(Job)
         .where(Job.job_id == job_id, Job.status.in_(ACTIVE), Job.attempts < max_attempts)
-        .values(status="running", attempts=Job.attempts + 1, started_at=func.now(), worker=worker)
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            started_at=func.now(),
+            updated_at=func.now(),
+            worker=worker,
+        )
         .returning(Job.listing_id, Job.model_id, Job.attempts)
     ).first()
     if claimed is None:
@@ -96,18 +95,76 @@ def claim(
 
 def _why_unclaimable(session: Session, job_id: uuid.UUID) -> Unclaimable:
     row = session.execute(
-        select(Job.status, Job.listing_id, Job.model_id, Job.error).where(Job.job_id == job_id)
+        select(Job.status, Job.listing_id, Job.model_id, Job.error, Job.attempts).where(
+            Job.job_id == job_id
+        )
     ).first()
     if row is None:
         return Unclaimable("missing")
-    status, listing_id, model_id, error = row
+    status, listing_id, model_id, error, attempts = row
     reason = "exhausted" if status in ACTIVE else "finished"
-    return Unclaimable(reason, listing_id, model_id, error)
+    return Unclaimable(reason, listing_id, model_id, error, attempts)
 
 
-def note_retry(session: Session, job_id: uuid.UUID, error: str) -> None:
-    """A transient failure: the job goes back to queued with the error kept for the record."""
-    session.execute(update(Job).where(Job.job_id == job_id).values(status="queued", error=error))
+def finish(
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    attempt: int,
+    status: str,
+    error: str | None,
+    batch_size: int | None,
+) -> bool:
+    """Set the job's final state if `attempt` still holds it; False means another attempt (or
+    an earlier finish) owns the job and this attempt must write nothing."""
+    finished = session.execute(
+        update(Job)
+        .where(Job.job_id == job_id, Job.status.in_(ACTIVE), Job.attempts == attempt)
+        .values(
+            status=status,
+            error=error,
+            batch_size=batch_size,
+            finished_at=func.now(),
+            updated_at=func.now(),
+        )
+        .returning(Job.job_id)
+    ).first()
+    return finished is not None
+
+
+def note_retry(session: Session, job_id: uuid.UUID, attempt: int, error: str) -> None:
+    """A transient failure: back to queued, the error kept, and not yet known to be in the
+    broker (`sent_at` NULL) until the retry message is published."""
+    session.execute(
+        update(Job)
+        .where(Job.job_id == job_id, Job.attempts == attempt)
+        .values(status="queued", error=error, sent_at=None, updated_at=func.now())
+    )
+
+
+def jobs_to_resend(
+    session: Session, model_id: str, *, unsent_for: timedelta, stuck_for: timedelta, limit: int
+) -> list[NewJob]:
+    """Jobs no broker message will bring back: never sent (or a failed retry publish) for
+    `unsent_for`, or `running` for longer than any delivery could take (`stuck_for`, well past
+    the visibility timeout, after which the broker itself would have redelivered). Locked rows
+    are skipped, so two reconcilers never take the same job."""
+    rows = session.execute(
+        select(Job.job_id, Job.listing_id, Job.model_id, Job.run_id)
+        .where(Job.model_id == model_id)
+        .where(
+            or_(
+                (Job.status == "queued")
+                & Job.sent_at.is_(None)
+                & (Job.updated_at < func.now() - unsent_for),
+                (Job.status == "running") & (Job.updated_at < func.now() - stuck_for),
+            )
+        )
+        .order_by(Job.updated_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    return [NewJob(*row) for row in rows]
 
 
 def status_counts(session: Session, job_ids: Sequence[uuid.UUID]) -> Counter[str]:

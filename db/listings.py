@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
@@ -49,5 +50,22 @@ def get_listing(session: Session, listing_id: str) -> ListingRecord | None:
     if row is None:
         return None
     return ListingRecord(
-        row.listing_id, row.title, row.description, row.category, list(row.image_urls)
+        row.listing_id,
+        row.title,
+        row.description,
+        row.category,
+        list(row.image_urls),
+        row.updated_at,
     )
+
+
+def is_superseded(session: Session, listing_id: str, analysed: datetime | None) -> bool:
+    """True when the listing changed after the version that was analysed.
+
+    Locks the listing's row until commit, so writers of one listing's rows take turns and a
+    result from an older version never lands after one from a newer version.
+    """
+    current = session.scalar(
+        select(Listing.updated_at).where(Listing.listing_id == listing_id).with_for_update()
+    )
+    return analysed is not None and current is not None and current > analysed

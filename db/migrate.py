@@ -26,6 +26,8 @@ def upgrade(engine: Engine) -> None:
     config = _config()
     with engine.begin() as connection:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        # Migrations may rewrite big tables: no statement limit here.
+        connection.execute(text("SET LOCAL statement_timeout = 0"))
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 
@@ -48,13 +49,19 @@ class ResultRecord:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """Everything one finished job writes, in one transaction."""
+    """Everything one finished job writes, in one transaction.
+
+    `attempt` fences the write: only the attempt that holds the job may finish it.
+    `listing_updated_at` is the listing version analysed: an older one never replaces a newer.
+    """
 
     job_id: uuid.UUID
     listing_id: str
     model_id: str
     job_status: str  # "succeeded", "failed" or "dead"
     result: ResultRecord
+    attempt: int
+    listing_updated_at: datetime | None
     images: list[ListingImageRecord] = field(default_factory=list)
     new_embeddings: dict[str, list[float]] = field(default_factory=dict)
     batch_size: int | None = None
@@ -69,6 +76,7 @@ class ListingRecord:
     description: str | None
     category: str | None
     image_urls: list[str]
+    updated_at: datetime | None = None  # set when read back from the database
 
     @property
     def text(self) -> str:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.records import JobOutcome, ListingImageRecord
-from db.schema import Embedding, Image, Job, ListingImage, Result
+from db import jobs
+from db.embeddings import insert_embeddings
+from db.images import insert_image_facts, write_listing_images
+from db.listings import is_superseded
+from db.records import JobOutcome
+from db.schema import Result
 
 POLL_COLUMNS = (
     "listing_id",
@@ -30,85 +34,51 @@ POLL_COLUMNS = (
 )
 
 
-def record_outcome(session: Session, outcome: JobOutcome) -> None:
-    """Write a finished job: images, embeddings, the job's state and, last, its result row.
+def record_outcome(session: Session, outcome: JobOutcome) -> bool:
+    """Write a finished job: its state, images, embeddings and, last, its result row.
 
-    Every write is an upsert, so a redelivered job writes the same rows again, never twice.
-    The result row goes last because writing it takes the change_seq lock until commit.
+    Returns False, writing nothing, when the attempt no longer holds the job (a redelivery
+    finished it or took it over). Every write is an upsert, so a repeated write changes nothing.
+    A job that analysed an older version of its listing finishes without touching the listing's
+    rows. The result row goes last because writing it takes the change_seq lock until commit.
     """
-    _write_images(session, outcome.listing_id, outcome.images)
-    _write_embeddings(session, outcome.model_id, outcome.new_embeddings)
-    session.execute(
-        update(Job)
-        .where(Job.job_id == outcome.job_id)
-        .values(
-            status=outcome.job_status,
-            error=outcome.result.error,
-            finished_at=func.now(),
-            batch_size=outcome.batch_size,
-        )
+    owned = jobs.finish(
+        session,
+        outcome.job_id,
+        attempt=outcome.attempt,
+        status=outcome.job_status,
+        error=outcome.result.error,
+        batch_size=outcome.batch_size,
     )
+    if not owned:
+        return False
+    # By content: valid whatever happened to the listing since.
+    insert_image_facts(session, outcome.images)
+    insert_embeddings(session, outcome.model_id, outcome.new_embeddings)
+    if is_superseded(session, outcome.listing_id, outcome.listing_updated_at):
+        return True  # the newer version's job writes the listing's images and result
+    write_listing_images(session, outcome.listing_id, outcome.images)
     values = {
         **asdict(outcome.result),
         "listing_id": outcome.listing_id,
         "model_id": outcome.model_id,
         "job_id": outcome.job_id,
+        "listing_updated_at": outcome.listing_updated_at,
         "analyzed_at": func.now(),
     }
     statement = insert(Result).values(values)
     changes = {k: statement.excluded[k] for k in values if k not in ("listing_id", "model_id")}
+    newer_or_same = or_(
+        Result.listing_updated_at.is_(None),
+        statement.excluded.listing_updated_at.is_(None),
+        Result.listing_updated_at <= statement.excluded.listing_updated_at,
+    )
     session.execute(
         statement.on_conflict_do_update(
-            index_elements=[Result.listing_id, Result.model_id], set_=changes
+            index_elements=[Result.listing_id, Result.model_id], set_=changes, where=newer_or_same
         )
     )
-
-
-def _write_images(session: Session, listing_id: str, images: list[ListingImageRecord]) -> None:
-    if not images:
-        return
-    facts = {image.facts.sha256: image.facts for image in images if image.facts is not None}
-    if facts:
-        session.execute(
-            insert(Image).values([asdict(f) for f in facts.values()]).on_conflict_do_nothing()
-        )
-    statement = insert(ListingImage).values(
-        [
-            {
-                "listing_id": listing_id,
-                "position": image.position,
-                "url": image.url,
-                "sha256": image.facts.sha256 if image.facts else None,
-                "error": image.error,
-                "checked_at": func.now(),
-            }
-            for image in images
-        ]
-    )
-    excluded = statement.excluded
-    session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[ListingImage.listing_id, ListingImage.position],
-            set_={
-                "url": excluded.url,
-                "sha256": excluded.sha256,
-                "error": excluded.error,
-                "checked_at": excluded.checked_at,
-            },
-        )
-    )
-    session.execute(
-        delete(ListingImage).where(
-            ListingImage.listing_id == listing_id, ListingImage.position >= len(images)
-        )
-    )
-
-
-def _write_embeddings(session: Session, model_id: str, embeddings: dict[str, list[float]]) -> None:
-    if not embeddings:
-        return
-    rows = [{"sha256": sha, "model_id": model_id, "embedding": v} for sha, v in embeddings.items()]
-    session.execute(insert(Embedding).values(rows).on_conflict_do_nothing())
+    return True
 
 
 def poll_results(

@@ -127,6 +127,8 @@ class Result(Base):
     images_total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     images_failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    # The listing version this result was computed from (fencing: older never wins).
+    listing_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     change_seq: Mapped[int] = mapped_column(BigInteger)
     analyzed_at: Mapped[datetime] = _now()
     __table_args__ = (
@@ -176,10 +178,12 @@ class Job(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now()
     __table_args__ = (
         CheckConstraint(
             "status IN ('queued', 'running', 'succeeded', 'failed', 'dead')", name="jobs_status"
         ),
+        Index("jobs_unsent", "model_id", "updated_at", postgresql_where=text("sent_at IS NULL")),
         Index("jobs_listing", "listing_id"),
         Index("jobs_status_created", "status", "created_at"),
         Index("jobs_run", "run_id"),

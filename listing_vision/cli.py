@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from sqlalchemy import Engine
 
-from listing_vision.embedded import EmbeddedError
+from listing_vision.embedded import EmbeddedError, ServerUrls
 from listing_vision.servers import connected
 from listing_vision.settings import Settings, SettingsError, load_settings
 from worker.models.registry import RegistryError
@@ -43,15 +43,27 @@ def _settings(*, service: bool = False) -> Settings:
     return settings
 
 
-def _engine(database_url: str | None, *, migrate: bool) -> Engine:
+def _migrated_engine(database_url: str | None) -> Engine:
+    """An engine on a database brought up to date first."""
     from db.engine import make_engine
-    from db.migrate import is_current, upgrade
+    from db.migrate import upgrade
 
     assert database_url is not None
     engine = make_engine(database_url)
-    if migrate:
-        upgrade(engine)
-    elif not is_current(engine):
+    upgrade(engine)
+    return engine
+
+
+def _ready_engine(settings: Settings, urls: ServerUrls) -> Engine:
+    """An engine on a current schema: the embedded database is migrated on the fly (no set-up);
+    a configured one must have been migrated by `listing-vision migrate`."""
+    from db.engine import make_engine
+    from db.migrate import is_current
+
+    if settings.database_url is None:
+        return _migrated_engine(urls.database_url)
+    engine = make_engine(settings.database_url)
+    if not is_current(engine):
         raise SettingsError("the database schema is not up to date: run `listing-vision migrate`")
     return engine
 
@@ -61,21 +73,21 @@ def migrate() -> None:
     """Bring the database schema up to date (Alembic)."""
     settings = _settings()
     with connected(settings, broker=False) as urls:
-        _engine(urls.database_url, migrate=True).dispose()
+        _migrated_engine(urls.database_url).dispose()
     console.print("database schema is up to date")
 
 
 @app.command()
 def worker(
     model: Annotated[str | None, typer.Option(help="model id (default: the active model)")] = None,
-    gpu: Annotated[int | None, typer.Option(help="pin to this GPU index")] = None,
+    gpu: Annotated[str | None, typer.Option(help="pin to this GPU (index or UUID)")] = None,
 ) -> None:
     """Run one Celery worker holding one model warm (pinned to GPU N with --gpu N)."""
     if gpu is not None:  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     settings = _settings(service=True)
     with connected(settings) as urls:
-        engine = _engine(urls.database_url, migrate=settings.database_url is None)
+        engine = _ready_engine(settings, urls)
         model_id = model or _active_model(engine, settings)
         engine.dispose()
         from worker.main import run_worker
@@ -96,7 +108,7 @@ def enqueue(
 
     settings = _settings()
     with connected(settings) as urls:
-        _engine(urls.database_url, migrate=settings.database_url is None).dispose()
+        _ready_engine(settings, urls).dispose()
         code = enqueue_file(settings, urls, file, model=model, wait=wait, timeout=timeout)
     raise typer.Exit(code)
 
@@ -117,7 +129,7 @@ def results(
         raise SettingsError("--format must be table or jsonl")
     settings = _settings()
     with connected(settings, broker=False) as urls:
-        engine = _engine(urls.database_url, migrate=settings.database_url is None)
+        engine = _ready_engine(settings, urls)
         with make_sessions(engine)() as session:
             rows = poll_results(session, since=since, limit=limit, model_id=model)
         engine.dispose()
@@ -136,7 +148,7 @@ def list_models() -> None:
     settings = _settings()
     registry = load_registry(settings.models_file)
     with connected(settings, broker=False) as urls:
-        engine = _engine(urls.database_url, migrate=settings.database_url is None)
+        engine = _ready_engine(settings, urls)
         active = _active_model(engine, settings)
         engine.dispose()
     print_models_table(console, registry.values(), active)
@@ -159,7 +171,7 @@ def similar(
         raise SettingsError("--format must be table or jsonl")
     settings = _settings()
     with connected(settings, broker=False) as urls:
-        engine = _engine(urls.database_url, migrate=settings.database_url is None)
+        engine = _ready_engine(settings, urls)
         model_id = model or _active_model(engine, settings)
         with make_sessions(engine)() as session:
             dim = embed_dim(session, model_id)
@@ -185,7 +197,7 @@ def demo(
 
     settings = _settings()
     with connected(settings) as urls:
-        _engine(urls.database_url, migrate=settings.database_url is None).dispose()
+        _ready_engine(settings, urls).dispose()
         try:
             code = run_demo(
                 settings, urls, model, count=listings, seed=seed, timeout=timeout,
@@ -243,7 +255,7 @@ def up() -> None:
 
     settings = _settings(service=True)
     with connected(settings) as urls:
-        engine = _engine(urls.database_url, migrate=True)
+        engine = _migrated_engine(urls.database_url)
         model_id = _active_model(engine, settings)
         engine.dispose()
         raise typer.Exit(run_stack(settings, urls, model_id))

@@ -62,7 +62,7 @@ class EmbeddedServers:
         with self._locked() as state:
             database_url = _ensure_postgres(self.home, state) if self.postgres else None
             broker_url = _ensure_valkey(self.home, state) if self.valkey else None
-            state["handles"] = sorted({*_live(state.get("handles", [])), os.getpid()})
+            state["handles"] = [*_live(state.get("handles", [])), _identity(os.getpid())]
         self._registered = True
         self._local_users[self.home] = self._local_users.get(self.home, 0) + 1
         return ServerUrls(database_url, broker_url)
@@ -76,7 +76,7 @@ class EmbeddedServers:
         if self._local_users[self.home] > 0:
             return
         with self._locked() as state:
-            others = [pid for pid in _live(state.get("handles", [])) if pid != os.getpid()]
+            others = [h for h in _live(state.get("handles", [])) if h[0] != os.getpid()]
             state["handles"] = others
             if not others:
                 _stop_valkey(state)
@@ -89,8 +89,7 @@ class EmbeddedServers:
             state = _read_json(self._state_path)
             yield state
             tmp = self._state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=2))
-            tmp.chmod(0o600)  # holds the broker password
+            _write_private(tmp, json.dumps(state, indent=2))  # holds the broker password
             tmp.replace(self._state_path)
 
 
@@ -99,8 +98,30 @@ def _quiet_platformdirs() -> None:
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 
-def _live(pids: list[int]) -> list[int]:
-    return [pid for pid in pids if psutil.pid_exists(pid)]
+Handle = list[float]  # [pid, process start time]: a pid alone may be reused by another process
+
+
+def _identity(pid: int) -> Handle:
+    return [pid, psutil.Process(pid).create_time()]
+
+
+def _is_same_process(pid: int, started: float) -> bool:
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 0.01
+    except psutil.Error:
+        return False
+
+
+def _live(handles: list[Any]) -> list[Handle]:
+    """The registered users that are still the same running processes."""
+    return [h for h in handles if isinstance(h, list) and _is_same_process(int(h[0]), h[1])]
+
+
+def _write_private(path: Path, content: str) -> None:
+    """Create or replace a file readable by its owner only, from the first byte."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(content)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -148,7 +169,7 @@ def _ensure_valkey(home: Path, state: dict[str, Any]) -> str:
 
 
 def _valkey_alive(known: dict[str, Any]) -> bool:
-    if not psutil.pid_exists(known.get("pid", -1)):
+    if not _is_same_process(known.get("pid", -1), known.get("started", -1.0)):
         return False
     try:
         _ping(known["port"], known["password"])
@@ -164,7 +185,8 @@ def _start_valkey(data_dir: Path) -> dict[str, Any]:
     port = _free_port()
     password = secrets.token_hex(16)
     config = data_dir / "valkey.conf"
-    config.write_text(
+    _write_private(
+        config,
         "\n".join(
             [
                 "bind 127.0.0.1",
@@ -180,9 +202,8 @@ def _start_valkey(data_dir: Path) -> dict[str, Any]:
                 'save ""',
             ]
         )
-        + "\n"
+        + "\n",
     )
-    config.chmod(0o600)
     # Own session: Ctrl-C in the terminal must not kill the broker before the workers stop.
     process = subprocess.Popen(
         [str(get_binary_path()), str(config)],
@@ -194,6 +215,7 @@ def _start_valkey(data_dir: Path) -> dict[str, Any]:
     _wait_for_valkey(process, port, password, data_dir / "valkey.log")
     return {
         "pid": process.pid,
+        "started": psutil.Process(process.pid).create_time(),
         "port": port,
         "password": password,
         "url": f"redis://:{password}@127.0.0.1:{port}/0",
@@ -231,7 +253,7 @@ def _ping(port: int, password: str) -> None:
 
 def _stop_valkey(state: dict[str, Any]) -> None:
     known = state.pop("valkey", None)
-    if not known or not psutil.pid_exists(known["pid"]):
+    if not known or not _is_same_process(known["pid"], known.get("started", -1.0)):
         return
     with contextlib.suppress(psutil.NoSuchProcess):
         process = psutil.Process(known["pid"])

@@ -32,7 +32,9 @@ def enqueue_file(
     wait: bool,
     timeout: float | None,
 ) -> int:
-    """Queue a file's events; the exit status is SPEC.md's: 2 refused, 1 failed, else 0."""
+    """Queue a file's events (the valid ones, even when others are refused); with `wait`, wait
+    for them. The exit status is SPEC.md's: 2 if any line was refused, else 1 if any job ended
+    failed or dead (or did not finish), else 0."""
     assert urls.database_url and urls.broker_url
     with Producer(settings, urls.database_url, urls.broker_url) as producer:
         spec = producer.resolve_model(model)
@@ -48,12 +50,11 @@ def enqueue_file(
             f"queued {len(report.job_ids)} listing(s) for model {spec.model_id} "
             f"(queue {spec.queue}); refused {len(report.refused)}"
         )
-        if report.refused:
-            return 2
         if not wait or not report.job_ids:
-            return 0
+            return 2 if report.refused else 0
         counts = wait_with_bar(producer, report, timeout)
-    return _report_outcome(counts, len(report.job_ids))
+    outcome = _report_outcome(counts, len(report.job_ids))
+    return 2 if report.refused else outcome
 
 
 def _open(path: str) -> IO[str] | nullcontext[IO[str]]:

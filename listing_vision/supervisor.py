@@ -24,11 +24,15 @@ from listing_vision.settings import Settings
 log = logging.getLogger(__name__)
 RESTART_LIMIT = 5  # deaths within RESTART_WINDOW before giving up
 RESTART_WINDOW = 300.0
+# Longer than a worker's soft shutdown (at most 60 s, worker/app.py) plus its requeueing.
+WORKER_STOP_TIMEOUT = 90.0
 _PR_SET_PDEATHSIG = 1
 
 
 @dataclass
 class Child:
+    """One supervised process: how to start it, and whether to start it again when it dies."""
+
     name: str
     argv: list[str]
     env: dict[str, str]
@@ -38,15 +42,20 @@ class Child:
     deaths: list[float] = field(default_factory=list)
 
     def start(self) -> None:
+        """Start (or restart) the process; its output goes to `log_path` or to ours."""
         output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
-        self.process = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=output,
-            stderr=subprocess.STDOUT if output else None,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        try:
+            self.process = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=output,
+                stderr=subprocess.STDOUT if output else None,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            if output is not None:
+                output.close()  # the child has its own copy
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
 
@@ -67,24 +76,24 @@ def child_env(settings: Settings, urls: ServerUrls, **extra: str) -> dict[str, s
 
 def worker_children(settings: Settings, urls: ServerUrls, model_id: str) -> list[Child]:
     """One worker per visible GPU, or one CPU worker."""
-    gpus = _gpu_count()
     base = [sys.executable, "-m", "listing_vision", "worker", "--model", model_id]
-    if gpus == 0:
+    gpus = visible_gpus()
+    if not gpus:
         return [Child("worker", base, child_env(settings, urls))]
     return [
-        Child(f"worker-gpu{i}", [*base, "--gpu", str(i)], child_env(settings, urls))
-        for i in range(gpus)
+        Child(f"worker-gpu{gpu}", [*base, "--gpu", gpu], child_env(settings, urls)) for gpu in gpus
     ]
 
 
 def flower_child(settings: Settings, urls: ServerUrls) -> Child:
-    """Flower on 127.0.0.1; with LV_FLOWER_USER/PASSWORD set it also asks for them."""
-    extra = {}
+    """Flower on 127.0.0.1; with LV_FLOWER_USER/PASSWORD set it also asks for them. Secrets
+    (the broker password, the Flower password) travel in the environment, never in `ps`."""
+    extra = {"CELERY_BROKER_URL": urls.broker_url or ""}
     if settings.flower_user and settings.flower_password:
         password = settings.flower_password.get_secret_value()
         extra["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
     argv = [
-        sys.executable, "-m", "celery", f"--broker={urls.broker_url}", "flower",
+        sys.executable, "-m", "celery", "flower",
         "--address=127.0.0.1", f"--port={settings.flower_port}", "--max_tasks=10000",
     ]  # fmt: skip
     logs = settings.home.expanduser() / "logs"
@@ -99,7 +108,10 @@ def run_stack(settings: Settings, urls: ServerUrls, model_id: str) -> int:
 
 
 def supervise(children: list[Child], banner: str = "", until: float | None = None) -> int:
-    """Run `children` until a signal (0), `until` passes (0) or one keeps crashing (1)."""
+    """Run `children` until a signal (0), `until` passes (0) or one keeps crashing (1).
+
+    They stop in the order given: workers before Flower, so jobs finish or return first.
+    """
     stopping = _StopFlag()
     for child in children:
         child.start()
@@ -115,7 +127,8 @@ def supervise(children: list[Child], banner: str = "", until: float | None = Non
                 break
             time.sleep(0.5)
     finally:
-        stop_children(children, timeout=60.0)
+        for child in children:  # in order, each given its warm shutdown
+            stop_children([child], timeout=WORKER_STOP_TIMEOUT)
         stopping.restore()
     return status
 
@@ -169,16 +182,20 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _gpu_count() -> int:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return 0
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as `--gpu` values: CUDA_VISIBLE_DEVICES when set (a
+    subset, or none when empty), else every GPU nvidia-smi lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
     try:
         output = subprocess.run(
             ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in output.splitlines() if line.startswith("GPU "))
+        return []
+    gpus = [line for line in output.splitlines() if line.startswith("GPU ")]
+    return [str(index) for index in range(len(gpus))]
 
 
 def _banner(settings: Settings, model_id: str) -> str:

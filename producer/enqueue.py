@@ -18,7 +18,7 @@ from db.jobs import NewJob
 from db.schema import TERMINAL_JOB_STATES
 from listing_vision.settings import Settings
 from producer.events import ListingEvent, Refusal, parse_event
-from worker.app import ANALYZE_TASK, make_celery
+from worker.app import make_celery, send_analysis_tasks
 from worker.models.registry import ModelSpec, get_spec, load_registry
 
 Progress = Callable[[Counter[str]], None]
@@ -43,8 +43,10 @@ class Producer:
         self.engine = make_engine(database_url, application_name="listing-vision-producer")
         self.sessions: sessionmaker[Session] = make_sessions(self.engine)
         self.celery: Celery = make_celery(settings, broker_url)
+        self._recorded_models: set[str] = set()
 
     def close(self) -> None:
+        """Release the database connections."""
         self.engine.dispose()
 
     def __enter__(self) -> Producer:
@@ -75,16 +77,18 @@ class Producer:
                 latest[parsed.listing_id] = parsed  # the last event for a listing wins
         new_jobs = [NewJob(uuid.uuid4(), listing_id, spec.model_id) for listing_id in latest]
         with self.sessions.begin() as session:
-            models.ensure_model(
-                session,
-                spec.model_id,
-                backend=spec.backend,
-                name=spec.name,
-                pretrained=spec.pretrained,
-                threshold=spec.threshold,
-            )
+            if spec.model_id not in self._recorded_models:  # once per producer: no row lock
+                models.ensure_model(
+                    session,
+                    spec.model_id,
+                    backend=spec.backend,
+                    name=spec.name,
+                    pretrained=spec.pretrained,
+                    threshold=spec.threshold,
+                )
             listings.upsert_listings(session, [event.to_record() for event in latest.values()])
             jobs.create_jobs(session, new_jobs)
+        self._recorded_models.add(spec.model_id)
         # Sent only after the commit: a worker never receives a job it cannot find.
         self.send(new_jobs, spec)
         report.job_ids = [job.job_id for job in new_jobs]
@@ -95,15 +99,7 @@ class Producer:
         """Hand committed jobs to the broker on the model's queue; the task id is the job id."""
         if not new_jobs:
             return
-        with self.celery.producer_or_acquire() as connection:
-            for job in new_jobs:
-                self.celery.send_task(
-                    ANALYZE_TASK,
-                    kwargs={"job_id": str(job.job_id), "listing_id": job.listing_id},
-                    queue=spec.queue,
-                    task_id=str(job.job_id),
-                    producer=connection,
-                )
+        send_analysis_tasks(self.celery, new_jobs, spec.queue)
         with self.sessions.begin() as session:
             jobs.mark_sent(session, [job.job_id for job in new_jobs])
 

@@ -76,9 +76,13 @@ def check_urls(event: ListingEvent, file_roots: tuple[Path, ...]) -> str | None:
 def _url_problem(url: str, file_roots: tuple[Path, ...]) -> str | None:
     if len(url) > MAX_URL_LENGTH:
         return f"URL longer than {MAX_URL_LENGTH} characters"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as error:  # e.g. an unclosed IPv6 bracket
+        return f"malformed URL ({error})"
     if parts.scheme in ("http", "https"):
-        return None if parts.hostname else f"URL has no host: {url!r}"
+        return None if host else f"URL has no host: {url!r}"
     if parts.scheme != "file":
         return f"URL scheme {parts.scheme or 'missing'!r} is not allowed (http, https or file)"
     try:

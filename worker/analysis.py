@@ -14,12 +14,7 @@ from worker.categories import CategoryIndex
 from worker.fetch import FetchPolicy
 from worker.images import FailedImage, PreparedImage, fetch_images, prepare_images
 from worker.inference import EmbedRequest, InferenceService
-from worker.scoring import (
-    TOP_CATEGORIES,
-    category_mismatch,
-    image_text_similarity,
-    rank_categories,
-)
+from worker.scoring import TOP_CATEGORIES, category_mismatch, image_text_similarity
 
 LookupCached = Callable[[Sequence[str]], dict[str, CachedImage]]
 _MAX_ERROR = 500
@@ -108,8 +103,11 @@ class ListingAnalyzer:
             return ListingAnalysis(result, records, new_embeddings, embedded.batch_units)
         similarities = image_text_similarity(vectors, embedded.text_embeddings[0], info)
         best = int(torch.argmax(similarities))
-        labels, label_vectors = self.categories.with_claim(listing.category)
-        ranked = rank_categories(vectors[best], label_vectors, labels, info.logit_scale)
+        ranked = self.categories.rank(vectors[best], info.logit_scale)
+        mismatch = category_mismatch(
+            self.categories.rank_with_claim(vectors[best], info.logit_scale, listing.category),
+            listing.category,
+        )
         similarity = float(similarities[best])
         result = ResultRecord(
             status="ok",
@@ -118,7 +116,7 @@ class ListingAnalyzer:
             is_match=None if self.threshold is None else similarity >= self.threshold,
             top_category=ranked[0].label,
             categories=[{"label": c.label, "score": c.score} for c in ranked[:TOP_CATEGORIES]],
-            category_mismatch=category_mismatch(ranked, listing.category),
+            category_mismatch=mismatch,
             best_image=usable[best].position,
             images_total=total,
             images_failed=failures,

@@ -5,17 +5,15 @@ Importing this module does not import torch, so the producer and Flower can use 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from celery import Celery
 
+from db.jobs import NewJob
 from listing_vision.settings import Settings
 
 ANALYZE_TASK = "lv.analyze"
 STATS_COMMAND = "lv_stats"  # remote control: `celery inspect lv_stats` / app.control.broadcast
-
-
-def queue_name(model_id: str) -> str:
-    """One queue per model, so a worker only receives jobs for the model it holds."""
-    return f"lv.{model_id}"
 
 
 def make_celery(settings: Settings, broker_url: str) -> Celery:
@@ -50,3 +48,19 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         worker_enable_soft_shutdown_on_idle=True,
     )
     return app
+
+
+def send_analysis_tasks(app: Celery, jobs: Sequence[NewJob], queue: str) -> None:
+    """Publish one analysis task per job on the model's queue; the task id is the job id, and
+    the message carries only ids (the listing itself is read from the database)."""
+    if not jobs:
+        return
+    with app.producer_or_acquire() as connection:
+        for job in jobs:
+            app.send_task(
+                ANALYZE_TASK,
+                kwargs={"job_id": str(job.job_id), "listing_id": job.listing_id},
+                queue=queue,
+                task_id=str(job.job_id),
+                producer=connection,
+            )

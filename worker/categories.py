@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from worker.scoring import CategoryScore, normalise_label, rank_categories
+
 DEFAULT_CATEGORIES: tuple[str, ...] = (
     "handbag", "backpack", "wallet", "suitcase", "sunglasses", "wristwatch", "necklace",
     "ring", "earrings", "t-shirt", "shirt", "dress", "jeans", "jacket", "coat", "sweater",
@@ -34,11 +36,6 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 EmbedTexts = Callable[[list[str]], torch.Tensor]
 
 
-def normalise_label(label: str) -> str:
-    """Compare categories case- and space-insensitively ("Car  Tyre" is "car tyre")."""
-    return " ".join(label.lower().split())
-
-
 def read_categories(path: Path | None) -> tuple[str, ...]:
     """The deployment's list (one label per line, `#` comments) or the default list."""
     if path is None:
@@ -54,8 +51,9 @@ def read_categories(path: Path | None) -> tuple[str, ...]:
 
 
 class CategoryIndex:
-    """Category text embeddings computed once at worker start; seller claims outside the list
-    are embedded on first sight and cached, so every claim can be judged."""
+    """Category text embeddings computed once at worker start. The top categories come from the
+    list alone; a seller's claim outside the list is embedded on first sight (and cached) and
+    ranked among the list only to judge that claim."""
 
     def __init__(
         self,
@@ -69,6 +67,17 @@ class CategoryIndex:
         self._lock = threading.Lock()
         self.embeddings = self._embed_labels(self.labels)
         self._extra: dict[str, torch.Tensor] = {}
+
+    def rank(self, image_embedding: torch.Tensor, logit_scale: float) -> list[CategoryScore]:
+        """The list's labels by zero-shot probability for one image, best first."""
+        return rank_categories(image_embedding, self.embeddings, self.labels, logit_scale)
+
+    def rank_with_claim(
+        self, image_embedding: torch.Tensor, logit_scale: float, claimed: str | None
+    ) -> list[CategoryScore]:
+        """The ranking a claim is judged by: the list's, plus the claim when it is not listed."""
+        labels, embeddings = self.with_claim(claimed)
+        return rank_categories(image_embedding, embeddings, labels, logit_scale)
 
     def with_claim(self, claimed: str | None) -> tuple[tuple[str, ...], torch.Tensor]:
         """Labels and embeddings to rank for one listing: the list, plus its claim if new."""

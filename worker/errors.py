@@ -21,3 +21,9 @@ class ImageRejected(ListingError):
 
 class TransientError(Exception):
     """A failure worth retrying later; after `LV_MAX_ATTEMPTS` the job is dead."""
+
+
+def one_line(error: BaseException, limit: int = 500) -> str:
+    """An exception as one readable line for a `failed` row or a log (no traceback, bounded)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:limit]

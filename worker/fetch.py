@@ -376,6 +376,8 @@ def _redirect_target(response: httpx.Response, url: httpx.URL) -> httpx.URL:
         raise FetchError(
             f"redirect to {_shown(location)} refused (only http and https may be redirected to)"
         )
+    if url.scheme == "https" and target.scheme == "http":
+        raise FetchError(f"redirect from https to plain http ({_shown(location)}) refused")
     if not target.raw_host:
         raise FetchError(f"redirect to {_shown(location)} has no host")
     return target.copy_with(fragment=None)
@@ -501,10 +503,11 @@ def _too_large(max_bytes: int) -> str:
 
 
 def _size(n: int) -> str:
-    if n >= 1 << 20:
-        return f"{round(n / (1 << 20), 1):g} MB"
-    if n >= 1 << 10:
-        return f"{round(n / (1 << 10), 1):g} KB"
+    """Decimal units, as LV_MAX_IMAGE_BYTES is documented (20000000 is "20 MB")."""
+    if n >= 1_000_000:
+        return f"{round(n / 1_000_000, 1):g} MB"
+    if n >= 1_000:
+        return f"{round(n / 1_000, 1):g} KB"
     return f"{n} bytes"
 
 

@@ -6,6 +6,8 @@ is re-raised after all fetches finish, so the whole job is retried later.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -16,13 +18,20 @@ from PIL import Image
 from db.embeddings import CachedImage
 from db.records import ImageFacts
 from worker.decode import decode_image, sha256_hex
-from worker.errors import ListingError, TransientError
+from worker.errors import ListingError, TransientError, one_line
 from worker.fetch import FetchPolicy, fetch_image
 from worker.quality import measure_quality
 
+# Decoded pixels are big (a 40 Mpx photo is 120 MB as RGB, and a few copies are made): however
+# many task threads wait, only this many images are decoded at once. More would not be faster
+# on the cores a worker has, only larger.
+_DECODE_SLOTS = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
+
 
 @dataclass(frozen=True)
-class FetchedImage:
+class FetchOutcome:
+    """One URL of a listing after fetching: its bytes and their SHA-256, or an error."""
+
     position: int
     url: str
     data: bytes | None = None
@@ -43,6 +52,8 @@ class PreparedImage:
 
 @dataclass(frozen=True)
 class FailedImage:
+    """An image that cannot be used, with its one-line reason."""
+
     position: int
     url: str
     error: str
@@ -50,27 +61,27 @@ class FailedImage:
 
 def fetch_images(
     urls: Sequence[str], policy: FetchPolicy, executor: Executor
-) -> list[FetchedImage]:
+) -> list[FetchOutcome]:
     """Fetch every URL at once; failures become per-image errors, transient ones are raised."""
     results = list(executor.map(lambda item: _fetch_one(item[0], item[1], policy), enumerate(urls)))
     transient = [r for r in results if isinstance(r, TransientError)]
     if transient:
         raise transient[0]
-    return [r for r in results if isinstance(r, FetchedImage)]
+    return [r for r in results if isinstance(r, FetchOutcome)]
 
 
-def _fetch_one(position: int, url: str, policy: FetchPolicy) -> FetchedImage | TransientError:
+def _fetch_one(position: int, url: str, policy: FetchPolicy) -> FetchOutcome | TransientError:
     try:
         fetched = fetch_image(url, policy)
     except ListingError as error:
-        return FetchedImage(position, url, error=str(error))
+        return FetchOutcome(position, url, error=str(error))
     except TransientError as error:
         return error
-    return FetchedImage(position, url, fetched.data, sha256_hex(fetched.data))
+    return FetchOutcome(position, url, fetched.data, sha256_hex(fetched.data))
 
 
 def prepare_images(
-    fetched: Sequence[FetchedImage],
+    fetched: Sequence[FetchOutcome],
     cached: dict[str, CachedImage],
     *,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -80,26 +91,41 @@ def prepare_images(
 ) -> list[PreparedImage | FailedImage]:
     """Decode, measure and preprocess what the model has not embedded yet, in position order."""
 
-    def prepare(image: FetchedImage) -> PreparedImage | FailedImage:
+    def prepare(image: FetchOutcome) -> PreparedImage | FailedImage:
         if image.data is None or image.sha256 is None:
             return FailedImage(image.position, image.url, image.error or "not fetched")
         known = cached.get(image.sha256)
         if known is not None:
             return PreparedImage(image.position, image.url, known.facts, None, known.embedding)
         try:
-            decoded = decode_image(image.data, max_pixels=max_pixels, draft_size=draft_size)
+            with _DECODE_SLOTS:
+                return _decode_and_prepare(image, image.data, preprocess, max_pixels, draft_size)
         except ListingError as error:
             return FailedImage(image.position, image.url, str(error))
-        quality = measure_quality(decoded.pixels)
-        facts = ImageFacts(
-            decoded.sha256,
-            decoded.width,
-            decoded.height,
-            decoded.format,
-            decoded.bytes,
-            quality.blur,
-            quality.brightness,
-        )
-        return PreparedImage(image.position, image.url, facts, preprocess(decoded.pixels))
+        except Exception as error:  # a decoder or transform bug on odd input: this image only
+            return FailedImage(
+                image.position, image.url, f"could not prepare image: {one_line(error)}"
+            )
 
     return list(executor.map(prepare, fetched))
+
+
+def _decode_and_prepare(
+    image: FetchOutcome,
+    data: bytes,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    max_pixels: int,
+    draft_size: int,
+) -> PreparedImage:
+    decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+    quality = measure_quality(decoded.pixels)
+    facts = ImageFacts(
+        decoded.sha256,
+        decoded.width,
+        decoded.height,
+        decoded.format,
+        decoded.bytes,
+        quality.blur,
+        quality.brightness,
+    )
+    return PreparedImage(image.position, image.url, facts, preprocess(decoded.pixels))

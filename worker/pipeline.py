@@ -9,16 +9,17 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import jobs, results
+from db import jobs, listings, results
 from db.jobs import ClaimedJob, Unclaimable
 from db.records import JobOutcome, ResultRecord
 from worker.analysis import ListingAnalysis, ListingAnalyzer
-from worker.errors import ListingError, TransientError
+from worker.errors import ListingError, TransientError, one_line
 from worker.retries import backoff_seconds
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class JobReport:
 
 @dataclass
 class JobRunner:
+    """Runs deliveries of jobs against the database and the warm analyzer."""
+
     sessions: sessionmaker[Session]
     analyzer: ListingAnalyzer
     model_id: str
@@ -42,12 +45,20 @@ class JobRunner:
     retry_backoff: float
 
     def run(self, job_id: uuid.UUID) -> JobReport:
-        """Run one delivery of `job_id`; database outages become retries, not lost jobs."""
+        """Run one delivery of `job_id`. Database trouble (an outage, a lock or pool timeout)
+        and anything unforeseen become a retry, never an acknowledged, forgotten job."""
         try:
             return self._run(job_id)
-        except DBAPIError as error:
-            log.warning("job %s: database unavailable, will retry: %s", job_id, _line(error))
-            return JobReport(retry_in=backoff_seconds(2, self.retry_backoff))
+        except SQLAlchemyError as error:
+            log.warning("job %s: database trouble, will retry: %s", job_id, one_line(error))
+        except Exception:
+            log.exception("job %s: unexpected error outside the analysis, will retry", job_id)
+        return JobReport(retry_in=backoff_seconds(2, self.retry_backoff))
+
+    def mark_resent(self, job_id: uuid.UUID) -> None:
+        """The retry message is in the broker again (the reconciler skips the job)."""
+        with self.sessions.begin() as session:
+            jobs.mark_sent(session, [job_id])
 
     def _run(self, job_id: uuid.UUID) -> JobReport:
         with self.sessions.begin() as session:
@@ -59,25 +70,29 @@ class JobRunner:
         try:
             analysis = self.analyzer.analyze(claim.listing)
         except ListingError as error:
-            analysis = ListingAnalysis(ResultRecord("failed", _line(error)), [])
+            analysis = ListingAnalysis(ResultRecord("failed", one_line(error)), [])
         except Exception as error:  # transient, or a bug: retried, then dead, never silent
             return self._after_transient(claim, error)
         status = "succeeded" if analysis.result.status == "ok" else "failed"
-        self._record(claim.job_id, claim.listing.listing_id, status, analysis)
-        return JobReport(_summary(claim.listing.listing_id, analysis.result))
+        listing = claim.listing
+        self._record(claim.job_id, listing.listing_id, claim.attempt, listing.updated_at, status,
+                     analysis)  # fmt: skip
+        return JobReport(_summary(listing.listing_id, analysis.result))
 
     def _after_transient(self, claim: ClaimedJob, error: Exception) -> JobReport:
-        message = _line(error)
+        message = one_line(error)
         if not isinstance(error, TransientError):
             log.exception("job %s: unexpected error", claim.job_id)
             message = f"internal error: {type(error).__name__}: {message}"
+        listing = claim.listing
         if claim.attempt >= self.max_attempts:
             reason = f"gave up after {claim.attempt} attempts: {message}"
             analysis = ListingAnalysis(ResultRecord("failed", reason), [])
-            self._record(claim.job_id, claim.listing.listing_id, "dead", analysis)
-            return JobReport(_summary(claim.listing.listing_id, analysis.result))
+            self._record(claim.job_id, listing.listing_id, claim.attempt, listing.updated_at,
+                         "dead", analysis)  # fmt: skip
+            return JobReport(_summary(listing.listing_id, analysis.result))
         with self.sessions.begin() as session:
-            jobs.note_retry(session, claim.job_id, message)
+            jobs.note_retry(session, claim.job_id, claim.attempt, message)
         delay = backoff_seconds(claim.attempt, self.retry_backoff)
         log.info("job %s: attempt %d failed (%s); retry in %.1fs", claim.job_id, claim.attempt,
                  message, delay)  # fmt: skip
@@ -89,13 +104,22 @@ class JobRunner:
             return JobReport({"skipped": why.reason})
         # Its attempts ran out while it was running: the worker died mid-job every time.
         last = why.last_error or "the worker stopped during every attempt"
-        reason = f"gave up after {self.max_attempts} attempts: {last}"
+        reason = f"gave up after {why.attempts} attempts: {last}"
+        with self.sessions() as session:
+            listing = listings.get_listing(session, why.listing_id)
+        version = listing.updated_at if listing else None
         analysis = ListingAnalysis(ResultRecord("failed", reason), [])
-        self._record(job_id, why.listing_id, "dead", analysis)
+        self._record(job_id, why.listing_id, why.attempts, version, "dead", analysis)
         return JobReport(_summary(why.listing_id, analysis.result))
 
     def _record(
-        self, job_id: uuid.UUID, listing_id: str, status: str, analysis: ListingAnalysis
+        self,
+        job_id: uuid.UUID,
+        listing_id: str,
+        attempt: int,
+        version: datetime | None,
+        status: str,
+        analysis: ListingAnalysis,
     ) -> None:
         outcome = JobOutcome(
             job_id=job_id,
@@ -103,12 +127,17 @@ class JobRunner:
             model_id=self.model_id,
             job_status=status,
             result=analysis.result,
+            attempt=attempt,
+            listing_updated_at=version,
             images=analysis.images,
             new_embeddings=analysis.new_embeddings,
             batch_size=analysis.batch_size,
         )
         with self.sessions.begin() as session:
-            results.record_outcome(session, outcome)
+            written = results.record_outcome(session, outcome)
+        if not written:
+            log.info("job %s attempt %d: another attempt owns the job; nothing written",
+                     job_id, attempt)  # fmt: skip
 
 
 def _summary(listing_id: str, result: ResultRecord) -> dict[str, Any]:
@@ -120,8 +149,3 @@ def _summary(listing_id: str, result: ResultRecord) -> dict[str, Any]:
         summary["is_match"] = result.is_match
         summary["top_category"] = result.top_category
     return summary
-
-
-def _line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:500]

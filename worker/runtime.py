@@ -1,13 +1,14 @@
-"""Everything one worker process keeps warm: the model, its batcher, categories, connections."""
+"""Everything one worker process keeps warm: the model, its batcher, categories, connections,
+and the background threads that watch over them (stall watchdog, reconciler)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from db import embeddings, models
 from db.embeddings import CachedImage
@@ -21,20 +22,28 @@ from worker.models.base import ModelBackend
 from worker.models.loading import create_backend
 from worker.models.registry import ModelSpec
 from worker.pipeline import JobRunner
+from worker.reconciler import Reconciler, SendJobs
+from worker.watchdog import start_stall_watchdog
 
 log = logging.getLogger(__name__)
-STALL_EXIT_CODE = 70
+RECONCILE_EVERY = 30.0  # seconds
+UNSENT_GRACE = timedelta(seconds=60)  # a job may sit unsent this long (the producer's send)
 
 
 @dataclass
 class WorkerRuntime:
+    """The warm state of one worker process; `close` stops its threads."""
+
     spec: ModelSpec
     backend: ModelBackend
     service: InferenceService
     runner: JobRunner
     executor: ThreadPoolExecutor
+    stops: list[threading.Event] = field(default_factory=list)
 
     def close(self) -> None:
+        for stop in self.stops:
+            stop.set()
         self.service.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -52,14 +61,20 @@ def worker_concurrency(settings: Settings, spec: ModelSpec) -> int:
 
 
 def start_runtime(
-    settings: Settings, spec: ModelSpec, database_url: str, worker_name: str
+    settings: Settings, spec: ModelSpec, database_url: str, worker_name: str, send: SendJobs
 ) -> WorkerRuntime:
     """Load the model once, warm it, register it, and build the job runner around it."""
     backend = create_backend(spec)
     info = backend.load()
     log.info("loaded %s on %s (%s): %s", spec.model_id, backend.device, backend.dtype, info)
     concurrency = worker_concurrency(settings, spec)
-    engine = make_engine(database_url, pool_size=min(concurrency, 16), application_name=worker_name)
+    # Many task threads share a few connections, each briefly; waiting for one is bounded.
+    engine = make_engine(
+        database_url,
+        pool_size=min(concurrency, 16),
+        pool_timeout=float(settings.task_time_limit),
+        application_name=worker_name,
+    )
     sessions = make_sessions(engine)
     with sessions.begin() as session:
         models.ensure_model(
@@ -71,6 +86,7 @@ def start_runtime(
             threshold=spec.threshold,
         )
         models.record_loaded(session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring)
+    with sessions.begin() as session:
         embeddings.ensure_hnsw_index(session, spec.model_id, info.embed_dim)
     max_size, max_wait = batch_limits(settings, spec)
     service = InferenceService(backend, max_size=max_size, max_wait_s=max_wait)
@@ -102,30 +118,26 @@ def start_runtime(
         max_attempts=settings.max_attempts,
         retry_backoff=settings.retry_backoff,
     )
-    _start_stall_watchdog(service, float(settings.task_time_limit))
-    return WorkerRuntime(spec, backend, service, runner, executor)
+    reconciler = Reconciler(
+        sessions,
+        send,
+        spec.model_id,
+        unsent_for=UNSENT_GRACE,
+        # Far past the broker's own redelivery (visibility timeout) of a dead worker's jobs.
+        stuck_for=timedelta(seconds=2 * settings.visibility_timeout + settings.task_time_limit),
+    )
+    stops = [
+        start_stall_watchdog(service.batcher.busy_for, float(settings.task_time_limit)),
+        reconciler.start(RECONCILE_EVERY),
+    ]
+    return WorkerRuntime(spec, backend, service, runner, executor, stops)
 
 
 def fetch_policy(settings: Settings) -> FetchPolicy:
+    """The fetch rules the settings ask for (size, deadline, private networks, file roots)."""
     return FetchPolicy(
         max_bytes=settings.max_image_bytes,
         timeout=settings.fetch_timeout,
         allowed_private_networks=settings.allowed_private_networks,
         file_roots=settings.file_roots,
     )
-
-
-def _start_stall_watchdog(service: InferenceService, limit: float) -> None:
-    """A model call stuck past the time limit cannot be interrupted from Python: exit, so the
-    unacknowledged jobs are delivered again and a supervisor starts a fresh process."""
-
-    def watch() -> None:
-        while not stop.wait(min(5.0, limit / 4)):
-            stuck = service.batcher.busy_for()
-            if stuck > limit:
-                log.critical("model call stuck for %.0fs (limit %.0fs): exiting", stuck, limit)
-                logging.shutdown()
-                os._exit(STALL_EXIT_CODE)
-
-    stop = threading.Event()
-    threading.Thread(target=watch, name="stall-watchdog", daemon=True).start()

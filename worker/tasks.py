@@ -18,10 +18,15 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
 
     @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, max_retries=None)
     def analyze(self: Task, job_id: str, listing_id: str | None = None) -> dict[str, Any]:
-        report = runtime.runner.run(uuid.UUID(job_id))
-        if report.retry_in is not None:
-            raise self.retry(countdown=report.retry_in, max_retries=None)
-        return report.summary
+        job = uuid.UUID(job_id)
+        report = runtime.runner.run(job)
+        if report.retry_in is None:
+            return report.summary
+        # Publish the retry first; if that fails Celery rejects the message and the job stays
+        # "not in the broker" for the reconciler. Only a published retry is marked as sent.
+        retry = self.retry(countdown=report.retry_in, max_retries=None, throw=False)
+        runtime.runner.mark_resent(job)
+        raise retry
 
     @inspect_command(name=STATS_COMMAND)
     def lv_stats(state: Any) -> dict[str, Any]:

@@ -421,3 +421,8 @@ def test_parse_lines_checks_file_urls_against_the_roots(root: Path) -> None:
 
     assert [e.listing_id for e in events] == ["in"]
     assert [(r.line, r.listing_id) for r in refusals] == [(2, "out")]
+
+
+def test_a_malformed_url_is_refused_not_a_crash() -> None:
+    refusal = refused(event(image_urls=["http://[::1/a.jpg"]))
+    assert refusal.message.startswith("image_urls.0: malformed URL")

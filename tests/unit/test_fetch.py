@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.unit.fetch_servers import (
@@ -442,7 +443,7 @@ def test_long_urls_are_cut_in_messages() -> None:
 
 def test_oversize_body_with_honest_content_length_is_refused(server: Running) -> None:
     message = refusal(f"{server.base_url}/big", policy())
-    assert f"image is larger than the 1000 bytes limit (Content-Length {OVERSIZE} bytes)" in message
+    assert f"image is larger than the 1 KB limit (Content-Length {OVERSIZE} bytes)" in message
 
 
 @pytest.mark.parametrize("route", ["big-chunked", "big-close-delimited"])
@@ -451,7 +452,7 @@ def test_oversize_body_without_content_length_stops_at_the_limit(
 ) -> None:
     started = time.monotonic()
     message = refusal(f"{server.base_url}/{route}", policy())
-    assert message.endswith("image is larger than the 1000 bytes limit")
+    assert message.endswith("image is larger than the 1 KB limit")
     assert time.monotonic() - started < 2  # the server would stream 4 MB if we kept reading
 
 
@@ -540,7 +541,7 @@ def test_file_urls_are_refused_without_roots(files: dict[str, Path]) -> None:
 
 def test_oversize_file_is_refused(files: dict[str, Path]) -> None:
     message = refusal(f"file://{files['root']}/huge.jpg", file_policy(files["root"]))
-    assert message.endswith("image is larger than the 1000 bytes limit")
+    assert message.endswith("image is larger than the 1 KB limit")
 
 
 @pytest.mark.parametrize(
@@ -627,3 +628,18 @@ def test_metadata_address_is_refused_end_to_end_in_a_network_namespace(tmp_path:
     assert "refused: image URL http://169.254.169.254/latest/meta-data" in done.stdout
     assert "link-local address" in done.stdout
     assert done.stdout.rstrip().endswith("ok")
+
+
+def test_redirect_from_https_to_plain_http_is_refused() -> None:
+    request = httpx.Request("GET", "https://images.example.com/a.jpg")
+    response = httpx.Response(302, headers={"location": "http://images.example.com/a.jpg"},
+                              request=request)  # fmt: skip
+    with pytest.raises(FetchError, match="https to plain http"):
+        fetch._redirect_target(response, request.url)
+
+
+def test_redirect_from_http_to_https_is_followed() -> None:
+    request = httpx.Request("GET", "http://images.example.com/a.jpg")
+    response = httpx.Response(301, headers={"location": "https://images.example.com/a.jpg"},
+                              request=request)  # fmt: skip
+    assert str(fetch._redirect_target(response, request.url)) == "https://images.example.com/a.jpg"

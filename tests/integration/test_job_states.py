@@ -1,0 +1,148 @@
+"""Job bookkeeping against the real database: attempts, fencing, superseded listings, and the
+reconciler that re-sends jobs whose broker message was lost."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from db import jobs, listings, models, results
+from db.engine import make_sessions
+from db.jobs import ClaimedJob, NewJob, Unclaimable
+from db.records import JobOutcome, ListingRecord, ResultRecord
+from tests.integration.conftest import Stack, query
+from worker.app import make_celery, send_analysis_tasks
+from worker.reconciler import Reconciler
+
+pytestmark = pytest.mark.slow
+MODEL = "states-model"
+
+
+@pytest.fixture
+def sessions(stack: Stack):  # type: ignore[no-untyped-def]
+    factory = make_sessions(stack.engine)
+    with factory.begin() as session:
+        models.ensure_model(session, MODEL, backend="open_clip", name="x", pretrained=None,
+                            threshold=0.5)  # fmt: skip
+    return factory
+
+
+def new_job(sessions, title: str = "a title") -> tuple[uuid.UUID, str]:  # type: ignore[no-untyped-def]
+    listing_id = f"st-{uuid.uuid4().hex[:10]}"
+    job_id = uuid.uuid4()
+    with sessions.begin() as session:
+        listings.upsert_listings(
+            session, [ListingRecord(listing_id, title, None, None, ["http://x/a.jpg"])]
+        )
+        jobs.create_jobs(session, [NewJob(job_id, listing_id, MODEL)])
+    return job_id, listing_id
+
+
+def claim(sessions, job_id: uuid.UUID, max_attempts: int = 3) -> ClaimedJob | Unclaimable:  # type: ignore[no-untyped-def]
+    with sessions.begin() as session:
+        return jobs.claim(session, job_id, worker="test", max_attempts=max_attempts)
+
+
+def outcome(claimed: ClaimedJob, similarity: float) -> JobOutcome:
+    return JobOutcome(
+        job_id=claimed.job_id,
+        listing_id=claimed.listing.listing_id,
+        model_id=MODEL,
+        job_status="succeeded",
+        result=ResultRecord("ok", similarity=similarity, is_match=True),
+        attempt=claimed.attempt,
+        listing_updated_at=claimed.listing.updated_at,
+    )
+
+
+def record(sessions, item: JobOutcome) -> bool:  # type: ignore[no-untyped-def]
+    with sessions.begin() as session:
+        return results.record_outcome(session, item)
+
+
+def test_attempts_are_capped_and_an_exhausted_job_cannot_be_claimed(sessions) -> None:  # type: ignore[no-untyped-def]
+    job_id, _ = new_job(sessions)
+    attempts = [claim(sessions, job_id, max_attempts=2) for _ in range(3)]
+    assert [getattr(a, "attempt", None) for a in attempts[:2]] == [1, 2]
+    assert isinstance(attempts[2], Unclaimable) and attempts[2].reason == "exhausted"
+    assert attempts[2].attempts == 2
+
+
+def test_a_stale_attempt_writes_nothing_once_a_redelivery_holds_the_job(
+    stack: Stack, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    job_id, listing_id = new_job(sessions)
+    first = claim(sessions, job_id)
+    second = claim(sessions, job_id)  # redelivered while the first still runs
+    assert isinstance(first, ClaimedJob) and isinstance(second, ClaimedJob)
+    assert record(sessions, outcome(first, 0.1)) is False
+    assert query(stack, "SELECT * FROM results WHERE listing_id = :l", l=listing_id) == []
+    assert record(sessions, outcome(second, 0.2)) is True
+    row = query(stack, "SELECT similarity FROM results WHERE listing_id = :l", l=listing_id)
+    assert row == [{"similarity": 0.2}]
+    assert record(sessions, outcome(second, 0.3)) is False  # finished: a duplicate changes nothing
+
+
+def test_a_job_that_analysed_an_older_listing_version_does_not_overwrite_the_newer(
+    stack: Stack, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    old_job, listing_id = new_job(sessions, "old title")
+    old = claim(sessions, old_job)
+    new_job_id = uuid.uuid4()
+    with sessions.begin() as session:  # the catalogue changes the listing meanwhile
+        listings.upsert_listings(
+            session, [ListingRecord(listing_id, "new title", None, None, ["http://x/b.jpg"])]
+        )
+        jobs.create_jobs(session, [NewJob(new_job_id, listing_id, MODEL)])
+    new = claim(sessions, new_job_id)
+    assert isinstance(old, ClaimedJob) and isinstance(new, ClaimedJob)
+    assert record(sessions, outcome(new, 0.9)) is True
+    assert record(sessions, outcome(old, 0.1)) is True  # the old job finishes...
+    rows = query(stack, "SELECT similarity FROM results WHERE listing_id = :l", l=listing_id)
+    assert rows == [{"similarity": 0.9}]  # ...but the newer version's result stands
+    states = query(stack, "SELECT status FROM jobs WHERE listing_id = :l", l=listing_id)
+    assert {s["status"] for s in states} == {"succeeded"}
+
+
+def _queued_messages(stack: Stack, queue: str) -> int:
+    return int(redis.Redis.from_url(stack.broker_url).llen(queue))
+
+
+def test_reconciler_resends_jobs_whose_message_was_never_sent_and_only_once(
+    stack: Stack, sessions, worker_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.integration.conftest import settings_from
+
+    app = make_celery(settings_from(worker_env), stack.broker_url)
+    queue = f"lv.{MODEL}"
+    redis.Redis.from_url(stack.broker_url).delete(queue)
+    lost, _ = new_job(sessions)  # committed, but the producer died before sending
+    stuck, _ = new_job(sessions)
+    claim(sessions, stuck)  # claimed by a worker that then vanished with its message
+    fresh, _ = new_job(sessions)  # just created: its producer is still sending it
+    with sessions.begin() as session:
+        session.execute(
+            text(
+                "UPDATE jobs SET updated_at = now() - interval '2 hours' WHERE job_id IN (:a, :b)"
+            ),
+            {"a": lost, "b": stuck},
+        )
+
+    def send(batch):  # type: ignore[no-untyped-def]
+        send_analysis_tasks(app, batch, queue)
+
+    reconciler = Reconciler(sessions, send, MODEL, unsent_for=timedelta(seconds=60),
+                            stuck_for=timedelta(hours=1))  # fmt: skip
+    assert reconciler.run_once() == 2
+    assert _queued_messages(stack, queue) == 2
+    assert reconciler.run_once() == 0  # marked sent: not again
+    sent = query(
+        stack,
+        "SELECT job_id FROM jobs WHERE job_id IN (:a, :b, :c) AND sent_at IS NOT NULL",
+        a=lost, b=stuck, c=fresh,
+    )  # fmt: skip
+    assert {r["job_id"] for r in sent} == {lost, stuck}
