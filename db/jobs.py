@@ -59,12 +59,22 @@ def create_jobs(session: Session, jobs: Sequence[NewJob]) -> None:
 
 
 def mark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
-    """Remember that the broker has these jobs, so the reconciler leaves them alone."""
-    ids = list(job_ids)
-    if ids:
-        session.execute(
-            update(Job).where(Job.job_id.in_(ids)).values(sent_at=func.now(), updated_at=func.now())
-        )
+    """Remember that the broker has these jobs, so the reconciler leaves them alone.
+
+    Rows are locked in job_id order, the order every multi-job writer uses (workers finish
+    their jobs in groups while the producer is still marking them sent): no deadlock.
+    """
+    ids = sorted(set(job_ids))
+    if not ids:
+        return
+    locked = (
+        select(Job.job_id).where(Job.job_id.in_(ids)).order_by(Job.job_id).with_for_update()
+    ).cte("locked")
+    session.execute(
+        update(Job)
+        .where(Job.job_id.in_(select(locked.c.job_id)))
+        .values(sent_at=func.now(), updated_at=func.now())
+    )
 
 
 def claim(

@@ -14,10 +14,14 @@ from db.schema import Listing
 
 
 def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None:
-    """Store the latest version of each listing (the last one wins within one call)."""
+    """Store the latest version of each listing (the last one wins within one call).
+
+    Rows go in listing_id order, the order workers lock listings in: no deadlock.
+    """
     latest = {listing.listing_id: listing for listing in listings}
     if not latest:
         return
+    ordered = [latest[listing_id] for listing_id in sorted(latest)]
     rows = [
         {
             "listing_id": listing.listing_id,
@@ -26,7 +30,7 @@ def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None
             "category": listing.category,
             "image_urls": listing.image_urls,
         }
-        for listing in latest.values()
+        for listing in ordered
     ]
     statement = insert(Listing).values(rows)
     excluded = statement.excluded

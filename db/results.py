@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -35,29 +36,53 @@ POLL_COLUMNS = (
 
 
 def record_outcome(session: Session, outcome: JobOutcome) -> bool:
-    """Write a finished job: its state, images, embeddings and, last, its result row.
+    """`record_outcomes` for one job."""
+    return record_outcomes(session, [outcome])[0]
 
-    Returns False, writing nothing, when the attempt no longer holds the job (a redelivery
-    finished it or took it over). Every write is an upsert, so a repeated write changes nothing.
-    A job that analysed an older version of its listing finishes without touching the listing's
-    rows. The result row goes last because writing it takes the change_seq lock until commit.
+
+def record_outcomes(session: Session, outcomes: Sequence[JobOutcome]) -> list[bool]:
+    """Write finished jobs: their state, images, embeddings and, last, their result rows.
+
+    For each job, False (and nothing written) when its attempt no longer holds the job (a
+    redelivery finished it or took it over). Every write is an upsert, so a repeated write
+    changes nothing. A job that analysed an older version of its listing finishes without
+    touching the listing's rows. Rows are taken in a fixed order (jobs, then content by SHA-256,
+    then listings by id) so concurrent writers cannot deadlock, and result rows go last because
+    writing them takes the change_seq lock until commit.
     """
-    owned = jobs.finish(
-        session,
-        outcome.job_id,
-        attempt=outcome.attempt,
-        status=outcome.job_status,
-        error=outcome.result.error,
-        batch_size=outcome.batch_size,
-    )
-    if not owned:
-        return False
-    # By content: valid whatever happened to the listing since.
-    insert_image_facts(session, outcome.images)
-    insert_embeddings(session, outcome.model_id, outcome.new_embeddings)
-    if is_superseded(session, outcome.listing_id, outcome.listing_updated_at):
-        return True  # the newer version's job writes the listing's images and result
-    write_listing_images(session, outcome.listing_id, outcome.images)
+    owned = {
+        outcome.job_id: jobs.finish(
+            session,
+            outcome.job_id,
+            attempt=outcome.attempt,
+            status=outcome.job_status,
+            error=outcome.result.error,
+            batch_size=outcome.batch_size,
+        )
+        for outcome in sorted(outcomes, key=lambda o: o.job_id)
+    }
+    mine = [outcome for outcome in outcomes if owned[outcome.job_id]]
+    # By content: valid whatever happened to the listings since.
+    insert_image_facts(session, [image for outcome in mine for image in outcome.images])
+    for model_id in sorted({outcome.model_id for outcome in mine}):
+        vectors = {}
+        for outcome in mine:
+            if outcome.model_id == model_id:
+                vectors.update(outcome.new_embeddings)
+        insert_embeddings(session, model_id, vectors)
+    current = [
+        outcome
+        for outcome in sorted(mine, key=lambda o: o.listing_id)
+        if not is_superseded(session, outcome.listing_id, outcome.listing_updated_at)
+    ]
+    for outcome in current:
+        write_listing_images(session, outcome.listing_id, outcome.images)
+    for outcome in current:
+        _upsert_result(session, outcome)
+    return [owned[outcome.job_id] for outcome in outcomes]
+
+
+def _upsert_result(session: Session, outcome: JobOutcome) -> None:
     values = {
         **asdict(outcome.result),
         "listing_id": outcome.listing_id,
@@ -78,7 +103,6 @@ def record_outcome(session: Session, outcome: JobOutcome) -> bool:
             index_elements=[Result.listing_id, Result.model_id], set_=changes, where=newer_or_same
         )
     )
-    return True
 
 
 def poll_results(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -15,14 +16,16 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import jobs, listings, results
+from db import jobs, listings
 from db.jobs import ClaimedJob, Unclaimable
 from db.records import JobOutcome, ResultRecord
 from worker.analysis import ListingAnalysis, ListingAnalyzer
 from worker.errors import ListingError, TransientError, one_line
+from worker.outcomes import OutcomeWriter
 from worker.retries import backoff_seconds
 
 log = logging.getLogger(__name__)
+WRITE_TIMEOUT = 120.0  # seconds; statements and lock waits have their own, shorter limits
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class JobRunner:
 
     sessions: sessionmaker[Session]
     analyzer: ListingAnalyzer
+    writer: OutcomeWriter
     model_id: str
     worker_name: str
     max_attempts: int
@@ -49,7 +53,7 @@ class JobRunner:
         and anything unforeseen become a retry, never an acknowledged, forgotten job."""
         try:
             return self._run(job_id)
-        except SQLAlchemyError as error:
+        except (SQLAlchemyError, FutureTimeout) as error:
             log.warning("job %s: database trouble, will retry: %s", job_id, one_line(error))
         except Exception:
             log.exception("job %s: unexpected error outside the analysis, will retry", job_id)
@@ -133,9 +137,7 @@ class JobRunner:
             new_embeddings=analysis.new_embeddings,
             batch_size=analysis.batch_size,
         )
-        with self.sessions.begin() as session:
-            written = results.record_outcome(session, outcome)
-        if not written:
+        if not self.writer.write(outcome, timeout=WRITE_TIMEOUT):
             log.info("job %s attempt %d: another attempt owns the job; nothing written",
                      job_id, attempt)  # fmt: skip
 

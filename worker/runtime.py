@@ -21,6 +21,7 @@ from worker.inference import InferenceService
 from worker.models.base import ModelBackend
 from worker.models.loading import create_backend
 from worker.models.registry import ModelSpec
+from worker.outcomes import OutcomeWriter
 from worker.pipeline import JobRunner
 from worker.reconciler import Reconciler, SendJobs
 from worker.watchdog import start_stall_watchdog
@@ -45,6 +46,7 @@ class WorkerRuntime:
         for stop in self.stops:
             stop.set()
         self.service.close()
+        self.runner.writer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -110,9 +112,11 @@ def start_runtime(
         lookup_cached=lookup_cached,
         model_timeout=float(settings.task_time_limit),
     )
+    writer = OutcomeWriter(sessions)
     runner = JobRunner(
         sessions=sessions,
         analyzer=analyzer,
+        writer=writer,
         model_id=spec.model_id,
         worker_name=worker_name,
         max_attempts=settings.max_attempts,
