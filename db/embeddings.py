@@ -93,6 +93,8 @@ def ensure_hnsw_index(session: Session, model_id: str, dim: int) -> None:
 
 @dataclass(frozen=True)
 class Neighbour:
+    """A listing near the one asked about: cosine distance and the image that was nearest."""
+
     listing_id: str
     distance: float
     sha256: str

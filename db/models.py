@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -9,30 +11,31 @@ from sqlalchemy.orm import Session
 from db.schema import Model
 
 
-def ensure_model(
-    session: Session,
-    model_id: str,
-    *,
-    backend: str,
-    name: str,
-    pretrained: str | None,
-    threshold: float | None,
-) -> None:
+class RegistryEntry(Protocol):
+    """What `models` stores of a registry entry (`worker.models.registry.ModelSpec` is one)."""
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def pretrained(self) -> str | None: ...
+    @property
+    def threshold(self) -> float | None: ...
+
+
+def ensure_model(session: Session, entry: RegistryEntry) -> None:
     """Record a registry entry the first time a job or worker names it (keeps it up to date)."""
-    statement = insert(Model).values(
-        model_id=model_id, backend=backend, name=name, pretrained=pretrained, threshold=threshold
-    )
-    session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[Model.model_id],
-            set_={
-                "backend": backend,
-                "name": name,
-                "pretrained": pretrained,
-                "threshold": threshold,
-            },
-        )
-    )
+    values = {
+        "backend": entry.backend,
+        "name": entry.name,
+        "pretrained": entry.pretrained,
+        "threshold": entry.threshold,
+    }
+    statement = insert(Model).values(model_id=entry.model_id, **values)
+    session.execute(statement.on_conflict_do_update(index_elements=[Model.model_id], set_=values))
 
 
 def record_loaded(session: Session, model_id: str, *, embed_dim: int, scoring: str) -> None:

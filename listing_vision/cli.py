@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from listing_vision.embedded import EmbeddedError, ServerUrls
 from listing_vision.servers import connected
@@ -113,27 +117,39 @@ def enqueue(
     raise typer.Exit(code)
 
 
+class OutputFormat(StrEnum):
+    table = "table"
+    jsonl = "jsonl"
+
+
+@contextlib.contextmanager
+def _database(settings: Settings) -> Iterator[tuple[Engine, Session]]:
+    """A session on a current schema, for commands that only read the database."""
+    from db.engine import make_sessions
+
+    with connected(settings, broker=False) as urls:
+        engine = _ready_engine(settings, urls)
+        try:
+            with make_sessions(engine)() as session:
+                yield engine, session
+        finally:
+            engine.dispose()
+
+
 @app.command()
 def results(
     since: Annotated[int, typer.Option(help="only rows with change_seq above this")] = 0,
-    format: Annotated[str, typer.Option(help="table or jsonl")] = "table",
+    format: Annotated[OutputFormat, typer.Option(help="table or jsonl")] = OutputFormat.table,
     model: Annotated[str | None, typer.Option(help="only this model's rows")] = None,
     limit: Annotated[int, typer.Option(help="at most this many rows")] = 1000,
 ) -> None:
     """Print results as the catalogue polls them (change_seq > SINCE, oldest first)."""
-    from db.engine import make_sessions
     from db.results import poll_results
     from listing_vision.output import print_results_jsonl, print_results_table
 
-    if format not in ("table", "jsonl"):
-        raise SettingsError("--format must be table or jsonl")
-    settings = _settings()
-    with connected(settings, broker=False) as urls:
-        engine = _ready_engine(settings, urls)
-        with make_sessions(engine)() as session:
-            rows = poll_results(session, since=since, limit=limit, model_id=model)
-        engine.dispose()
-    if format == "jsonl":
+    with _database(_settings()) as (_, session):
+        rows = poll_results(session, since=since, limit=limit, model_id=model)
+    if format is OutputFormat.jsonl:
         print_results_jsonl(rows)
     else:
         print_results_table(console, rows)
@@ -147,10 +163,8 @@ def list_models() -> None:
 
     settings = _settings()
     registry = load_registry(settings.models_file)
-    with connected(settings, broker=False) as urls:
-        engine = _ready_engine(settings, urls)
+    with _database(settings) as (engine, _):
         active = _active_model(engine, settings)
-        engine.dispose()
     print_models_table(console, registry.values(), active)
 
 
@@ -159,27 +173,21 @@ def similar(
     listing_id: Annotated[str, typer.Argument(help="the listing to find neighbours of")],
     model: Annotated[str | None, typer.Option(help="model id (default: the active model)")] = None,
     k: Annotated[int, typer.Option("-k", help="how many listings")] = 10,
-    format: Annotated[str, typer.Option(help="table or jsonl")] = "table",
+    format: Annotated[OutputFormat, typer.Option(help="table or jsonl")] = OutputFormat.table,
 ) -> None:
     """The K listings whose images are nearest (cosine, pgvector HNSW), the listing left out."""
     from db.embeddings import neighbour_rows
-    from db.engine import make_sessions
     from db.models import embed_dim
     from listing_vision.output import print_neighbours
 
-    if format not in ("table", "jsonl"):
-        raise SettingsError("--format must be table or jsonl")
     settings = _settings()
-    with connected(settings, broker=False) as urls:
-        engine = _ready_engine(settings, urls)
+    with _database(settings) as (engine, session):
         model_id = model or _active_model(engine, settings)
-        with make_sessions(engine)() as session:
-            dim = embed_dim(session, model_id)
-            if dim is None:
-                raise SettingsError(f"model {model_id} has no embeddings yet (no worker ran it)")
-            rows = neighbour_rows(session, listing_id, model_id, dim, k)
-        engine.dispose()
-    print_neighbours(console, rows, format)
+        dim = embed_dim(session, model_id)
+        if dim is None:
+            raise SettingsError(f"model {model_id} has no embeddings yet (no worker ran it)")
+        rows = neighbour_rows(session, listing_id, model_id, dim, k)
+    print_neighbours(console, rows, format.value)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from worker.models.registry import ModelSpec
 
 
 def print_results_table(console: Console, rows: list[dict[str, Any]]) -> None:
+    """`listing_results` rows as a table (errors cut to one line)."""
     table = Table(show_lines=False)
     for column in ("seq", "listing", "model", "status", "sim.", "match", "category", "claim ok"):
         table.add_column(column, no_wrap=True)
@@ -33,11 +34,13 @@ def print_results_table(console: Console, rows: list[dict[str, Any]]) -> None:
 
 
 def print_results_jsonl(rows: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per row, as a program would read them."""
     for row in rows:
         print(json.dumps(row, default=str, ensure_ascii=False))
 
 
 def print_models_table(console: Console, specs: Iterable[ModelSpec], active: str) -> None:
+    """The registry, the active model marked."""
     table = Table()
     for column in ("", "id", "backend", "name", "pretrained", "threshold", "source"):
         table.add_column(column, overflow="fold")
@@ -64,6 +67,7 @@ def _flag(value: bool | None) -> str:
 
 
 def print_neighbours(console: Console, rows: list[dict[str, Any]], format: str) -> None:
+    """`similar`'s answer as a table or JSON lines."""
     if format == "jsonl":
         print_results_jsonl(rows)
         return

@@ -78,14 +78,7 @@ class Producer:
         new_jobs = [NewJob(uuid.uuid4(), listing_id, spec.model_id) for listing_id in latest]
         with self.sessions.begin() as session:
             if spec.model_id not in self._recorded_models:  # once per producer: no row lock
-                models.ensure_model(
-                    session,
-                    spec.model_id,
-                    backend=spec.backend,
-                    name=spec.name,
-                    pretrained=spec.pretrained,
-                    threshold=spec.threshold,
-                )
+                models.ensure_model(session, spec)
             listings.upsert_listings(session, [event.to_record() for event in latest.values()])
             jobs.create_jobs(session, new_jobs)
         self._recorded_models.add(spec.model_id)

@@ -42,6 +42,7 @@ class ListingEvent(BaseModel):
         return data
 
     def to_record(self) -> ListingRecord:
+        """The listing as `db/` stores it (empty optional texts become NULL)."""
         return ListingRecord(
             self.listing_id,
             self.title,

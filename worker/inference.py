@@ -30,6 +30,8 @@ class EmbedRequest:
 
 @dataclass(frozen=True)
 class EmbedResult:
+    """One request's rows of a batch's embeddings, and how big that batch was."""
+
     image_embeddings: torch.Tensor  # (len(pixels), dim)
     text_embeddings: torch.Tensor  # (len(texts), dim)
     batch_units: int  # images (or 1 for a text-only job) in the model batch that served it
@@ -75,6 +77,7 @@ class InferenceService:
         return self.embed(EmbedRequest(texts=tuple(texts)), timeout).text_embeddings
 
     def close(self) -> None:
+        """Stop the batcher thread after the batches already queued."""
         self.batcher.close()
 
     def _run_batch(self, requests: list[EmbedRequest]) -> list[EmbedResult]:

@@ -33,6 +33,7 @@ class OutcomeWriter:
         return self._batcher.submit(outcome).result(timeout=timeout)
 
     def close(self) -> None:
+        """Stop after the outcomes already queued are written."""
         self._batcher.close()
 
     def _write(self, outcomes: list[JobOutcome]) -> list[bool]:

@@ -79,14 +79,7 @@ def start_runtime(
     )
     sessions = make_sessions(engine)
     with sessions.begin() as session:
-        models.ensure_model(
-            session,
-            spec.model_id,
-            backend=spec.backend,
-            name=spec.name,
-            pretrained=spec.pretrained,
-            threshold=spec.threshold,
-        )
+        models.ensure_model(session, spec)
         models.record_loaded(session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring)
     with sessions.begin() as session:
         embeddings.ensure_hnsw_index(session, spec.model_id, info.embed_dim)

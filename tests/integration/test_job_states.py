@@ -16,6 +16,7 @@ from db.jobs import ClaimedJob, NewJob, Unclaimable
 from db.records import JobOutcome, ListingRecord, ResultRecord
 from tests.integration.conftest import Stack, query
 from worker.app import make_celery, send_analysis_tasks
+from worker.models.registry import ModelSpec
 from worker.reconciler import Reconciler
 
 pytestmark = pytest.mark.slow
@@ -26,8 +27,7 @@ MODEL = "states-model"
 def sessions(stack: Stack):  # type: ignore[no-untyped-def]
     factory = make_sessions(stack.engine)
     with factory.begin() as session:
-        models.ensure_model(session, MODEL, backend="open_clip", name="x", pretrained=None,
-                            threshold=0.5)  # fmt: skip
+        models.ensure_model(session, ModelSpec(MODEL, "open_clip", "x", threshold=0.5))
     return factory
 
 

@@ -10,7 +10,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,23 @@ class ModelInfo:
     logit_bias: float
     image_size: int
     context_length: int | None
+
+
+def image_text_info(
+    model: Any, *, embed_dim: int, image_size: int, context_length: int | None
+) -> ModelInfo:
+    """Facts of an image-text model: a `logit_bias` parameter makes it SigLIP-style (sigmoid
+    scoring), decided from the model itself, never from its name."""
+    bias = getattr(model, "logit_bias", None)
+    return ModelInfo(
+        embed_dim=embed_dim,
+        has_text=True,
+        scoring="sigmoid" if bias is not None else "cosine",
+        logit_scale=float(model.logit_scale.exp().item()),
+        logit_bias=float(bias.item()) if bias is not None else 0.0,
+        image_size=image_size,
+        context_length=context_length,
+    )
 
 
 class ModelBackend(ABC):

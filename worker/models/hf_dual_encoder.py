@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.models.base import ModelBackend, ModelInfo
+from worker.models.base import ModelBackend, ModelInfo, image_text_info
 from worker.models.hf_loading import load_pretrained, pooled
 
 
@@ -24,18 +24,13 @@ class _HfDualEncoder(ModelBackend):
         self.model: Any = load_pretrained(self.spec.name, self.dtype, self.device)
         self.processor: Any = AutoProcessor.from_pretrained(self.spec.name)
         self.context_length = int(self.model.config.text_config.max_position_embeddings)
-        bias = getattr(self.model, "logit_bias", None)
         crop = self.processor.image_processor.crop_size or self.processor.image_processor.size
         probe = torch.zeros(
             1, 3, crop["height"], crop["width"], device=self.device, dtype=self.dtype
         )
-        embed_dim = int(self._embed_images(probe).shape[-1])
-        return ModelInfo(
-            embed_dim=embed_dim,
-            has_text=True,
-            scoring="sigmoid" if bias is not None else "cosine",
-            logit_scale=float(self.model.logit_scale.exp().item()),
-            logit_bias=float(bias.item()) if bias is not None else 0.0,
+        return image_text_info(
+            self.model,
+            embed_dim=int(self._embed_images(probe).shape[-1]),
             image_size=int(crop["height"]),
             context_length=self.context_length,
         )

@@ -8,7 +8,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from worker.models.base import ModelBackend, ModelInfo
+from worker.models.base import ModelBackend, ModelInfo, image_text_info
 
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}
 
@@ -28,14 +28,9 @@ class OpenClipBackend(ModelBackend):
         self._tokenizer = open_clip.get_tokenizer(self.spec.name)
         image_size = _image_size(model)
         probe = torch.zeros(1, 3, image_size, image_size, device=self.device, dtype=self.dtype)
-        embed_dim = int(self.model.encode_image(probe).shape[-1])
-        bias = getattr(self.model, "logit_bias", None)
-        return ModelInfo(
-            embed_dim=embed_dim,
-            has_text=True,
-            scoring="sigmoid" if bias is not None else "cosine",
-            logit_scale=float(self.model.logit_scale.exp().item()),
-            logit_bias=float(bias.item()) if bias is not None else 0.0,
+        return image_text_info(
+            self.model,
+            embed_dim=int(self.model.encode_image(probe).shape[-1]),
             image_size=image_size,
             context_length=getattr(self._tokenizer, "context_length", None),
         )
