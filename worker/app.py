@@ -13,7 +13,7 @@ from db.jobs import NewJob
 from listing_vision.settings import Settings
 
 ANALYZE_TASK = "lv.analyze"
-STATS_COMMAND = "lv_stats"  # remote control: `celery inspect lv_stats` / app.control.broadcast
+STATS_COMMAND = "lv_stats"  # remote control: app.control.broadcast("lv_stats", reply=True)
 
 
 def make_celery(settings: Settings, broker_url: str) -> Celery:
