@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import func, or_, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -35,11 +36,6 @@ POLL_COLUMNS = (
 )
 
 
-def record_outcome(session: Session, outcome: JobOutcome) -> bool:
-    """`record_outcomes` for one job."""
-    return record_outcomes(session, [outcome])[0]
-
-
 def record_outcomes(session: Session, outcomes: Sequence[JobOutcome]) -> list[bool]:
     """Write finished jobs: their state, images, embeddings and, last, their result rows.
 
@@ -64,12 +60,11 @@ def record_outcomes(session: Session, outcomes: Sequence[JobOutcome]) -> list[bo
     mine = [outcome for outcome in outcomes if owned[outcome.job_id]]
     # By content: valid whatever happened to the listings since.
     insert_image_facts(session, [image for outcome in mine for image in outcome.images])
-    for model_id in sorted({outcome.model_id for outcome in mine}):
-        vectors = {}
-        for outcome in mine:
-            if outcome.model_id == model_id:
-                vectors.update(outcome.new_embeddings)
-        insert_embeddings(session, model_id, vectors)
+    vectors: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for outcome in mine:
+        vectors[outcome.model_id].update(outcome.new_embeddings)
+    for model_id in sorted(vectors):
+        insert_embeddings(session, model_id, vectors[model_id])
     current = [
         outcome
         for outcome in sorted(mine, key=lambda o: o.listing_id)
@@ -134,8 +129,3 @@ def result_for(session: Session, listing_id: str, model_id: str) -> dict[str, An
         .first()
     )
     return dict(row) if row else None
-
-
-def latest_change_seq(session: Session) -> int:
-    """The highest change_seq written so far (0 for an empty table)."""
-    return int(session.scalar(select(func.coalesce(func.max(Result.change_seq), 0))) or 0)

@@ -107,8 +107,8 @@ def run_stack(settings: Settings, urls: ServerUrls, model_id: str) -> int:
     return supervise(children, banner=_banner(settings, model_id))
 
 
-def supervise(children: list[Child], banner: str = "", until: float | None = None) -> int:
-    """Run `children` until a signal (0), `until` passes (0) or one keeps crashing (1).
+def supervise(children: list[Child], banner: str = "") -> int:
+    """Run `children` until a signal (0) or until one keeps crashing (1).
 
     They stop in the order given: workers before Flower, so jobs finish or return first.
     """
@@ -119,7 +119,7 @@ def supervise(children: list[Child], banner: str = "", until: float | None = Non
         print(banner, flush=True)
     status = 0
     try:
-        while not stopping.set and (until is None or time.monotonic() < until):
+        while not stopping.set:
             failed = _restart_dead(children)
             if failed:
                 log.error("%s keeps exiting; stopping the stack", failed.name)

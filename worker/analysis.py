@@ -14,7 +14,7 @@ from worker.categories import CategoryIndex
 from worker.fetch import FetchPolicy
 from worker.images import FailedImage, PreparedImage, fetch_images, prepare_images
 from worker.inference import EmbedRequest, InferenceService
-from worker.scoring import TOP_CATEGORIES, category_mismatch, image_text_similarity
+from worker.scoring import TOP_CATEGORIES, image_text_similarity
 
 LookupCached = Callable[[Sequence[str]], dict[str, CachedImage]]
 _MAX_ERROR = 500
@@ -104,9 +104,8 @@ class ListingAnalyzer:
         similarities = image_text_similarity(vectors, embedded.text_embeddings[0], info)
         best = int(torch.argmax(similarities))
         ranked = self.categories.rank(vectors[best], info.logit_scale)
-        mismatch = category_mismatch(
-            self.categories.rank_with_claim(vectors[best], info.logit_scale, listing.category),
-            listing.category,
+        mismatch = self.categories.claim_mismatch(
+            vectors[best], info.logit_scale, ranked, listing.category
         )
         similarity = float(similarities[best])
         result = ResultRecord(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from worker.scoring import CategoryScore, normalise_label, rank_categories
+from worker.scoring import CategoryScore, category_mismatch, normalise_label, rank_categories
 
 DEFAULT_CATEGORIES: tuple[str, ...] = (
     "handbag", "backpack", "wallet", "suitcase", "sunglasses", "wristwatch", "necklace",
@@ -72,12 +72,19 @@ class CategoryIndex:
         """The list's labels by zero-shot probability for one image, best first."""
         return rank_categories(image_embedding, self.embeddings, self.labels, logit_scale)
 
-    def rank_with_claim(
-        self, image_embedding: torch.Tensor, logit_scale: float, claimed: str | None
-    ) -> list[CategoryScore]:
-        """The ranking a claim is judged by: the list's, plus the claim when it is not listed."""
+    def claim_mismatch(
+        self,
+        image_embedding: torch.Tensor,
+        logit_scale: float,
+        ranked: list[CategoryScore],
+        claimed: str | None,
+    ) -> bool | None:
+        """Whether a seller's claim falls outside the top 3: judged on `ranked` (the list's
+        ranking) when the claim is listed, else on the list ranked together with the claim."""
         labels, embeddings = self.with_claim(claimed)
-        return rank_categories(image_embedding, embeddings, labels, logit_scale)
+        if labels is not self.labels:
+            ranked = rank_categories(image_embedding, embeddings, labels, logit_scale)
+        return category_mismatch(ranked, claimed)
 
     def with_claim(self, claimed: str | None) -> tuple[tuple[str, ...], torch.Tensor]:
         """Labels and embeddings to rank for one listing: the list, plus its claim if new."""

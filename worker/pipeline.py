@@ -60,9 +60,13 @@ class JobRunner:
         return JobReport(retry_in=backoff_seconds(2, self.retry_backoff))
 
     def mark_resent(self, job_id: uuid.UUID) -> None:
-        """The retry message is in the broker again (the reconciler skips the job)."""
-        with self.sessions.begin() as session:
-            jobs.mark_sent(session, [job_id])
+        """The retry message is in the broker again (the reconciler skips the job). Best effort:
+        with the database away, the reconciler may later send the job once more (harmless)."""
+        try:
+            with self.sessions.begin() as session:
+                jobs.mark_sent(session, [job_id])
+        except SQLAlchemyError as error:
+            log.warning("job %s: could not record the retry as sent: %s", job_id, one_line(error))
 
     def _run(self, job_id: uuid.UUID) -> JobReport:
         with self.sessions.begin() as session:

@@ -61,7 +61,7 @@ def outcome(claimed: ClaimedJob, similarity: float) -> JobOutcome:
 
 def record(sessions, item: JobOutcome) -> bool:  # type: ignore[no-untyped-def]
     with sessions.begin() as session:
-        return results.record_outcome(session, item)
+        return results.record_outcomes(session, [item])[0]
 
 
 def test_attempts_are_capped_and_an_exhausted_job_cannot_be_claimed(sessions) -> None:  # type: ignore[no-untyped-def]
