@@ -20,17 +20,17 @@ from typing import Any
 
 import torch
 
+from contract.broker import STATS_COMMAND
+from contract.registry import get_spec, load_registry
+from contract.settings import load_settings
 from db.engine import make_engine
 from db.migrate import upgrade
 from listing_vision.demo.catalogue import COLOURS, PRODUCTS, draw_product
 from listing_vision.embedded import EmbeddedServers, ServerUrls
-from listing_vision.settings import load_settings
 from listing_vision.supervisor import Child, child_env, stop_children
 from producer.enqueue import Producer
-from worker.app import STATS_COMMAND
+from worker.backends import create_backend
 from worker.main import worker_name
-from worker.models.loading import create_backend
-from worker.models.registry import get_spec, load_registry
 
 RESULTS = Path(__file__).with_name("results")
 REGISTRY = """
@@ -81,7 +81,6 @@ def bench_pipeline(
     )
     env = child_env(
         settings,
-        urls,
         LV_MODELS_FILE=str(models_file),
         LV_FILE_ROOTS=str(images[0].parent),
         LV_BATCH_MAX_SIZE=str(batch_max_size),
@@ -111,8 +110,7 @@ def bench_pipeline(
             {"listing_id": f"{run_id}-{i}", "title": f"listing {i}", "image_url": p.as_uri()}
             for i, p in enumerate(images)
         ]
-        assert urls.database_url and urls.broker_url
-        with Producer(settings, urls.database_url, urls.broker_url) as producer:
+        with Producer(settings) as producer:
             start = time.perf_counter()
             report = producer.enqueue(events, model=model_id)
             counts = producer.wait(report.job_ids, timeout=1800, poll_interval=0.1)

@@ -15,6 +15,7 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from db.locks import transaction_lock
 from db.records import ImageFacts
 from db.schema import Embedding, Image
 
@@ -78,9 +79,7 @@ def ensure_hnsw_index(session: Session, model_id: str, dim: int) -> None:
     index over an existing catalogue may take long: no statement limit here.
     """
     literal = model_id.replace("'", "''")
-    session.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": index_name(model_id)}
-    )
+    transaction_lock(session, index_name(model_id))
     session.execute(text("SET LOCAL statement_timeout = 0"))
     session.execute(
         text(

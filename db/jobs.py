@@ -154,13 +154,13 @@ def note_retry(session: Session, job_id: uuid.UUID, attempt: int, error: str) ->
 
 def jobs_to_resend(
     session: Session, model_id: str, *, unsent_for: timedelta, stuck_for: timedelta, limit: int
-) -> list[NewJob]:
+) -> list[uuid.UUID]:
     """Jobs no broker message will bring back: never sent (or a failed retry publish) for
     `unsent_for`, or `running` for longer than any delivery could take (`stuck_for`, well past
     the visibility timeout, after which the broker itself would have redelivered). Locked rows
     are skipped, so two reconcilers never take the same job."""
-    rows = session.execute(
-        select(Job.job_id, Job.listing_id, Job.model_id, Job.run_id)
+    rows = session.scalars(
+        select(Job.job_id)
         .where(Job.model_id == model_id)
         .where(
             or_(
@@ -174,7 +174,7 @@ def jobs_to_resend(
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
-    return [NewJob(*row) for row in rows]
+    return list(rows)
 
 
 def status_counts(session: Session, job_ids: Sequence[uuid.UUID]) -> Counter[str]:

@@ -23,9 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "dead")
 TERMINAL_JOB_STATES = ("succeeded", "failed", "dead")
-RUN_STATES = ("running", "succeeded", "failed", "cancelled")
 
 
 class Base(DeclarativeBase):

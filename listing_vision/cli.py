@@ -16,10 +16,11 @@ from rich.console import Console
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from listing_vision.embedded import EmbeddedError, ServerUrls
+from contract.registry import RegistryError
+from contract.settings import Settings, SettingsError, load_settings
+from db.registered_models import active_model_id
+from listing_vision.embedded import EmbeddedError
 from listing_vision.servers import connected
-from listing_vision.settings import Settings, SettingsError, load_settings
-from worker.models.registry import RegistryError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -47,26 +48,25 @@ def _settings(*, service: bool = False) -> Settings:
     return settings
 
 
-def _migrated_engine(database_url: str | None) -> Engine:
+def _migrated_engine(resolved: Settings) -> Engine:
     """An engine on a database brought up to date first."""
     from db.engine import make_engine
     from db.migrate import upgrade
 
-    assert database_url is not None
-    engine = make_engine(database_url)
+    engine = make_engine(resolved.require_database_url())
     upgrade(engine)
     return engine
 
 
-def _ready_engine(settings: Settings, urls: ServerUrls) -> Engine:
-    """An engine on a current schema: the embedded database is migrated on the fly (no set-up);
-    a configured one must have been migrated by `listing-vision migrate`."""
+def _ready_engine(settings: Settings, resolved: Settings) -> Engine:
+    """An engine on a current schema: the embedded database (`settings` name none) is migrated
+    on the fly, no set-up; a configured one must have been migrated by `listing-vision migrate`."""
     from db.engine import make_engine
     from db.migrate import is_current
 
     if settings.database_url is None:
-        return _migrated_engine(urls.database_url)
-    engine = make_engine(settings.database_url)
+        return _migrated_engine(resolved)
+    engine = make_engine(resolved.require_database_url())
     if not is_current(engine):
         raise SettingsError("the database schema is not up to date: run `listing-vision migrate`")
     return engine
@@ -76,8 +76,8 @@ def _ready_engine(settings: Settings, urls: ServerUrls) -> Engine:
 def migrate() -> None:
     """Bring the database schema up to date (Alembic)."""
     settings = _settings()
-    with connected(settings, broker=False) as urls:
-        _migrated_engine(urls.database_url).dispose()
+    with connected(settings, broker=False) as resolved:
+        _migrated_engine(resolved).dispose()
     console.print("database schema is up to date")
 
 
@@ -90,14 +90,13 @@ def worker(
     if gpu is not None:  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     settings = _settings(service=True)
-    with connected(settings) as urls:
-        engine = _ready_engine(settings, urls)
-        model_id = model or _active_model(engine, settings)
+    with connected(settings) as resolved:
+        engine = _ready_engine(settings, resolved)
+        model_id = model or active_model_id(engine, settings.model)
         engine.dispose()
         from worker.main import run_worker
 
-        assert urls.database_url and urls.broker_url
-        run_worker(settings, model_id, urls.database_url, urls.broker_url, gpu)
+        run_worker(resolved, model_id, gpu)
 
 
 @app.command()
@@ -111,9 +110,9 @@ def enqueue(
     from listing_vision.enqueue_command import enqueue_file
 
     settings = _settings()
-    with connected(settings) as urls:
-        _ready_engine(settings, urls).dispose()
-        code = enqueue_file(settings, urls, file, model=model, wait=wait, timeout=timeout)
+    with connected(settings) as resolved:
+        _ready_engine(settings, resolved).dispose()
+        code = enqueue_file(resolved, file, model=model, wait=wait, timeout=timeout)
     raise typer.Exit(code)
 
 
@@ -127,8 +126,8 @@ def _database(settings: Settings) -> Iterator[tuple[Engine, Session]]:
     """A session on a current schema, for commands that only read the database."""
     from db.engine import make_sessions
 
-    with connected(settings, broker=False) as urls:
-        engine = _ready_engine(settings, urls)
+    with connected(settings, broker=False) as resolved:
+        engine = _ready_engine(settings, resolved)
         try:
             with make_sessions(engine)() as session:
                 yield engine, session
@@ -158,13 +157,13 @@ def results(
 @app.command("models")
 def list_models() -> None:
     """List the model registry, marking the active model."""
+    from contract.registry import load_registry
     from listing_vision.output import print_models_table
-    from worker.models.registry import load_registry
 
     settings = _settings()
     registry = load_registry(settings.models_file)
     with _database(settings) as (engine, _):
-        active = _active_model(engine, settings)
+        active = active_model_id(engine, settings.model)
     print_models_table(console, registry.values(), active)
 
 
@@ -177,12 +176,12 @@ def similar(
 ) -> None:
     """The K listings whose images are nearest (cosine, pgvector HNSW), the listing left out."""
     from db.embeddings import neighbour_rows
-    from db.models import embed_dim
+    from db.registered_models import embed_dim
     from listing_vision.output import print_neighbours
 
     settings = _settings()
     with _database(settings) as (engine, session):
-        model_id = model or _active_model(engine, settings)
+        model_id = model or active_model_id(engine, settings.model)
         dim = embed_dim(session, model_id)
         if dim is None:
             raise SettingsError(f"model {model_id} has no embeddings yet (no worker ran it)")
@@ -201,16 +200,14 @@ def demo(
     report: Annotated[Path | None, typer.Option(help="also write the metrics as JSON here")] = None,
 ) -> None:
     """The one-command tour: a sample catalogue with planted mismatches, scored end to end."""
-    from listing_vision.demo.run import DemoError, run_demo
+    from listing_vision.demo.run import DemoError, DemoOptions, run_demo
 
     settings = _settings()
-    with connected(settings) as urls:
-        _ready_engine(settings, urls).dispose()
+    with connected(settings) as resolved:
+        _ready_engine(settings, resolved).dispose()
+        options = DemoOptions(model, count=listings, seed=seed, timeout=timeout, report=report)
         try:
-            code = run_demo(
-                settings, urls, model, count=listings, seed=seed, timeout=timeout,
-                report_path=report,
-            )  # fmt: skip
+            code = run_demo(resolved, options)
         except DemoError as error:
             errors.print(f"[red]demo failed:[/red] {error}")
             code = 1
@@ -231,8 +228,8 @@ def train(
     half: Annotated[bool, typer.Option(help="store the weights in fp16")] = False,
 ) -> None:
     """Fine-tune an open_clip model on image/text pairs; writes a model the registry can name."""
+    from contract.registry import get_spec, load_registry
     from listing_vision.training import TrainConfig, TrainingError, read_pairs, train_open_clip
-    from worker.models.registry import get_spec, load_registry
 
     settings = _settings()
     spec = get_spec(load_registry(settings.models_file), model)
@@ -262,19 +259,11 @@ def up() -> None:
     from listing_vision.supervisor import run_stack
 
     settings = _settings(service=True)
-    with connected(settings) as urls:
-        engine = _migrated_engine(urls.database_url)
-        model_id = _active_model(engine, settings)
+    with connected(settings) as resolved:
+        engine = _migrated_engine(resolved)
+        model_id = active_model_id(engine, settings.model)
         engine.dispose()
-        raise typer.Exit(run_stack(settings, urls, model_id))
-
-
-def _active_model(engine: Engine, settings: Settings) -> str:
-    from db.engine import make_sessions
-    from db.models import active_model
-
-    with make_sessions(engine)() as session:
-        return active_model(session, settings.model)
+        raise typer.Exit(run_stack(resolved, model_id))
 
 
 def main() -> None:

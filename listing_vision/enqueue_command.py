@@ -12,9 +12,9 @@ from typing import IO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from contract.broker import model_queue
+from contract.settings import Settings
 from db.schema import TERMINAL_JOB_STATES
-from listing_vision.embedded import ServerUrls
-from listing_vision.settings import Settings
 from producer.enqueue import EnqueueReport, Producer
 from producer.events import ListingEvent, Refusal, parse_lines
 
@@ -25,7 +25,6 @@ console = Console(stderr=True)
 
 def enqueue_file(
     settings: Settings,
-    urls: ServerUrls,
     path: str,
     *,
     model: str | None,
@@ -35,8 +34,7 @@ def enqueue_file(
     """Queue a file's events (the valid ones, even when others are refused); with `wait`, wait
     for them. The exit status is SPEC.md's: 2 if any line was refused, else 1 if any job ended
     failed or dead (or did not finish), else 0."""
-    assert urls.database_url and urls.broker_url
-    with Producer(settings, urls.database_url, urls.broker_url) as producer:
+    with Producer(settings) as producer:
         spec = producer.resolve_model(model)
         report = EnqueueReport(spec.model_id)
         with _open(path) as stream:
@@ -48,7 +46,7 @@ def enqueue_file(
             console.print(f"[yellow]refused[/yellow] {refusal}")
         console.print(
             f"queued {len(report.job_ids)} listing(s) for model {spec.model_id} "
-            f"(queue {spec.queue}); refused {len(report.refused)}"
+            f"(queue {model_queue(spec.model_id)}); refused {len(report.refused)}"
         )
         if not wait or not report.job_ids:
             return 2 if report.refused else 0

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from worker.models.registry import ModelSpec
+from contract.registry import ModelSpec
 
 
 def print_results_table(console: Console, rows: list[dict[str, Any]]) -> None:

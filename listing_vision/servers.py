@@ -5,24 +5,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from listing_vision.embedded import EmbeddedServers, ServerUrls
-from listing_vision.settings import Settings
+from contract.settings import Settings
+from listing_vision.embedded import EmbeddedServers
 
 
 @contextlib.contextmanager
-def connected(settings: Settings, *, broker: bool = True) -> Iterator[ServerUrls]:
-    """The URLs to use; servers the settings leave unset are started (or reused) meanwhile.
-
-    `broker=False` is for commands that only read the database.
-    """
+def connected(settings: Settings, *, broker: bool = True) -> Iterator[Settings]:
+    """`settings` with both server URLs resolved: the configured ones, else the embedded
+    servers', started (or reused) meanwhile. `broker=False` is for commands that only read the
+    database (their settings keep a configured broker URL, or none)."""
     need_postgres = settings.database_url is None
     need_valkey = broker and settings.broker_url is None
     if not (need_postgres or need_valkey):
-        yield ServerUrls(settings.database_url, settings.broker_url)
+        yield settings
         return
     embedded = EmbeddedServers(settings.home, postgres=need_postgres, valkey=need_valkey)
     with embedded as started:
-        yield ServerUrls(
+        yield settings.with_servers(
             settings.database_url or started.database_url,
             settings.broker_url or started.broker_url,
         )

@@ -18,8 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from listing_vision.embedded import ServerUrls
-from listing_vision.settings import Settings
+from contract.settings import Settings
 
 log = logging.getLogger(__name__)
 RESTART_LIMIT = 5  # deaths within RESTART_WINDOW before giving up
@@ -65,46 +64,42 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def child_env(settings: Settings, urls: ServerUrls, **extra: str) -> dict[str, str]:
+def child_env(resolved: Settings, **extra: str) -> dict[str, str]:
     """The environment of a child: the resolved server URLs, so it never starts its own."""
     env = dict(os.environ)
-    env["LV_DATABASE_URL"] = urls.database_url or ""
-    env["LV_BROKER_URL"] = urls.broker_url or ""
+    env["LV_DATABASE_URL"] = resolved.require_database_url()
+    env["LV_BROKER_URL"] = resolved.require_broker_url()
     env.update(extra)
     return env
 
 
-def worker_children(settings: Settings, urls: ServerUrls, model_id: str) -> list[Child]:
+def worker_children(resolved: Settings, model_id: str) -> list[Child]:
     """One worker per visible GPU, or one CPU worker."""
     base = [sys.executable, "-m", "listing_vision", "worker", "--model", model_id]
     gpus = visible_gpus()
     if not gpus:
-        return [Child("worker", base, child_env(settings, urls))]
-    return [
-        Child(f"worker-gpu{gpu}", [*base, "--gpu", gpu], child_env(settings, urls)) for gpu in gpus
-    ]
+        return [Child("worker", base, child_env(resolved))]
+    return [Child(f"worker-gpu{gpu}", [*base, "--gpu", gpu], child_env(resolved)) for gpu in gpus]
 
 
-def flower_child(settings: Settings, urls: ServerUrls) -> Child:
+def flower_child(resolved: Settings) -> Child:
     """Flower on 127.0.0.1; with LV_FLOWER_USER/PASSWORD set it also asks for them. Secrets
     (the broker password, the Flower password) travel in the environment, never in `ps`."""
-    extra = {"CELERY_BROKER_URL": urls.broker_url or ""}
-    if settings.flower_user and settings.flower_password:
-        password = settings.flower_password.get_secret_value()
-        extra["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
-    argv = [
-        sys.executable, "-m", "celery", "flower",
-        "--address=127.0.0.1", f"--port={settings.flower_port}", "--max_tasks=10000",
-    ]  # fmt: skip
-    logs = settings.home.expanduser() / "logs"
+    extra = {"CELERY_BROKER_URL": resolved.require_broker_url()}
+    if resolved.flower_user and resolved.flower_password:
+        password = resolved.flower_password.get_secret_value()
+        extra["FLOWER_BASIC_AUTH"] = f"{resolved.flower_user}:{password}"
+    flower = [sys.executable, "-m", "celery", "flower", "--address=127.0.0.1"]
+    argv = [*flower, f"--port={resolved.flower_port}", "--max_tasks=10000"]
+    logs = resolved.home.expanduser() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    return Child("flower", argv, child_env(settings, urls, **extra), logs / "flower.log")
+    return Child("flower", argv, child_env(resolved, **extra), logs / "flower.log")
 
 
-def run_stack(settings: Settings, urls: ServerUrls, model_id: str) -> int:
+def run_stack(resolved: Settings, model_id: str) -> int:
     """Start the children and keep them up until Ctrl-C/SIGTERM; returns the exit status."""
-    children = [*worker_children(settings, urls, model_id), flower_child(settings, urls)]
-    return supervise(children, banner=_banner(settings, model_id))
+    children = [*worker_children(resolved, model_id), flower_child(resolved)]
+    return supervise(children, banner=_banner(resolved, model_id))
 
 
 def supervise(children: list[Child], banner: str = "") -> int:

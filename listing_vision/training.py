@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from contract.registry import ModelSpec
 from worker.decode import decode_image
-from worker.models.registry import ModelSpec
 
 WEIGHTS = "open_clip_model.safetensors"
 CONFIG = "open_clip_config.json"

@@ -2,11 +2,11 @@
 
 For the catalogue's ingestion code::
 
-    from listing_vision.settings import load_settings
+    from contract.settings import load_settings
     from producer import Producer
 
     settings = load_settings()  # LV_DATABASE_URL and LV_BROKER_URL set
-    with Producer(settings, settings.database_url, settings.broker_url) as producer:
+    with Producer(settings) as producer:
         report = producer.enqueue([{"listing_id": "sku-1", "title": "Red bag",
                                     "image_urls": ["https://cdn.example.com/a.jpg"]}])
 """

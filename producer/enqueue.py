@@ -12,14 +12,14 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import jobs, listings, models
+from contract.broker import make_celery, send_analysis
+from contract.registry import ModelSpec, get_spec, load_registry
+from contract.settings import Settings
+from db import jobs, listings, registered_models
 from db.engine import make_engine, make_sessions
 from db.jobs import NewJob
 from db.schema import TERMINAL_JOB_STATES
-from listing_vision.settings import Settings
 from producer.events import ListingEvent, Refusal, parse_event
-from worker.app import make_celery, send_analysis_tasks
-from worker.models.registry import ModelSpec, get_spec, load_registry
 
 Progress = Callable[[Counter[str]], None]
 
@@ -37,12 +37,14 @@ class EnqueueReport:
 class Producer:
     """The catalogue's entry point: `enqueue` events, optionally `wait` for their results."""
 
-    def __init__(self, settings: Settings, database_url: str, broker_url: str) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = load_registry(settings.models_file)
-        self.engine = make_engine(database_url, application_name="listing-vision-producer")
+        self.engine = make_engine(
+            settings.require_database_url(), application_name="listing-vision-producer"
+        )
         self.sessions: sessionmaker[Session] = make_sessions(self.engine)
-        self.celery: Celery = make_celery(settings, broker_url)
+        self.celery: Celery = make_celery(settings)
         self._recorded_models: set[str] = set()
 
     def close(self) -> None:
@@ -58,14 +60,14 @@ class Producer:
     def resolve_model(self, model_id: str | None) -> ModelSpec:
         """The named model, else the active one (a `reindex` switch, else `LV_MODEL`)."""
         if model_id is None:
-            with self.sessions() as session:
-                model_id = models.active_model(session, self.settings.model)
+            model_id = registered_models.active_model_id(self.engine, self.settings.model)
         return get_spec(self.registry, model_id)
 
     def enqueue(
         self, events: Iterable[ListingEvent | dict[str, Any]], model: str | None = None
     ) -> EnqueueReport:
-        """Validate, record and queue; invalid events are refused and never reach a worker."""
+        """Record and queue; raw events are validated first (a `ListingEvent` already is), and
+        invalid ones are refused and never reach a worker."""
         spec = self.resolve_model(model)
         report = EnqueueReport(spec.model_id)
         latest: dict[str, ListingEvent] = {}
@@ -78,7 +80,7 @@ class Producer:
         new_jobs = [NewJob(uuid.uuid4(), listing_id, spec.model_id) for listing_id in latest]
         with self.sessions.begin() as session:
             if spec.model_id not in self._recorded_models:  # once per producer: no row lock
-                models.ensure_model(session, spec)
+                registered_models.ensure_model(session, spec)
             listings.upsert_listings(session, [event.to_record() for event in latest.values()])
             jobs.create_jobs(session, new_jobs)
         self._recorded_models.add(spec.model_id)
@@ -92,7 +94,7 @@ class Producer:
         """Hand committed jobs to the broker on the model's queue; the task id is the job id."""
         if not new_jobs:
             return
-        send_analysis_tasks(self.celery, new_jobs, spec.queue)
+        send_analysis(self.celery, [job.job_id for job in new_jobs], spec.model_id)
         with self.sessions.begin() as session:
             jobs.mark_sent(session, [job.job_id for job in new_jobs])
 
@@ -120,5 +122,5 @@ class Producer:
 
     def _validate(self, raw: ListingEvent | dict[str, Any], number: int) -> ListingEvent | Refusal:
         if isinstance(raw, ListingEvent):
-            return parse_event(raw.model_dump(), number, self.settings.file_roots)
+            return raw
         return parse_event(raw, number, self.settings.file_roots)

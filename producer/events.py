@@ -6,28 +6,51 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
+from contract.urls import url_problem
 from db.records import ListingRecord
-from worker.errors import FetchError
-from worker.fetch import allowed_file_path
 
 MAX_URLS = 12
-MAX_URL_LENGTH = 2048
+
+
+def _usable_url(url: str, info: ValidationInfo) -> str:
+    """The image-URL policy, with the file roots given as validation context (none: no
+    `file://` URL is allowed)."""
+    file_roots: tuple[Path, ...] = (info.context or {}).get("file_roots", ())
+    problem = url_problem(url, file_roots)
+    if problem:
+        raise ValueError(problem)
+    return url
+
+
+ImageUrl = Annotated[str, AfterValidator(_usable_url)]
 
 
 class ListingEvent(BaseModel):
-    """One listing as the catalogue sends it; `image_url` is accepted for a single image."""
+    """One listing as the catalogue sends it; `image_url` is accepted for a single image.
+
+    An instance is valid by construction, image URLs included: build one with `parse_event`
+    (or `model_validate(raw, context={"file_roots": roots})`) so `file://` URLs are judged
+    against `LV_FILE_ROOTS`; the producer never validates it again.
+    """
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, frozen=True)
 
     listing_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
     title: str = Field(min_length=1, max_length=500)
     description: str | None = Field(None, max_length=5000)
-    image_urls: tuple[str, ...] = Field(min_length=1, max_length=MAX_URLS)
+    image_urls: tuple[ImageUrl, ...] = Field(min_length=1, max_length=MAX_URLS)
     category: str | None = Field(None, max_length=200)
 
     @model_validator(mode="before")
@@ -65,34 +88,6 @@ class Refusal:
         return f"line {self.line}{who}: {self.message}"
 
 
-def check_urls(event: ListingEvent, file_roots: tuple[Path, ...]) -> str | None:
-    """Why an image URL cannot be used (scheme, host, or a file outside LV_FILE_ROOTS), or None."""
-    for index, url in enumerate(event.image_urls):
-        problem = _url_problem(url, file_roots)
-        if problem:
-            return f"image_urls.{index}: {problem}"
-    return None
-
-
-def _url_problem(url: str, file_roots: tuple[Path, ...]) -> str | None:
-    if len(url) > MAX_URL_LENGTH:
-        return f"URL longer than {MAX_URL_LENGTH} characters"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError as error:  # e.g. an unclosed IPv6 bracket
-        return f"malformed URL ({error})"
-    if parts.scheme in ("http", "https"):
-        return None if host else f"URL has no host: {url!r}"
-    if parts.scheme != "file":
-        return f"URL scheme {parts.scheme or 'missing'!r} is not allowed (http, https or file)"
-    try:
-        allowed_file_path(url, file_roots)
-    except FetchError as error:
-        return str(error)
-    return None
-
-
 def parse_event(raw: Any, line: int, file_roots: tuple[Path, ...]) -> ListingEvent | Refusal:
     """Validate one decoded JSON value."""
     listing_id = raw.get("listing_id") if isinstance(raw, dict) else None
@@ -100,11 +95,9 @@ def parse_event(raw: Any, line: int, file_roots: tuple[Path, ...]) -> ListingEve
     if not isinstance(raw, dict):
         return Refusal(line, None, "expected a JSON object")
     try:
-        event = ListingEvent.model_validate(raw)
+        return ListingEvent.model_validate(raw, context={"file_roots": file_roots})
     except ValidationError as error:
         return Refusal(line, listing_id, _describe(error))
-    problem = check_urls(event, file_roots)
-    return Refusal(line, listing_id, problem) if problem else event
 
 
 def parse_lines(
@@ -122,7 +115,10 @@ def parse_lines(
             refused.append(Refusal(number, None, f"not valid JSON: {error.msg}"))
             continue
         parsed = parse_event(raw, number, file_roots)
-        (refused if isinstance(parsed, Refusal) else events).append(parsed)  # type: ignore[arg-type]
+        if isinstance(parsed, Refusal):
+            refused.append(parsed)
+        else:
+            events.append(parsed)
     return events, refused
 
 

@@ -83,14 +83,24 @@ def save_tiny_hf_clip(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     text = CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-        eos_token_id=49407, pad_token_id=49407,
-    )  # fmt: skip
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
     config = CLIPConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
     )
@@ -117,14 +127,24 @@ def save_tiny_hf_siglip(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     text = SiglipTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=64, pad_token_id=49407,
-        eos_token_id=49407, bos_token_id=49406,
-    )  # fmt: skip
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=49407,
+        eos_token_id=49407,
+        bos_token_id=49406,
+    )
     vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
     model = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
     with torch.no_grad():
         model.logit_scale.fill_(2.0)
@@ -142,9 +162,13 @@ def save_tiny_dinov2(directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-        image_size=28, patch_size=14,
-    )  # fmt: skip
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=28,
+        patch_size=14,
+    )
     Dinov2Model(config).save_pretrained(directory)
     BitImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, do_center_crop=True

@@ -12,7 +12,13 @@ from db.embeddings import CachedImage
 from db.records import ListingImageRecord, ListingRecord, ResultRecord
 from worker.categories import CategoryIndex
 from worker.fetch import FetchPolicy
-from worker.images import FailedImage, PreparedImage, fetch_images, prepare_images
+from worker.images import (
+    FailedImage,
+    FetchedBytes,
+    PreparedImage,
+    fetch_images,
+    prepare_images,
+)
 from worker.inference import EmbedRequest, InferenceService
 from worker.scoring import TOP_CATEGORIES, image_text_similarity
 
@@ -46,7 +52,7 @@ class ListingAnalyzer:
     def analyze(self, listing: ListingRecord) -> ListingAnalysis:
         """Score `listing`; raises `TransientError` when it is worth trying again later."""
         fetched = fetch_images(listing.image_urls, self.policy, self.executor)
-        cached = self.lookup_cached([f.sha256 for f in fetched if f.sha256])
+        cached = self.lookup_cached([f.sha256 for f in fetched if isinstance(f, FetchedBytes)])
         info = self.service.backend.info
         prepared = prepare_images(
             fetched,

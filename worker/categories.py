@@ -11,18 +11,7 @@ import torch.nn.functional as F
 
 from worker.scoring import CategoryScore, category_mismatch, normalise_label, rank_categories
 
-DEFAULT_CATEGORIES: tuple[str, ...] = (
-    "handbag", "backpack", "wallet", "suitcase", "sunglasses", "wristwatch", "necklace",
-    "ring", "earrings", "t-shirt", "shirt", "dress", "jeans", "jacket", "coat", "sweater",
-    "hoodie", "skirt", "shorts", "sneakers", "boots", "sandals", "high heels", "hat", "scarf",
-    "gloves", "belt", "smartphone", "laptop", "tablet", "headphones", "camera", "television",
-    "speaker", "keyboard", "computer mouse", "smartwatch", "chair", "sofa", "table", "lamp",
-    "bed", "rug", "mirror", "wall clock", "picture frame", "vase", "candle", "plant pot",
-    "mug", "plate", "cooking pot", "kettle", "blender", "toaster", "water bottle",
-    "teddy bear", "toy car", "board game", "book", "bicycle", "guitar", "tent", "dumbbell",
-    "football", "perfume", "lipstick", "shampoo bottle", "toothbrush", "umbrella",
-    "baby stroller", "dog bed", "drill", "hammer", "car tyre",
-)  # fmt: skip
+DEFAULT_CATEGORIES_FILE = Path(__file__).with_name("default_categories.txt")
 
 # An ensemble of a few templates, averaged, is more robust than any single prompt.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -37,9 +26,9 @@ EmbedTexts = Callable[[list[str]], torch.Tensor]
 
 
 def read_categories(path: Path | None) -> tuple[str, ...]:
-    """The deployment's list (one label per line, `#` comments) or the default list."""
-    if path is None:
-        return DEFAULT_CATEGORIES
+    """The deployment's list (`LV_CATEGORIES_FILE`: one label per line, `#` comments), or the
+    built-in one in the same format."""
+    path = path or DEFAULT_CATEGORIES_FILE
     labels = []
     for line in path.read_text(encoding="utf-8").splitlines():
         label = normalise_label(line.split("#", 1)[0])

@@ -7,14 +7,13 @@ Truncated images are errors, never silently padded.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from worker.errors import ImageRejected, one_line
+from contract.errors import ImageRejected, one_line
 
 # Never EPS/PDF/PSD and friends: only the formats product photos come in.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -30,16 +29,10 @@ class DecodedImage:
     """Pixels ready for a model plus the facts stored per image."""
 
     pixels: Image.Image
-    sha256: str
     width: int
     height: int
     format: str
     bytes: int
-
-
-def sha256_hex(data: bytes) -> str:
-    """Content address of an image: unchanged bytes are never embedded twice by one model."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> DecodedImage:
@@ -62,7 +55,7 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     image_format = image.format or "unknown"
     _check_pixels(width, height, max_pixels)
     pixels = _load_rgb(image, draft_size)
-    return DecodedImage(pixels, sha256_hex(data), width, height, image_format, len(data))
+    return DecodedImage(pixels, width, height, image_format, len(data))
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

@@ -6,6 +6,7 @@ is re-raised after all fetches finish, so the whole job is retried later.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from contract.errors import ListingError, TransientError, one_line
 from db.embeddings import CachedImage
 from db.records import ImageFacts
-from worker.decode import decode_image, sha256_hex
-from worker.errors import ListingError, TransientError, one_line
+from worker.decode import decode_image
 from worker.fetch import FetchPolicy, fetch_image
 from worker.quality import measure_quality
 
@@ -29,14 +30,13 @@ _DECODE_SLOTS = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
 
 
 @dataclass(frozen=True)
-class FetchOutcome:
-    """One URL of a listing after fetching: its bytes and their SHA-256, or an error."""
+class FetchedBytes:
+    """One URL of a listing, fetched: its bytes and their SHA-256 (its content address)."""
 
     position: int
     url: str
-    data: bytes | None = None
-    sha256: str | None = None
-    error: str | None = None
+    data: bytes
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -61,27 +61,30 @@ class FailedImage:
 
 def fetch_images(
     urls: Sequence[str], policy: FetchPolicy, executor: Executor
-) -> list[FetchOutcome]:
+) -> list[FetchedBytes | FailedImage]:
     """Fetch every URL at once; failures become per-image errors, transient ones are raised."""
     results = list(executor.map(lambda item: _fetch_one(item[0], item[1], policy), enumerate(urls)))
     transient = [r for r in results if isinstance(r, TransientError)]
     if transient:
         raise transient[0]
-    return [r for r in results if isinstance(r, FetchOutcome)]
+    return [r for r in results if not isinstance(r, TransientError)]
 
 
-def _fetch_one(position: int, url: str, policy: FetchPolicy) -> FetchOutcome | TransientError:
+def _fetch_one(
+    position: int, url: str, policy: FetchPolicy
+) -> FetchedBytes | FailedImage | TransientError:
     try:
         fetched = fetch_image(url, policy)
     except ListingError as error:
-        return FetchOutcome(position, url, error=str(error))
+        return FailedImage(position, url, str(error))
     except TransientError as error:
         return error
-    return FetchOutcome(position, url, fetched.data, sha256_hex(fetched.data))
+    # The content address, computed once: unchanged bytes are never embedded twice by a model.
+    return FetchedBytes(position, url, fetched.data, hashlib.sha256(fetched.data).hexdigest())
 
 
 def prepare_images(
-    fetched: Sequence[FetchOutcome],
+    fetched: Sequence[FetchedBytes | FailedImage],
     cached: dict[str, CachedImage],
     *,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -91,15 +94,15 @@ def prepare_images(
 ) -> list[PreparedImage | FailedImage]:
     """Decode, measure and preprocess what the model has not embedded yet, in position order."""
 
-    def prepare(image: FetchOutcome) -> PreparedImage | FailedImage:
-        if image.data is None or image.sha256 is None:
-            return FailedImage(image.position, image.url, image.error or "not fetched")
+    def prepare(image: FetchedBytes | FailedImage) -> PreparedImage | FailedImage:
+        if isinstance(image, FailedImage):
+            return image
         known = cached.get(image.sha256)
         if known is not None:
             return PreparedImage(image.position, image.url, known.facts, None, known.embedding)
         try:
             with _DECODE_SLOTS:
-                return _decode_and_prepare(image, image.data, preprocess, max_pixels, draft_size)
+                return _decode_and_prepare(image, preprocess, max_pixels, draft_size)
         except ListingError as error:
             return FailedImage(image.position, image.url, str(error))
         except Exception as error:  # a decoder or transform bug on odd input: this image only
@@ -111,16 +114,15 @@ def prepare_images(
 
 
 def _decode_and_prepare(
-    image: FetchOutcome,
-    data: bytes,
+    image: FetchedBytes,
     preprocess: Callable[[Image.Image], torch.Tensor],
     max_pixels: int,
     draft_size: int,
 ) -> PreparedImage:
-    decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+    decoded = decode_image(image.data, max_pixels=max_pixels, draft_size=draft_size)
     quality = measure_quality(decoded.pixels)
     facts = ImageFacts(
-        decoded.sha256,
+        image.sha256,
         decoded.width,
         decoded.height,
         decoded.format,

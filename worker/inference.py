@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.errors import TransientError
+from worker.backends.base import ModelBackend
 from worker.batching import DynamicBatcher
-from worker.errors import TransientError
-from worker.models.base import ModelBackend
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ class InferenceService:
 
     def __init__(self, backend: ModelBackend, *, max_size: int, max_wait_s: float) -> None:
         self.backend = backend
-        self.max_size = max_size
         self.calls = ModelCalls()
         self._chunk = max_size  # lowered for good after a CUDA out-of-memory
         self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
@@ -73,7 +72,8 @@ class InferenceService:
             raise TransientError(f"the model did not answer within {timeout:.0f}s") from None
 
     def embed_texts(self, texts: list[str], timeout: float = 300.0) -> torch.Tensor:
-        """Text embeddings through the same batcher (for labels met after start-up)."""
+        """Text embeddings through the same batcher: the category list at start-up, and a
+        seller's claim outside the list when it is first met."""
         return self.embed(EmbedRequest(texts=tuple(texts)), timeout).text_embeddings
 
     def close(self) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import uuid
 from collections.abc import Sequence
 
-from db.jobs import NewJob
-from listing_vision.settings import Settings
-from worker.app import make_celery, send_analysis_tasks
-from worker.models.registry import get_spec, load_registry
+from contract.broker import make_celery, model_queue, send_analysis
+from contract.registry import get_spec, load_registry
+from contract.settings import Settings
 from worker.runtime import start_runtime, worker_concurrency
 from worker.tasks import register_tasks
 
@@ -22,34 +22,33 @@ def worker_name(model_id: str, gpu: str | None) -> str:
     return f"{model_id}.{where}@{socket.gethostname()}"
 
 
-def run_worker(
-    settings: Settings, model_id: str, database_url: str, broker_url: str, gpu: str | None
-) -> None:
+def run_worker(resolved: Settings, model_id: str, gpu: str | None) -> None:
     """Load the model, then consume its queue with a thread pool that feeds the batcher.
 
     Threads, not prefork: the jobs of one process must share one model and one batcher. The
     thread pool has no hard time limit, so fetches, model calls and queries carry their own
     deadlines, and a stall watchdog ends a process whose model call hangs.
     """
-    spec = get_spec(load_registry(settings.models_file), model_id)
+    spec = get_spec(load_registry(resolved.models_file), model_id)
     name = worker_name(model_id, gpu)
-    app = make_celery(settings, broker_url)
+    app = make_celery(resolved)
 
-    def send(jobs: Sequence[NewJob]) -> None:
-        send_analysis_tasks(app, jobs, spec.queue)
+    def send(job_ids: Sequence[uuid.UUID]) -> None:
+        send_analysis(app, job_ids, spec.model_id)
 
-    runtime = start_runtime(settings, spec, database_url, name, send)
+    runtime = start_runtime(resolved, spec, name, send)
     register_tasks(app, runtime)
+    queue = model_queue(spec.model_id)
     argv = [
         "worker",
         "--pool=threads",
-        f"--concurrency={worker_concurrency(settings, spec)}",
-        f"--queues={spec.queue}",
+        f"--concurrency={worker_concurrency(resolved, spec)}",
+        f"--queues={queue}",
         f"--hostname={name}",
         "--task-events",
-        f"--loglevel={settings.log_level}",
+        f"--loglevel={resolved.log_level}",
     ]
-    log.info("worker %s consuming %s", name, spec.queue)
+    log.info("worker %s consuming %s", name, queue)
     try:
         app.worker_main(argv)
     finally:

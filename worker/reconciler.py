@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs
-from db.jobs import NewJob
+from db.locks import try_transaction_lock
 
 log = logging.getLogger(__name__)
-SendJobs = Callable[[Sequence[NewJob]], None]
+SendJobs = Callable[[Sequence[uuid.UUID]], None]
 
 
 @dataclass
@@ -37,11 +37,7 @@ class Reconciler:
     def run_once(self) -> int:
         """Re-send what is lost now; returns how many jobs were sent again."""
         with self.sessions.begin() as session:
-            mine = session.scalar(
-                text("SELECT pg_try_advisory_xact_lock(hashtext(:key))"),
-                {"key": f"lv-reconcile:{self.model_id}"},
-            )
-            if not mine:
+            if not try_transaction_lock(session, f"lv-reconcile:{self.model_id}"):
                 return 0
             lost = jobs.jobs_to_resend(
                 session,
@@ -52,10 +48,9 @@ class Reconciler:
             )
             if lost:
                 self.send(lost)
-                jobs.mark_sent(session, [job.job_id for job in lost])
+                jobs.mark_sent(session, lost)
         if lost:
-            log.warning("re-sent %d job(s) of model %s that had lost their message",
-                        len(lost), self.model_id)  # fmt: skip
+            log.warning("re-sent %d lost job(s) of model %s", len(lost), self.model_id)
         return len(lost)
 
     def start(self, interval: float) -> threading.Event:

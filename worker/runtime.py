@@ -10,19 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from db import embeddings, models
+from contract.registry import ModelSpec
+from contract.settings import Settings
+from db import embeddings, registered_models
 from db.embeddings import CachedImage
 from db.engine import make_engine, make_sessions
-from listing_vision.settings import Settings
 from worker.analysis import ListingAnalyzer
+from worker.backends import create_backend
+from worker.backends.base import ModelBackend
 from worker.categories import CategoryIndex, read_categories
 from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
-from worker.models.base import ModelBackend
-from worker.models.loading import create_backend
-from worker.models.registry import ModelSpec
+from worker.job_runner import JobRunner
 from worker.outcomes import OutcomeWriter
-from worker.pipeline import JobRunner
 from worker.reconciler import Reconciler, SendJobs
 from worker.watchdog import start_stall_watchdog
 
@@ -63,7 +63,7 @@ def worker_concurrency(settings: Settings, spec: ModelSpec) -> int:
 
 
 def start_runtime(
-    settings: Settings, spec: ModelSpec, database_url: str, worker_name: str, send: SendJobs
+    settings: Settings, spec: ModelSpec, worker_name: str, send: SendJobs
 ) -> WorkerRuntime:
     """Load the model once, warm it, register it, and build the job runner around it."""
     backend = create_backend(spec)
@@ -72,15 +72,17 @@ def start_runtime(
     concurrency = worker_concurrency(settings, spec)
     # Many task threads share a few connections, each briefly; waiting for one is bounded.
     engine = make_engine(
-        database_url,
+        settings.require_database_url(),
         pool_size=min(concurrency, 16),
         pool_timeout=float(settings.task_time_limit),
         application_name=worker_name,
     )
     sessions = make_sessions(engine)
     with sessions.begin() as session:
-        models.ensure_model(session, spec)
-        models.record_loaded(session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring)
+        registered_models.ensure_model(session, spec)
+        registered_models.record_loaded(
+            session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring
+        )
     with sessions.begin() as session:
         embeddings.ensure_hnsw_index(session, spec.model_id, info.embed_dim)
     max_size, max_wait = batch_limits(settings, spec)

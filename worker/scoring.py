@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.models.base import ModelInfo
+from worker.backends.base import ModelInfo
 
 TOP_CATEGORIES = 5
 MISMATCH_RANK = 3  # a seller's category outside the top 3 is a category mismatch

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import asdict
 from typing import Any
 
 from celery import Celery, Task
 from celery.worker.control import inspect_command
 
-from worker.app import ANALYZE_TASK, STATS_COMMAND
+from contract.broker import ANALYZE_TASK, STATS_COMMAND, AnalyzeMessage
 from worker.runtime import WorkerRuntime
 
 
@@ -17,8 +16,8 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Bind the analysis task and the `lv_stats` command to this process's warm runtime."""
 
     @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, max_retries=None)
-    def analyze(self: Task, job_id: str, listing_id: str | None = None) -> dict[str, Any]:
-        job = uuid.UUID(job_id)
+    def analyze(self: Task, job_id: str) -> dict[str, Any]:
+        job = AnalyzeMessage.parse(job_id).job_id
         report = runtime.runner.run(job)
         if report.retry_in is None:
             return report.summary

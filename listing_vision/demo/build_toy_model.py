@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from contract.registry import ModelSpec
 from listing_vision.demo.catalogue import (
     COLOURS,
     PRODUCTS,
@@ -27,7 +28,6 @@ from listing_vision.demo.catalogue import (
 )
 from listing_vision.training import TrainConfig, train_open_clip
 from worker.categories import DEFAULT_TEMPLATES
-from worker.models.registry import ModelSpec
 
 TOY_DIR = Path(__file__).with_name("lv-toy")
 IMAGE_SIZE = 64
@@ -89,9 +89,13 @@ def write_tokenizer(directory: Path) -> tuple[int, int]:
         special_tokens=[("[SOS]", vocab["[SOS]"]), ("[EOS]", vocab["[EOS]"])],
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[SOS]",
-        eos_token="[EOS]", model_max_length=CONTEXT,
-    )  # fmt: skip
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[SOS]",
+        eos_token="[EOS]",
+        model_max_length=CONTEXT,
+    )
     fast.save_pretrained(directory)
     return len(vocab), vocab["[EOS]"]
 
@@ -116,7 +120,7 @@ def write_pairs(directory: Path, seed: int) -> list[tuple[Path, str]]:
 def calibrate(model_dir: Path, scratch: Path) -> dict[str, float]:
     """The threshold that best separates matching from planted-mismatch titles (F1), measured
     on a validation catalogue drawn with another seed than training and the demo."""
-    from worker.models.loading import create_backend
+    from worker.backends import create_backend
 
     backend = create_backend(ModelSpec("lv-toy", "open_clip", f"local-dir:{model_dir}"), "cpu")
     backend.load()
@@ -169,8 +173,14 @@ def main() -> None:
         data.mkdir()
         pairs = write_pairs(data, seed=0)
         spec = ModelSpec("lv-toy", "open_clip", f"local-dir:{start}")
-        config = TrainConfig(epochs=int(sys.argv[1]) if len(sys.argv) > 1 else 12, batch_size=64,
-                             lr=1e-3, weight_decay=0.05, seed=0, half=True)  # fmt: skip
+        config = TrainConfig(
+            epochs=int(sys.argv[1]) if len(sys.argv) > 1 else 12,
+            batch_size=64,
+            lr=1e-3,
+            weight_decay=0.05,
+            seed=0,
+            half=True,
+        )
         report = train_open_clip(spec, pairs, TOY_DIR, config)
         calibration = calibrate(TOY_DIR, scratch)
     (TOY_DIR / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")

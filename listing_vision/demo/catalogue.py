@@ -46,8 +46,18 @@ def _mug(d: ImageDraw.ImageDraw, p: Place, c: RGB) -> None:
 
 
 def _tshirt(d: ImageDraw.ImageDraw, p: Place, c: RGB) -> None:
-    points = [(0.35, 0.2), (0.65, 0.2), (0.9, 0.35), (0.8, 0.48), (0.7, 0.42), (0.7, 0.88),
-              (0.3, 0.88), (0.3, 0.42), (0.2, 0.48), (0.1, 0.35)]  # fmt: skip
+    points = [
+        (0.35, 0.2),
+        (0.65, 0.2),
+        (0.9, 0.35),
+        (0.8, 0.48),
+        (0.7, 0.42),
+        (0.7, 0.88),
+        (0.3, 0.88),
+        (0.3, 0.42),
+        (0.2, 0.48),
+        (0.1, 0.35),
+    ]
     d.polygon([p(x, y) for x, y in points], fill=c)
 
 
@@ -97,9 +107,15 @@ def _hat(d: ImageDraw.ImageDraw, p: Place, c: RGB) -> None:
 
 
 _DRAW: dict[str, Draw] = {
-    "mug": _mug, "t-shirt": _tshirt, "handbag": _handbag, "lamp": _lamp,
-    "umbrella": _umbrella, "water bottle": _bottle, "chair": _chair, "hat": _hat,
-}  # fmt: skip
+    "mug": _mug,
+    "t-shirt": _tshirt,
+    "handbag": _handbag,
+    "lamp": _lamp,
+    "umbrella": _umbrella,
+    "water bottle": _bottle,
+    "chair": _chair,
+    "hat": _hat,
+}
 
 
 def draw_product(colour: str, product: str, rng: random.Random, size: int = 64) -> Image.Image:
@@ -139,6 +155,15 @@ class DemoListing:
     shows_product: str
     planted_mismatch: bool
     planted_wrong_category: bool
+
+    def event(self) -> dict[str, str]:
+        """The listing event the catalogue would send for it."""
+        return {
+            "listing_id": self.listing_id,
+            "title": self.title,
+            "image_url": self.image.as_uri(),
+            "category": self.category,
+        }
 
 
 def make_catalogue(

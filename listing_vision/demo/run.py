@@ -16,12 +16,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from contract.settings import Settings
 from db.engine import make_sessions
 from db.results import result_for
 from listing_vision.demo.catalogue import PRODUCTS, DemoListing, make_catalogue
-from listing_vision.embedded import ServerUrls
 from listing_vision.enqueue_command import wait_with_bar
-from listing_vision.settings import Settings
 from listing_vision.supervisor import Child, child_env, stop_children
 from producer.enqueue import Producer
 
@@ -30,6 +29,17 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 
 class DemoError(RuntimeError):
     """The demo could not finish (its worker died, or the jobs did not finish in time)."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo runs: which model, how big a catalogue, drawn with which seed."""
+
+    model_id: str
+    count: int = 120
+    seed: int = 2026
+    timeout: float = 900.0
+    report: Path | None = None  # also write the metrics as JSON here
 
 
 @dataclass(frozen=True)
@@ -63,33 +73,23 @@ class DemoReport:
     category: Detection
 
 
-def run_demo(
-    settings: Settings,
-    urls: ServerUrls,
-    model_id: str,
-    *,
-    count: int,
-    seed: int,
-    timeout: float,
-    report_path: Path | None,
-) -> int:
-    """Run the demo; exit status 0 when every listing was analysed."""
-    home = settings.home.expanduser().resolve() / "demo"
-    images = home / f"catalogue-{seed}-{count}"
-    console.print(f"drawing a sample catalogue of {count} listings into {images} ...")
-    listings = make_catalogue(images, count, seed=seed)
+def run_demo(resolved: Settings, options: DemoOptions) -> int:
+    """Run the demo on the resolved servers; exit status 0 when every listing was analysed."""
+    home = resolved.home.expanduser().resolve() / "demo"
+    images = home / f"catalogue-{options.seed}-{options.count}"
+    console.print(f"drawing a sample catalogue of {options.count} listings into {images} ...")
+    listings = make_catalogue(images, options.count, seed=options.seed)
     categories = home / "categories.txt"
     categories.write_text("\n".join(PRODUCTS) + "\n")
     env = child_env(
-        settings,
-        urls,
+        resolved,
         LV_FILE_ROOTS=str(images),
         LV_CATEGORIES_FILE=str(categories),
         LV_LOG_LEVEL="WARNING",
     )
     worker = Child(
         "demo-worker",
-        [sys.executable, "-m", "listing_vision", "worker", "--model", model_id],
+        [sys.executable, "-m", "listing_vision", "worker", "--model", options.model_id],
         env,
         log_path=home / "worker.log",
         restart=False,
@@ -97,46 +97,36 @@ def run_demo(
     started = time.monotonic()
     worker.start()
     try:
-        rows = _analyse(settings, urls, model_id, listings, images, worker, timeout)
+        local = resolved.model_copy(update={"file_roots": (images,)})
+        rows = _analyse(local, options, listings, worker)
     finally:
         stop_children([worker], timeout=60)
-    report = _report(model_id, listings, rows, time.monotonic() - started)
+    report = _report(options.model_id, listings, rows, time.monotonic() - started)
     _print(report, listings, rows)
-    if report_path is not None:
-        report_path.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    if options.report is not None:
+        options.report.write_text(json.dumps(asdict(report), indent=2) + "\n")
     return 0 if report.failed == 0 else 1
 
 
 def _analyse(
-    settings: Settings,
-    urls: ServerUrls,
-    model_id: str,
-    listings: list[DemoListing],
-    images: Path,
-    worker: Child,
-    timeout: float,
+    local: Settings, options: DemoOptions, listings: list[DemoListing], worker: Child
 ) -> dict[str, dict[str, Any]]:
-    assert urls.database_url and urls.broker_url
-    local = settings.model_copy(update={"file_roots": (images,)})
+    """Queue the catalogue, wait for it (while the worker lives), read back every result."""
 
     def worker_alive() -> None:
         if worker.process is not None and worker.process.poll() is not None:
             log = worker.log_path.read_text(errors="replace")[-3000:] if worker.log_path else ""
             raise DemoError(f"the demo worker exited ({worker.process.returncode}):\n{log}")
 
-    events = [
-        {"listing_id": x.listing_id, "title": x.title, "image_url": x.image.as_uri(),
-         "category": x.category}
-        for x in listings
-    ]  # fmt: skip
-    with Producer(local, urls.database_url, urls.broker_url) as producer:
-        report = producer.enqueue(events, model=model_id)
-        counts = wait_with_bar(producer, report, timeout, check=worker_alive)
+    with Producer(local) as producer:
+        report = producer.enqueue([x.event() for x in listings], model=options.model_id)
+        counts = wait_with_bar(producer, report, options.timeout, check=worker_alive)
         if counts["queued"] or counts["running"]:
-            raise DemoError(f"jobs did not finish within {timeout:.0f}s: {dict(counts)}")
+            raise DemoError(f"jobs did not finish within {options.timeout:.0f}s: {dict(counts)}")
         with make_sessions(producer.engine)() as session:
             return {
-                x.listing_id: result_for(session, x.listing_id, model_id) or {} for x in listings
+                x.listing_id: result_for(session, x.listing_id, options.model_id) or {}
+                for x in listings
             }
 
 

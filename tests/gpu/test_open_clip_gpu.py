@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from contract.registry import ModelSpec
 from tests.tiny_models import save_tiny_open_clip
-from worker.models.loading import create_backend
-from worker.models.registry import ModelSpec
+from worker.backends import create_backend
 
 
 def test_open_clip_backend_uses_bf16_on_gpu_and_matches_fp32(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, text
 
+from contract.settings import Settings, load_settings
 from db.engine import make_engine, make_sessions
 from db.migrate import upgrade
 from listing_vision.embedded import EmbeddedServers, ServerUrls
-from listing_vision.settings import Settings, load_settings
 from producer.enqueue import Producer
 from tests.tiny_models import save_tiny_open_clip
 
@@ -193,7 +193,7 @@ def worker(
 @pytest.fixture(scope="session")
 def producer(stack: Stack, worker_env: dict[str, str]) -> Iterator[Producer]:
     settings = settings_from(worker_env)
-    with Producer(settings, stack.database_url, stack.broker_url) as instance:
+    with Producer(settings) as instance:
         yield instance
 
 

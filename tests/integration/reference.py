@@ -10,7 +10,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from worker.categories import DEFAULT_CATEGORIES, DEFAULT_TEMPLATES
+from worker.categories import DEFAULT_TEMPLATES, read_categories
 
 
 @dataclass
@@ -42,7 +42,7 @@ class OpenClipReference:
         return float(torch.sigmoid(torch.tensor(cosine) * self.model.logit_scale.exp() + bias))
 
     def categories(self, path: Path, claim: str | None = None) -> list[tuple[str, float]]:
-        labels = list(DEFAULT_CATEGORIES)
+        labels = list(read_categories(None))
         if claim and claim not in labels:
             labels.append(claim)
         prompts = [t.format(label) for label in labels for t in DEFAULT_TEMPLATES]

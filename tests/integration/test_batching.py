@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from contract.broker import STATS_COMMAND
 from tests import images
 from tests.integration.conftest import Stack, query, start_worker, stop_worker
-from worker.app import STATS_COMMAND
 from worker.main import worker_name
 
 pytestmark = pytest.mark.slow

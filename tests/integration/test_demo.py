@@ -19,8 +19,11 @@ def test_demo_catches_planted_mismatches_with_high_precision_and_recall(tmp_path
     report_path = tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, "-m", "listing_vision", "demo", "--report", str(report_path)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["failed"] == 0 and report["listings"] == 120

@@ -10,13 +10,13 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from db import jobs, listings, models, results
+from contract.broker import make_celery, send_analysis
+from contract.registry import ModelSpec
+from db import jobs, listings, registered_models, results
 from db.engine import make_sessions
 from db.jobs import ClaimedJob, NewJob, Unclaimable
 from db.records import JobOutcome, ListingRecord, ResultRecord
 from tests.integration.conftest import Stack, query
-from worker.app import make_celery, send_analysis_tasks
-from worker.models.registry import ModelSpec
 from worker.reconciler import Reconciler
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ MODEL = "states-model"
 def sessions(stack: Stack):  # type: ignore[no-untyped-def]
     factory = make_sessions(stack.engine)
     with factory.begin() as session:
-        models.ensure_model(session, ModelSpec(MODEL, "open_clip", "x", threshold=0.5))
+        registered_models.ensure_model(session, ModelSpec(MODEL, "open_clip", "x", threshold=0.5))
     return factory
 
 
@@ -117,7 +117,7 @@ def test_reconciler_resends_jobs_whose_message_was_never_sent_and_only_once(
 ) -> None:  # type: ignore[no-untyped-def]
     from tests.integration.conftest import settings_from
 
-    app = make_celery(settings_from(worker_env), stack.broker_url)
+    app = make_celery(settings_from(worker_env))
     queue = f"lv.{MODEL}"
     redis.Redis.from_url(stack.broker_url).delete(queue)
     lost, _ = new_job(sessions)  # committed, but the producer died before sending
@@ -133,16 +133,19 @@ def test_reconciler_resends_jobs_whose_message_was_never_sent_and_only_once(
         )
 
     def send(batch):  # type: ignore[no-untyped-def]
-        send_analysis_tasks(app, batch, queue)
+        send_analysis(app, batch, MODEL)
 
-    reconciler = Reconciler(sessions, send, MODEL, unsent_for=timedelta(seconds=60),
-                            stuck_for=timedelta(hours=1))  # fmt: skip
+    reconciler = Reconciler(
+        sessions, send, MODEL, unsent_for=timedelta(seconds=60), stuck_for=timedelta(hours=1)
+    )
     assert reconciler.run_once() == 2
     assert _queued_messages(stack, queue) == 2
     assert reconciler.run_once() == 0  # marked sent: not again
     sent = query(
         stack,
         "SELECT job_id FROM jobs WHERE job_id IN (:a, :b, :c) AND sent_at IS NOT NULL",
-        a=lost, b=stuck, c=fresh,
-    )  # fmt: skip
+        a=lost,
+        b=stuck,
+        c=fresh,
+    )
     assert {r["job_id"] for r in sent} == {lost, stuck}

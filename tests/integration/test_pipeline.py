@@ -238,10 +238,23 @@ def test_similar_finds_the_listing_sharing_an_image_first_and_uses_the_hnsw_inde
     from db.engine import make_sessions
 
     output = subprocess.run(
-        [sys.executable, "-m", "listing_vision", "similar", "p-red", "-k", "3",
-         "--format", "jsonl"],
-        env=worker_env, capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "listing_vision",
+            "similar",
+            "p-red",
+            "-k",
+            "3",
+            "--format",
+            "jsonl",
+        ],
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     rows = [json.loads(line) for line in output.stdout.splitlines()]
     assert len(rows) == 3
     assert rows[0]["listing_id"] == "p-long"  # the same red.jpg

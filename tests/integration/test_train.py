@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from contract.registry import ModelSpec, get_spec, load_registry
 from listing_vision.training import TrainConfig, TrainingError, read_pairs, train_open_clip
 from tests import images
-from worker.models.loading import create_backend
-from worker.models.registry import ModelSpec, get_spec, load_registry
+from worker.backends import create_backend
 
 COLOURS = ["red", "blue", "green", "gold"]
 SHAPES = ["circle", "square", "triangle"]

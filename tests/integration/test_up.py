@@ -86,8 +86,12 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
         assert enqueue.returncode == 0, enqueue.stderr
         results = subprocess.run(
             [sys.executable, "-m", "listing_vision", "results", "--format", "jsonl"],
-            env=env, capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         rows = [json.loads(line) for line in results.stdout.splitlines()]
         assert [(r["listing_id"], r["status"]) for r in rows] == [("up-1", "ok")]
         children = psutil.Process(up.pid).children(recursive=True)
@@ -100,7 +104,8 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
     state = json.loads((home / "embedded.json").read_text())
     assert state["handles"] == [] and "valkey" not in state
     servers = [
-        p.info for p in psutil.process_iter(["name", "cmdline"])
+        p.info
+        for p in psutil.process_iter(["name", "cmdline"])
         if p.info["name"] == "postgres" and str(home) in " ".join(p.info["cmdline"] or [])
-    ]  # fmt: skip
+    ]
     assert servers == []

@@ -185,9 +185,24 @@ def make_certificate(directory: Path, hostname: str) -> tuple[Path, Path] | None
         return None
     cert, key = directory / "cert.pem", directory / "key.pem"
     command = [
-        openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-        "-subj", f"/CN={hostname}", "-addext", f"subjectAltName=DNS:{hostname}",
-    ]  # fmt: skip
+        openssl,
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={hostname}",
+        "-addext",
+        f"subjectAltName=DNS:{hostname}",
+    ]
     done = subprocess.run(command, capture_output=True, timeout=30, check=False)
     return (cert, key) if done.returncode == 0 else None

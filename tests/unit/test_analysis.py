@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from contract.registry import ModelSpec
 from db.records import ListingRecord
 from tests import images
 from tests.tiny_models import save_tiny_dinov2, save_tiny_open_clip
 from worker.analysis import ListingAnalyzer
+from worker.backends import create_backend
 from worker.categories import CategoryIndex
 from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
-from worker.models.loading import create_backend
-from worker.models.registry import ModelSpec
 
 
 def analyzer(spec: ModelSpec, root: Path, with_categories: bool) -> ListingAnalyzer:
@@ -63,8 +63,9 @@ def test_dino_listing_is_ok_with_embeddings_and_no_text_scores(root: Path, tmp_p
 def test_one_bad_image_of_several_is_noted_and_the_listing_still_scored(
     root: Path, tmp_path: Path
 ) -> None:
-    spec = ModelSpec("clip", "open_clip", f"local-dir:{save_tiny_open_clip(tmp_path / 'c')}",
-                     threshold=0.0)  # fmt: skip
+    spec = ModelSpec(
+        "clip", "open_clip", f"local-dir:{save_tiny_open_clip(tmp_path / 'c')}", threshold=0.0
+    )
     result = analyzer(spec, root, with_categories=True).analyze(
         listing(root, "red.jpg", "broken.jpg", "blue.jpg", category="spaceship")
     )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.registry import ModelSpec
 from tests.images import product_image
 from tests.tiny_models import (
     save_tiny_dinov2,
@@ -17,10 +18,9 @@ from tests.tiny_models import (
     save_tiny_hf_siglip,
     save_tiny_open_clip,
 )
+from worker.backends import create_backend
+from worker.backends.base import ModelBackend
 from worker.inference import EmbedRequest, InferenceService
-from worker.models.base import ModelBackend
-from worker.models.loading import create_backend
-from worker.models.registry import ModelSpec
 from worker.scoring import image_text_similarity
 
 TEXTS = ["red round mug", "a blue square box for storage", "green lamp"]

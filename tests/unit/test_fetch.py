@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from contract.errors import FetchError, TransientError
 from tests.unit.fetch_servers import (
     IMAGE_BYTES,
     OVERSIZE,
@@ -32,9 +33,8 @@ from tests.unit.fetch_servers import (
     make_certificate,
     serve,
 )
-from worker import fetch
-from worker.errors import FetchError, TransientError
-from worker.fetch import FetchPolicy, check_address, fetch_image, resolve_checked
+from worker.fetch import FetchedImage, FetchPolicy, addresses, fetch_image, http
+from worker.fetch.addresses import check_address, resolve_checked
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 METADATA_URL = "http://169.254.169.254/latest/meta-data"
@@ -97,7 +97,7 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
             return real(host, port, *args, **kwargs)
         return [_addrinfo(address, port) for address in fake.answer(host)]
 
-    monkeypatch.setattr(fetch.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(addresses.socket, "getaddrinfo", getaddrinfo)
     return fake
 
 
@@ -132,7 +132,7 @@ def tls_server(certificate: tuple[Path, Path]) -> Iterator[Running]:
 @pytest.fixture
 def trust_test_certificate(monkeypatch: pytest.MonkeyPatch, certificate: tuple[Path, Path]) -> None:
     cert = str(certificate[0])
-    monkeypatch.setattr(fetch, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
+    monkeypatch.setattr(http, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
 
 
 def closed_port() -> int:
@@ -509,7 +509,7 @@ def file_policy(*roots: Path) -> FetchPolicy:
 def test_file_inside_a_root_is_read(files: dict[str, Path]) -> None:
     url = f"file://{files['root']}/photo.jpg"
     image = fetch_image(url, file_policy(files["root"]))
-    assert image == fetch.FetchedImage(data=IMAGE_BYTES, url=url, content_type=None)
+    assert image == FetchedImage(data=IMAGE_BYTES, url=url, content_type=None)
 
 
 def test_file_roots_are_resolved_too(files: dict[str, Path], tmp_path: Path) -> None:
@@ -563,7 +563,7 @@ def test_file_url_naming_a_host_is_refused(files: dict[str, Path]) -> None:
 NAMESPACE_SCRIPT = """
     import ipaddress, sys, threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from worker.errors import FetchError
+    from contract.errors import FetchError
     from worker.fetch import FetchPolicy, fetch_image
 
     seen = []
@@ -632,14 +632,16 @@ def test_metadata_address_is_refused_end_to_end_in_a_network_namespace(tmp_path:
 
 def test_redirect_from_https_to_plain_http_is_refused() -> None:
     request = httpx.Request("GET", "https://images.example.com/a.jpg")
-    response = httpx.Response(302, headers={"location": "http://images.example.com/a.jpg"},
-                              request=request)  # fmt: skip
+    response = httpx.Response(
+        302, headers={"location": "http://images.example.com/a.jpg"}, request=request
+    )
     with pytest.raises(FetchError, match="https to plain http"):
-        fetch._redirect_target(response, request.url)
+        http._redirect_target(response, request.url)
 
 
 def test_redirect_from_http_to_https_is_followed() -> None:
     request = httpx.Request("GET", "http://images.example.com/a.jpg")
-    response = httpx.Response(301, headers={"location": "https://images.example.com/a.jpg"},
-                              request=request)  # fmt: skip
-    assert str(fetch._redirect_target(response, request.url)) == "https://images.example.com/a.jpg"
+    response = httpx.Response(
+        301, headers={"location": "https://images.example.com/a.jpg"}, request=request
+    )
+    assert str(http._redirect_target(response, request.url)) == "https://images.example.com/a.jpg"

@@ -1,4 +1,4 @@
-"""worker.models.registry: the built-in seed models, LV_MODELS_FILE entries and their errors."""
+"""contract.registry: the built-in seed models, LV_MODELS_FILE entries and their errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.models.registry import (
+from contract.broker import model_queue
+from contract.registry import (
     BACKENDS,
     ModelSpec,
     RegistryError,
@@ -75,8 +76,8 @@ def test_the_default_model_is_clip_vit_b32_from_openai() -> None:
 
 
 def test_the_queue_is_lv_dot_model_id() -> None:
-    assert get_spec(load_registry(), "dinov2-base").queue == "lv.dinov2-base"
-    assert ModelSpec(model_id="x.y", backend="hf_clip", name="n").queue == "lv.x.y"
+    assert model_queue("dinov2-base") == "lv.dinov2-base"
+    assert model_queue("x.y") == "lv.x.y"
 
 
 # --- get_spec --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""listing_vision.settings: SPEC defaults, one clear error per bad `LV_*` value."""
+"""contract.settings: SPEC defaults, one clear error per bad `LV_*` value."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from listing_vision.settings import Settings, SettingsError, load_settings
+from contract.settings import Settings, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -41,27 +41,34 @@ def test_defaults_match_the_spec() -> None:
     assert settings.flower_password is None
 
 
-def test_without_database_or_broker_url_the_embedded_stack_is_used() -> None:
-    assert load_settings().embedded is True
+def test_an_unresolved_server_url_is_refused_by_name() -> None:
+    settings = load_settings()
+
+    with pytest.raises(SettingsError, match="LV_DATABASE_URL"):
+        settings.require_database_url()
+    with pytest.raises(SettingsError, match="LV_BROKER_URL"):
+        settings.require_broker_url()
 
 
-def test_with_both_urls_the_embedded_stack_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configured_server_urls_are_used_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LV_DATABASE_URL", "postgresql://db.example/lv")
     monkeypatch.setenv("LV_BROKER_URL", "redis://broker.example:6379/0")
 
     settings = load_settings()
 
-    assert settings.database_url == "postgresql://db.example/lv"
-    assert settings.broker_url == "redis://broker.example:6379/0"
-    assert settings.embedded is False
+    assert settings.require_database_url() == "postgresql://db.example/lv"
+    assert settings.require_broker_url() == "redis://broker.example:6379/0"
 
 
-def test_a_single_external_server_still_needs_the_embedded_stack(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_resolved_servers_replace_only_the_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LV_DATABASE_URL", "postgresql://db.example/lv")
+    monkeypatch.setenv("LV_MAX_ATTEMPTS", "7")
 
-    assert load_settings().embedded is True
+    resolved = load_settings().with_servers("postgresql://db.example/lv", "redis://127.0.0.1:1/0")
+
+    assert resolved.require_broker_url() == "redis://127.0.0.1:1/0"
+    assert resolved.require_database_url() == "postgresql://db.example/lv"
+    assert resolved.max_attempts == 7
 
 
 @pytest.mark.parametrize("variable", ["LV_DATABASE_URL", "LV_BROKER_URL"])

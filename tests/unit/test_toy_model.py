@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import random
 
+from contract.registry import get_spec, load_registry
 from listing_vision.demo.build_toy_model import TOY_DIR
 from listing_vision.demo.catalogue import COLOURS, PRODUCTS, draw_product
-from worker.models.loading import create_backend
-from worker.models.registry import get_spec, load_registry
+from worker.backends import create_backend
 from worker.scoring import image_text_similarity
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.models.base import ModelBackend, ModelInfo
-from worker.models.hf_loading import load_pretrained
+from worker.backends.base import ModelBackend, ModelInfo
+from worker.backends.hf_loading import load_pretrained
 
 
 class HfDinoBackend(ModelBackend):
@@ -31,7 +31,6 @@ class HfDinoBackend(ModelBackend):
             logit_scale=1.0,
             logit_bias=0.0,
             image_size=side,
-            context_length=None,
         )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

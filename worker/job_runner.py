@@ -16,11 +16,11 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.errors import ListingError, TransientError, one_line
 from db import jobs, listings
 from db.jobs import ClaimedJob, Unclaimable
 from db.records import JobOutcome, ResultRecord
 from worker.analysis import ListingAnalysis, ListingAnalyzer
-from worker.errors import ListingError, TransientError, one_line
 from worker.outcomes import OutcomeWriter
 from worker.retries import backoff_seconds
 
@@ -34,6 +34,21 @@ class JobReport:
 
     summary: dict[str, Any] = field(default_factory=dict)
     retry_in: float | None = None
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """Which attempt of which job, on which version of its listing: what fences its write."""
+
+    job_id: uuid.UUID
+    listing_id: str
+    number: int
+    version: datetime | None
+
+    @classmethod
+    def of(cls, claim: ClaimedJob) -> _Attempt:
+        listing = claim.listing
+        return cls(claim.job_id, listing.listing_id, claim.attempt, listing.updated_at)
 
 
 @dataclass
@@ -82,28 +97,29 @@ class JobRunner:
         except Exception as error:  # transient, or a bug: retried, then dead, never silent
             return self._after_transient(claim, error)
         status = "succeeded" if analysis.result.status == "ok" else "failed"
-        listing = claim.listing
-        self._record(claim.job_id, listing.listing_id, claim.attempt, listing.updated_at, status,
-                     analysis)  # fmt: skip
-        return JobReport(_summary(listing.listing_id, analysis.result))
+        self._record(_Attempt.of(claim), status, analysis)
+        return JobReport(_summary(claim.listing.listing_id, analysis.result))
 
     def _after_transient(self, claim: ClaimedJob, error: Exception) -> JobReport:
         message = one_line(error)
         if not isinstance(error, TransientError):
             log.exception("job %s: unexpected error", claim.job_id)
             message = f"internal error: {type(error).__name__}: {message}"
-        listing = claim.listing
         if claim.attempt >= self.max_attempts:
             reason = f"gave up after {claim.attempt} attempts: {message}"
             analysis = ListingAnalysis(ResultRecord("failed", reason), [])
-            self._record(claim.job_id, listing.listing_id, claim.attempt, listing.updated_at,
-                         "dead", analysis)  # fmt: skip
-            return JobReport(_summary(listing.listing_id, analysis.result))
+            self._record(_Attempt.of(claim), "dead", analysis)
+            return JobReport(_summary(claim.listing.listing_id, analysis.result))
         with self.sessions.begin() as session:
             jobs.note_retry(session, claim.job_id, claim.attempt, message)
         delay = backoff_seconds(claim.attempt, self.retry_backoff)
-        log.info("job %s: attempt %d failed (%s); retry in %.1fs", claim.job_id, claim.attempt,
-                 message, delay)  # fmt: skip
+        log.info(
+            "job %s: attempt %d failed, retry in %.1fs: %s",
+            claim.job_id,
+            claim.attempt,
+            delay,
+            message,
+        )
         return JobReport(retry_in=delay)
 
     def _unclaimable(self, job_id: uuid.UUID, why: Unclaimable) -> JobReport:
@@ -117,33 +133,26 @@ class JobRunner:
             listing = listings.get_listing(session, why.listing_id)
         version = listing.updated_at if listing else None
         analysis = ListingAnalysis(ResultRecord("failed", reason), [])
-        self._record(job_id, why.listing_id, why.attempts, version, "dead", analysis)
+        self._record(_Attempt(job_id, why.listing_id, why.attempts, version), "dead", analysis)
         return JobReport(_summary(why.listing_id, analysis.result))
 
-    def _record(
-        self,
-        job_id: uuid.UUID,
-        listing_id: str,
-        attempt: int,
-        version: datetime | None,
-        status: str,
-        analysis: ListingAnalysis,
-    ) -> None:
+    def _record(self, attempt: _Attempt, status: str, analysis: ListingAnalysis) -> None:
         outcome = JobOutcome(
-            job_id=job_id,
-            listing_id=listing_id,
+            job_id=attempt.job_id,
+            listing_id=attempt.listing_id,
             model_id=self.model_id,
             job_status=status,
             result=analysis.result,
-            attempt=attempt,
-            listing_updated_at=version,
+            attempt=attempt.number,
+            listing_updated_at=attempt.version,
             images=analysis.images,
             new_embeddings=analysis.new_embeddings,
             batch_size=analysis.batch_size,
         )
         if not self.writer.write(outcome, timeout=WRITE_TIMEOUT):
-            log.info("job %s attempt %d: another attempt owns the job; nothing written",
-                     job_id, attempt)  # fmt: skip
+            log.info(
+                "job %s attempt %d superseded: nothing written", attempt.job_id, attempt.number
+            )
 
 
 def _summary(listing_id: str, result: ResultRecord) -> dict[str, Any]:

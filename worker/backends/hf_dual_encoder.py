@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.models.base import ModelBackend, ModelInfo, image_text_info
-from worker.models.hf_loading import load_pretrained, pooled
+from worker.backends.base import ModelBackend, ModelInfo, image_text_info
+from worker.backends.hf_loading import load_pretrained, pooled
 
 
 class _HfDualEncoder(ModelBackend):
@@ -32,7 +32,6 @@ class _HfDualEncoder(ModelBackend):
             self.model,
             embed_dim=int(self._embed_images(probe).shape[-1]),
             image_size=int(crop["height"]),
-            context_length=self.context_length,
         )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

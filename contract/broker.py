@@ -1,27 +1,51 @@
-"""The Celery wiring, in one place: broker settings, delivery guarantees, task and queue names.
+"""The broker contract: Celery's configuration, the task and queue names, the message's shape.
 
-Importing this module does not import torch, so the producer and Flower can use it.
+Both sides build their Celery app here, so a producer and a worker can never disagree on
+serialisation, acknowledgement or routing. Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from celery import Celery
 
-from db.jobs import NewJob
-from listing_vision.settings import Settings
+from contract.settings import Settings
 
 ANALYZE_TASK = "lv.analyze"
 STATS_COMMAND = "lv_stats"  # remote control: app.control.broadcast("lv_stats", reply=True)
 
 
-def make_celery(settings: Settings, broker_url: str) -> Celery:
+def model_queue(model_id: str) -> str:
+    """The queue that carries one model's jobs: a worker consumes only its own model's queue."""
+    return f"lv.{model_id}"
+
+
+@dataclass(frozen=True)
+class AnalyzeMessage:
+    """What an analysis task carries: only the job's id (the task id too). The listing itself
+    is read from the database, so a message never holds stale or secret data."""
+
+    job_id: uuid.UUID
+
+    def kwargs(self) -> dict[str, str]:
+        """The task's keyword arguments (JSON)."""
+        return {"job_id": str(self.job_id)}
+
+    @classmethod
+    def parse(cls, job_id: str) -> AnalyzeMessage:
+        """The message from the task's keyword arguments."""
+        return cls(uuid.UUID(job_id))
+
+
+def make_celery(settings: Settings) -> Celery:
     """A Celery app with the delivery guarantees SPEC.md promises (JSON only, late acks)."""
-    app = Celery("listing_vision", broker=broker_url, set_as_current=False)
+    app = Celery("listing_vision", broker=settings.require_broker_url(), set_as_current=False)
     transport = {
         # A message not acknowledged within this many seconds is delivered again; it must
-        # exceed the hard time limit (checked in Settings).
+        # exceed the longest an attempt may take (LV_TASK_TIME_LIMIT, checked in Settings).
         "visibility_timeout": settings.visibility_timeout,
     }
     app.conf.update(
@@ -50,17 +74,17 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
     return app
 
 
-def send_analysis_tasks(app: Celery, jobs: Sequence[NewJob], queue: str) -> None:
-    """Publish one analysis task per job on the model's queue; the task id is the job id, and
-    the message carries only ids (the listing itself is read from the database)."""
-    if not jobs:
+def send_analysis(app: Celery, job_ids: Sequence[uuid.UUID], model_id: str) -> None:
+    """Publish one analysis task per job on the model's queue; the task id is the job id."""
+    if not job_ids:
         return
+    queue = model_queue(model_id)
     with app.producer_or_acquire() as connection:
-        for job in jobs:
+        for job_id in job_ids:
             app.send_task(
                 ANALYZE_TASK,
-                kwargs={"job_id": str(job.job_id), "listing_id": job.listing_id},
+                kwargs=AnalyzeMessage(job_id).kwargs(),
                 queue=queue,
-                task_id=str(job.job_id),
+                task_id=str(job_id),
                 producer=connection,
             )

@@ -1,6 +1,7 @@
 """The model registry: built-in entries plus `LV_MODELS_FILE`, as plain data (no torch here).
 
-The producer reads it too, to refuse an unknown `--model` before anything is queued.
+The producer reads it too, to refuse an unknown `--model` before anything is queued; the worker
+turns an entry into a loaded backend (`worker.backends.create_backend`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-BACKENDS = ("open_clip", "hf_clip", "hf_siglip", "hf_dino")
+Backend = Literal["open_clip", "hf_clip", "hf_siglip", "hf_dino"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 BUILTIN_FILE = Path(__file__).with_name("builtin_models.toml")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 _MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -38,7 +40,7 @@ class ModelSpec:
     """One registry entry: how to load a model and how to judge its scores."""
 
     model_id: str
-    backend: str
+    backend: Backend
     name: str
     pretrained: str | None = None
     threshold: float | None = None
@@ -49,11 +51,6 @@ class ModelSpec:
     precision: str = "auto"
     description: str = ""
     source: str = field(default="built-in", compare=False)
-
-    @property
-    def queue(self) -> str:
-        """The broker queue that carries this model's jobs (one queue per model)."""
-        return f"lv.{self.model_id}"
 
 
 def load_registry(models_file: Path | None = None) -> dict[str, ModelSpec]:

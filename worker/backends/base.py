@@ -1,7 +1,8 @@
 """What every model backend is, and the one place that owns device, precision and warm loading.
 
 A backend subclass writes only `_load`, `preprocess`, `_embed_images` and `_embed_texts`; this base
-handles the device, the dtype, `torch.inference_mode`, normalisation and thread safety.
+handles the device, the dtype, `torch.inference_mode`, normalisation and loading once behind a
+lock. Embedding calls are not locked: the worker makes them from its batcher's one thread.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from worker.models.registry import ModelSpec
+from contract.registry import ModelSpec
 
 Scoring = Literal["cosine", "sigmoid"]
 
@@ -31,12 +32,9 @@ class ModelInfo:
     logit_scale: float  # already exponentiated: the temperature applied to cosines
     logit_bias: float
     image_size: int
-    context_length: int | None
 
 
-def image_text_info(
-    model: Any, *, embed_dim: int, image_size: int, context_length: int | None
-) -> ModelInfo:
+def image_text_info(model: Any, *, embed_dim: int, image_size: int) -> ModelInfo:
     """Facts of an image-text model: a `logit_bias` parameter makes it SigLIP-style (sigmoid
     scoring), decided from the model itself, never from its name."""
     bias = getattr(model, "logit_bias", None)
@@ -47,12 +45,11 @@ def image_text_info(
         logit_scale=float(model.logit_scale.exp().item()),
         logit_bias=float(bias.item()) if bias is not None else 0.0,
         image_size=image_size,
-        context_length=context_length,
     )
 
 
 class ModelBackend(ABC):
-    """A warm model: load once, then embed image batches and text batches from any thread."""
+    """A warm model: load once (from any thread), then embed image and text batches."""
 
     def __init__(self, spec: ModelSpec, device: str | torch.device | None = None) -> None:
         self.spec = spec

@@ -90,10 +90,21 @@ class Settings(BaseSettings):
             )
         return self
 
-    @property
-    def embedded(self) -> bool:
-        """True when either server is left to the embedded stack under `LV_HOME`."""
-        return self.database_url is None or self.broker_url is None
+    def with_servers(self, database_url: str | None, broker_url: str | None) -> Settings:
+        """These settings with the servers' URLs resolved (the embedded stack's, when unset)."""
+        return self.model_copy(update={"database_url": database_url, "broker_url": broker_url})
+
+    def require_database_url(self) -> str:
+        """The database URL; a `SettingsError` if it was neither set nor resolved."""
+        if self.database_url is None:
+            raise SettingsError("LV_DATABASE_URL is not set and no embedded database runs")
+        return self.database_url
+
+    def require_broker_url(self) -> str:
+        """The broker URL; a `SettingsError` if it was neither set nor resolved."""
+        if self.broker_url is None:
+            raise SettingsError("LV_BROKER_URL is not set and no embedded broker runs")
+        return self.broker_url
 
 
 def _describe(error: ValidationError) -> str:

@@ -1,10 +1,16 @@
-"""The two kinds of failure a job can meet, and how each is handled.
+"""The two kinds of failure a job can meet, and how an error reads in one line.
 
 `ListingError`: the listing's own fault (a bad URL, not an image, too large). The job fails at
 once with the message as its one-line `error`; retrying cannot help.
 `TransientError`: the world's fault (HTTP 503, a reset connection, a database restart). The job is
 retried with backoff until `LV_MAX_ATTEMPTS`, then it is `dead`.
 """
+
+from __future__ import annotations
+
+import re
+
+_MAX_SHOWN_CHARS = 200
 
 
 class ListingError(Exception):
@@ -27,3 +33,18 @@ def one_line(error: BaseException, limit: int = 500) -> str:
     """An exception as one readable line for a `failed` row or a log (no traceback, bounded)."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text[:limit]
+
+
+def shown(text: str) -> str:
+    """Untrusted text (a URL, a server's words) made safe for a one-line message: control
+    characters replaced, long values cut."""
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
+    if len(text) > _MAX_SHOWN_CHARS:
+        return text[: _MAX_SHOWN_CHARS - 1] + "…"
+    return text
+
+
+def reason(error: BaseException) -> str:
+    """A short one-line reason: strerror for OS errors, else the message, never a traceback."""
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return shown(str(text))

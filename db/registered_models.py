@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -12,7 +12,7 @@ from db.schema import Model
 
 
 class RegistryEntry(Protocol):
-    """What `models` stores of a registry entry (`worker.models.registry.ModelSpec` is one)."""
+    """What `models` stores of a registry entry (`contract.registry.ModelSpec` is one)."""
 
     @property
     def model_id(self) -> str: ...
@@ -47,16 +47,11 @@ def record_loaded(session: Session, model_id: str, *, embed_dim: int, scoring: s
     )
 
 
-def active_model(session: Session, default: str) -> str:
+def active_model_id(engine: Engine, default: str) -> str:
     """The model a `reindex` switched to, else `default` (the `LV_MODEL` setting)."""
-    chosen = session.scalar(select(Model.model_id).where(Model.active))
+    with engine.connect() as connection:
+        chosen = connection.scalar(select(Model.model_id).where(Model.active))
     return chosen or default
-
-
-def set_active_model(session: Session, model_id: str) -> None:
-    """Switch the active model; the partial unique index keeps at most one active."""
-    session.execute(update(Model).where(Model.active).values(active=False))
-    session.execute(update(Model).where(Model.model_id == model_id).values(active=True))
 
 
 def embed_dim(session: Session, model_id: str) -> int | None:

@@ -8,7 +8,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from worker.models.base import ModelBackend, ModelInfo, image_text_info
+from worker.backends.base import ModelBackend, ModelInfo, image_text_info
 
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}
 
@@ -32,7 +32,6 @@ class OpenClipBackend(ModelBackend):
             self.model,
             embed_dim=int(self.model.encode_image(probe).shape[-1]),
             image_size=image_size,
-            context_length=getattr(self._tokenizer, "context_length", None),
         )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

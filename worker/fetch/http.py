@@ -1,0 +1,249 @@
+"""`http(s)` image URLs: connect only to checked addresses, follow redirects by hand re-checking
+every hop, and hold the whole fetch to one deadline and one size limit.
+
+We connect to exactly the address the guard checked (so DNS rebinding cannot swap it), while TLS
+still verifies the certificate against the URL's hostname.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from contract.errors import FetchError, TransientError, reason, shown
+from worker.fetch.addresses import IPAddress, resolve_checked
+from worker.fetch.policy import FetchedImage, FetchPolicy, too_large
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class _Unreachable(FetchError):
+    """Could not connect to one address; the host's other addresses are still worth trying."""
+
+
+class _Deadline:
+    """One monotonic deadline for a whole fetch, so redirects and slow bodies cannot extend it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._expires = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; raises once none are, so every caller stops at the same moment."""
+        left = self._expires - time.monotonic()
+        if left <= 0:
+            raise self.expired()
+        return left
+
+    def expired(self) -> FetchError:
+        return FetchError(f"timed out after {self.seconds:g}s")
+
+
+def fetch_http_url(url: str, policy: FetchPolicy) -> FetchedImage:
+    """Fetch an `http(s)` image URL under `policy` (`FetchError` or `TransientError` otherwise)."""
+    return _fetch_http(_parse_http_url(url), policy)
+
+
+def _parse_http_url(url: str) -> httpx.URL:
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise FetchError(f"invalid URL ({reason(exc)})") from None
+    if not parsed.raw_host:
+        raise FetchError("URL has no host")
+    return parsed.copy_with(fragment=None)
+
+
+def _fetch_http(url: httpx.URL, policy: FetchPolicy) -> FetchedImage:
+    """Follow redirects by hand, so each hop is resolved and checked before we connect to it."""
+    deadline = _Deadline(policy.timeout)
+    tls = _tls_context()
+    current = url
+    for hop in range(policy.max_redirects + 1):
+        try:
+            outcome = _fetch_hop(current, policy, deadline, tls)
+        except FetchError as exc:
+            if hop == 0:
+                raise
+            raise FetchError(f"redirected to {shown(str(current))}: {exc}") from None
+        if isinstance(outcome, FetchedImage):
+            return outcome
+        current = outcome
+    raise FetchError(f"more than {policy.max_redirects} redirects")
+
+
+def _fetch_hop(
+    url: httpx.URL, policy: FetchPolicy, deadline: _Deadline, tls: ssl.SSLContext
+) -> FetchedImage | httpx.URL:
+    """One request: the image, or the checked URL of the next hop."""
+    host = url.raw_host.decode("ascii")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    addresses = resolve_checked(host, port, policy.allowed_private_networks, deadline.remaining())
+    for address in addresses[:-1]:
+        try:
+            return _fetch_from(address, url, policy, deadline, tls)
+        except _Unreachable:
+            continue  # another of the host's checked addresses may answer
+    return _fetch_from(addresses[-1], url, policy, deadline, tls)
+
+
+def _fetch_from(
+    address: IPAddress,
+    url: httpx.URL,
+    policy: FetchPolicy,
+    deadline: _Deadline,
+    tls: ssl.SSLContext,
+) -> FetchedImage | httpx.URL:
+    # A client per connection: httpx pools by (scheme, IP, port), and a pooled TLS connection
+    # verified for one hostname must never serve a redirect to another name on the same IP.
+    host = url.raw_host.decode("ascii")
+    with (
+        _translated_http_errors(host, deadline),
+        httpx.Client(
+            verify=tls,
+            trust_env=False,  # a proxy from the environment would connect to the name, not the IP
+            follow_redirects=False,
+            timeout=httpx.Timeout(deadline.remaining()),
+        ) as client,
+    ):
+        request = client.build_request(
+            "GET",
+            url.copy_with(host=str(address)),
+            headers=_request_headers(url, policy),
+            extensions=_tls_extensions(url),
+        )
+        response = client.send(request, stream=True)
+        try:
+            return _handle_response(response, url, policy, deadline)
+        finally:
+            response.close()
+
+
+def _request_headers(url: httpx.URL, policy: FetchPolicy) -> dict[str, str]:
+    host = url.raw_host.decode("ascii")
+    if ":" in host:
+        host = f"[{host}]"
+    if url.port is not None:
+        host = f"{host}:{url.port}"
+    return {
+        "Host": host,  # we connect to the IP, but the server must see the name from the URL
+        "User-Agent": policy.user_agent,
+        "Accept": "image/*",
+        # Images are compressed already; identity means max_bytes counts what is on the wire.
+        "Accept-Encoding": "identity",
+    }
+
+
+def _tls_extensions(url: httpx.URL) -> dict[str, str]:
+    """Make TLS use the URL's hostname although the connection goes to the checked IP.
+
+    httpcore passes `sni_hostname` as `server_hostname` to `SSLContext.wrap_socket`
+    (httpcore/_sync/connection.py `_connect`, httpcore/_backends/sync.py `start_tls`). With
+    `check_hostname=True` (our default context) Python's ssl uses that one value both for SNI and
+    for matching the certificate, so the certificate is verified against the real hostname.
+    """
+    if url.scheme != "https":
+        return {}
+    return {"sni_hostname": url.raw_host.decode("ascii")}
+
+
+def _tls_context() -> ssl.SSLContext:
+    """A fresh verifying context per fetch: httpcore mutates it (ALPN) on every connection."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
+def _handle_response(
+    response: httpx.Response, url: httpx.URL, policy: FetchPolicy, deadline: _Deadline
+) -> FetchedImage | httpx.URL:
+    status = response.status_code
+    host = url.raw_host.decode("ascii")
+    if status in _REDIRECT_STATUSES:
+        return _redirect_target(response, url)
+    if status in _RETRYABLE_STATUSES:
+        raise TransientError(f"HTTP {status} from host {host} (will retry)")
+    if not 200 <= status < 300:
+        raise FetchError(f"HTTP {status} from host {host}")
+    data = _read_body(response, policy.max_bytes, deadline)
+    return FetchedImage(data=data, url=str(url), content_type=response.headers.get("content-type"))
+
+
+def _redirect_target(response: httpx.Response, url: httpx.URL) -> httpx.URL:
+    location = response.headers.get("location")
+    if not location:
+        raise FetchError(f"HTTP {response.status_code} redirect without a Location header")
+    try:
+        target = url.join(location)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise FetchError(f"redirect to an invalid URL ({reason(exc)})") from None
+    if target.scheme not in ("http", "https"):
+        raise FetchError(
+            f"redirect to {shown(location)} refused (only http and https may be redirected to)"
+        )
+    if url.scheme == "https" and target.scheme == "http":
+        raise FetchError(f"redirect from https to plain http ({shown(location)}) refused")
+    if not target.raw_host:
+        raise FetchError(f"redirect to {shown(location)} has no host")
+    return target.copy_with(fragment=None)
+
+
+def _read_body(response: httpx.Response, max_bytes: int, deadline: _Deadline) -> bytes:
+    """Stream the body, stopping at max_bytes+1 or the deadline, whichever comes first."""
+    declared = _content_length(response)
+    if declared is not None and declared > max_bytes:
+        raise FetchError(f"{too_large(max_bytes)} (Content-Length {declared} bytes)")
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            raise FetchError(too_large(max_bytes))
+        # Each read may take up to the time left when the request went out; checking here stops
+        # a server that drips a byte at a time from stretching the fetch past its deadline.
+        deadline.remaining()
+    return bytes(body)
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+@contextmanager
+def _translated_http_errors(host: str, deadline: _Deadline) -> Iterator[None]:
+    """Turn httpx's exceptions into one-line FetchError/TransientError naming the host."""
+    try:
+        yield
+    except httpx.TimeoutException:
+        raise deadline.expired() from None
+    except httpx.ConnectError as exc:
+        raise _connect_failure(host, exc) from None
+    except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+        # The server accepted us and then broke off: the world's fault, worth a retry.
+        raise TransientError(f"connection to host {host} broke ({reason(exc)})") from None
+    except httpx.HTTPError as exc:
+        raise FetchError(f"request to host {host} failed ({reason(exc)})") from None
+
+
+def _connect_failure(host: str, exc: httpx.ConnectError) -> FetchError:
+    cause = _root_cause(exc)
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return FetchError(f"TLS certificate of host {host} rejected ({cause.verify_message})")
+    if isinstance(cause, ssl.SSLError):
+        return FetchError(f"TLS error with host {host} ({reason(cause)})")
+    return _Unreachable(f"cannot connect to host {host} ({reason(cause)})")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The OSError or SSLError under httpx's and httpcore's wrappers, which say less."""
+    for _ in range(10):
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return exc
