@@ -30,7 +30,7 @@ test-gpu: $(STAMP) ## GPU-marked tests (skipped without CUDA)
 lint: $(STAMP) ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy producer db listing_vision worker
+	$(BIN)/mypy contract db producer worker listing_vision bench
 
 format: $(STAMP) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from contract.registry import ModelSpec
 from db.schema import Model
 
 
-class RegistryEntry(Protocol):
-    """What `models` stores of a registry entry (`contract.registry.ModelSpec` is one)."""
-
-    @property
-    def model_id(self) -> str: ...
-    @property
-    def backend(self) -> str: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def pretrained(self) -> str | None: ...
-    @property
-    def threshold(self) -> float | None: ...
-
-
-def ensure_model(session: Session, entry: RegistryEntry) -> None:
+def ensure_model(session: Session, entry: ModelSpec) -> None:
     """Record a registry entry the first time a job or worker names it (keeps it up to date)."""
     values = {
         "backend": entry.backend,

@@ -5,6 +5,8 @@ Revises:
 Create Date: 2026-11-23
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 from pgvector.sqlalchemy import Vector
@@ -18,7 +20,7 @@ depends_on = None
 NOW = sa.text("now()")
 
 
-def _ts(name: str, nullable: bool = False, default: bool = True) -> sa.Column:
+def _ts(name: str, nullable: bool = False, default: bool = True) -> sa.Column[Any]:
     return sa.Column(
         name,
         sa.DateTime(timezone=True),
