@@ -7,6 +7,14 @@ from pathlib import Path
 
 import torch
 
+# Two layers of width 32: a real architecture, small enough to build in a test.
+TINY_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
+
 
 def tiny_open_clip_config(*, siglip: bool = False, image_size: int = 32) -> dict:
     """A CLIP-shaped open_clip config small enough to build in well under a second."""
@@ -84,23 +92,13 @@ def save_tiny_hf_clip(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     text = CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_TOWER,
         max_position_embeddings=77,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = CLIPVisionConfig(**TINY_TOWER, image_size=32, patch_size=8)
     config = CLIPConfig(
         text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
     )
@@ -128,23 +126,13 @@ def save_tiny_hf_siglip(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     text = SiglipTextConfig(
         vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_TOWER,
         max_position_embeddings=64,
         pad_token_id=49407,
         eos_token_id=49407,
         bos_token_id=49406,
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = SiglipVisionConfig(**TINY_TOWER, image_size=32, patch_size=8)
     model = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
     with torch.no_grad():
         model.logit_scale.fill_(2.0)
