@@ -22,11 +22,11 @@ import torch
 
 from contract.broker import STATS_COMMAND
 from contract.registry import get_spec, load_registry
-from contract.settings import load_settings
+from contract.settings import Settings, load_settings
 from db.engine import make_engine
 from db.migrate import upgrade
 from listing_vision.demo.catalogue import COLOURS, PRODUCTS, draw_product
-from listing_vision.embedded import EmbeddedServers, ServerUrls
+from listing_vision.embedded import EmbeddedServers
 from listing_vision.supervisor import Child, child_env, stop_children
 from producer.enqueue import Producer
 from worker.backends import create_backend
@@ -64,31 +64,19 @@ def bench_model(
 
 
 def bench_pipeline(
-    urls: ServerUrls,
-    home: Path,
-    models_file: Path,
-    images: list[Path],
-    model_id: str,
-    batch_max_size: int,
+    settings: Settings, images: list[Path], model_id: str, batch_max_size: int
 ) -> dict[str, Any]:
     """Listings/s through a real worker process, one message per listing."""
-    settings = load_settings(
-        home=str(home),
-        database_url=urls.database_url,
-        broker_url=urls.broker_url,
-        models_file=str(models_file),
-        file_roots=str(images[0].parent),
-    )
     env = child_env(
         settings,
-        LV_MODELS_FILE=str(models_file),
+        LV_MODELS_FILE=str(settings.models_file),
         LV_FILE_ROOTS=str(images[0].parent),
         LV_BATCH_MAX_SIZE=str(batch_max_size),
         LV_BATCH_MAX_WAIT_MS="20",
         LV_LOG_LEVEL="INFO",
-        LV_HOME=str(home),
+        LV_HOME=str(settings.home),
     )
-    log = home / f"worker-{model_id}-{batch_max_size}.log"
+    log = settings.home / f"worker-{model_id}-{batch_max_size}.log"
     worker = Child(
         "bench-worker",
         [sys.executable, "-m", "listing_vision", "worker", "--model", model_id],
@@ -183,15 +171,15 @@ def main() -> None:
         print("pipeline (embedded PostgreSQL and Valkey, one worker process):", flush=True)
         home = scratch / "home"
         with EmbeddedServers(home) as urls:
-            assert urls.database_url
-            engine = make_engine(urls.database_url)
+            settings = load_settings(
+                home=str(home), models_file=str(models_file), file_roots=str(scratch / "images")
+            ).with_servers(urls.database_url, urls.broker_url)
+            engine = make_engine(settings.require_database_url())
             upgrade(engine)
             engine.dispose()
             runs = [(m, size) for m in ("lv-toy", "vit-b32-random") for size in (1, 64)]
             result["pipeline"] = [
-                bench_pipeline(
-                    urls, home, models_file, draw_images(scratch / "images", count, seed), m, size
-                )
+                bench_pipeline(settings, draw_images(scratch / "images", count, seed), m, size)
                 for seed, (m, size) in enumerate(runs)
             ]
     RESULTS.mkdir(exist_ok=True)

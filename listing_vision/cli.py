@@ -58,13 +58,14 @@ def _migrated_engine(resolved: Settings) -> Engine:
     return engine
 
 
-def _ready_engine(settings: Settings, resolved: Settings) -> Engine:
-    """An engine on a current schema: the embedded database (`settings` name none) is migrated
-    on the fly, no set-up; a configured one must have been migrated by `listing-vision migrate`."""
+def _ready_engine(configured: Settings, resolved: Settings) -> Engine:
+    """An engine on a current schema: the embedded database (`configured` names none) is
+    migrated on the fly, no set-up; a configured one must have been migrated by
+    `listing-vision migrate`."""
     from db.engine import make_engine
     from db.migrate import is_current
 
-    if settings.database_url is None:
+    if configured.database_url is None:
         return _migrated_engine(resolved)
     engine = make_engine(resolved.require_database_url())
     if not is_current(engine):

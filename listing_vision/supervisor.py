@@ -23,7 +23,7 @@ from contract.settings import Settings
 log = logging.getLogger(__name__)
 RESTART_LIMIT = 5  # deaths within RESTART_WINDOW before giving up
 RESTART_WINDOW = 300.0
-# Longer than a worker's soft shutdown (at most 60 s, worker/app.py) plus its requeueing.
+# Longer than a worker's soft shutdown (at most 60 s, contract/broker.py) plus its requeueing.
 WORKER_STOP_TIMEOUT = 90.0
 _PR_SET_PDEATHSIG = 1
 

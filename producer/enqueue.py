@@ -121,6 +121,7 @@ class Producer:
             time.sleep(poll_interval)
 
     def _validate(self, raw: ListingEvent | dict[str, Any], number: int) -> ListingEvent | Refusal:
-        if isinstance(raw, ListingEvent):
-            return raw
-        return parse_event(raw, number, self.settings.file_roots)
+        if not isinstance(raw, ListingEvent):
+            return parse_event(raw, number, self.settings.file_roots)
+        problem = raw.file_url_problem(self.settings.file_roots)
+        return Refusal(number, raw.listing_id, problem) if problem else raw

@@ -7,12 +7,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     model_validator,
@@ -25,13 +27,20 @@ MAX_URLS = 12
 
 
 def _usable_url(url: str, info: ValidationInfo) -> str:
-    """The image-URL policy, with the file roots given as validation context (none: no
-    `file://` URL is allowed)."""
-    file_roots: tuple[Path, ...] = (info.context or {}).get("file_roots", ())
-    problem = url_problem(url, file_roots)
+    """The image-URL policy, with `LV_FILE_ROOTS` given as validation context. Without a
+    context the roots are unknown, so a `file://` URL is left for the producer to judge."""
+    file_roots = _context_roots(info)
+    if file_roots is None and urlsplit(url).scheme == "file":
+        return url
+    problem = url_problem(url, file_roots or ())
     if problem:
         raise ValueError(problem)
     return url
+
+
+def _context_roots(info: ValidationInfo) -> tuple[Path, ...] | None:
+    roots: tuple[Path, ...] | None = (info.context or {}).get("file_roots")
+    return roots
 
 
 ImageUrl = Annotated[str, AfterValidator(_usable_url)]
@@ -40,9 +49,10 @@ ImageUrl = Annotated[str, AfterValidator(_usable_url)]
 class ListingEvent(BaseModel):
     """One listing as the catalogue sends it; `image_url` is accepted for a single image.
 
-    An instance is valid by construction, image URLs included: build one with `parse_event`
-    (or `model_validate(raw, context={"file_roots": roots})`) so `file://` URLs are judged
-    against `LV_FILE_ROOTS`; the producer never validates it again.
+    An instance is valid by construction. `parse_event` (or `model_validate(raw,
+    context={"file_roots": roots})`) also judges `file://` URLs against `LV_FILE_ROOTS`; the
+    producer then takes the event as it is, and judges only the `file://` URLs of an event built
+    without those roots (`ListingEvent(...)`).
     """
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, frozen=True)
@@ -52,6 +62,7 @@ class ListingEvent(BaseModel):
     description: str | None = Field(None, max_length=5000)
     image_urls: tuple[ImageUrl, ...] = Field(min_length=1, max_length=MAX_URLS)
     category: str | None = Field(None, max_length=200)
+    _judged_roots: tuple[Path, ...] | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -63,6 +74,21 @@ class ListingEvent(BaseModel):
         data = dict(data)
         data["image_urls"] = [data.pop("image_url")]
         return data
+
+    @model_validator(mode="after")
+    def _remember_roots(self, info: ValidationInfo) -> ListingEvent:
+        self._judged_roots = _context_roots(info)
+        return self
+
+    def file_url_problem(self, file_roots: tuple[Path, ...]) -> str | None:
+        """Why a `file://` URL is not allowed under `file_roots`, unless already judged so."""
+        if self._judged_roots == file_roots:
+            return None
+        for index, url in enumerate(self.image_urls):
+            problem = url_problem(url, file_roots)
+            if problem:
+                return f"image_urls.{index}: {problem}"
+        return None
 
     def to_record(self) -> ListingRecord:
         """The listing as `db/` stores it (empty optional texts become NULL)."""

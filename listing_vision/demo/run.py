@@ -36,10 +36,10 @@ class DemoOptions:
     """What the demo runs: which model, how big a catalogue, drawn with which seed."""
 
     model_id: str
-    count: int = 120
-    seed: int = 2026
-    timeout: float = 900.0
-    report: Path | None = None  # also write the metrics as JSON here
+    count: int
+    seed: int
+    timeout: float
+    report: Path | None  # also write the metrics as JSON here
 
 
 @dataclass(frozen=True)

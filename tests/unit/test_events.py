@@ -426,3 +426,30 @@ def test_parse_lines_checks_file_urls_against_the_roots(root: Path) -> None:
 def test_a_malformed_url_is_refused_not_a_crash() -> None:
     refusal = refused(event(image_urls=["http://[::1/a.jpg"]))
     assert refusal.message.startswith("image_urls.0: malformed URL")
+
+
+# --- events built in Python ------------------------------------------------------------------
+
+
+def test_an_event_built_without_roots_leaves_its_file_urls_to_be_judged(root: Path) -> None:
+    inside = ListingEvent(listing_id="a", title="t", image_urls=((root / "a.jpg").as_uri(),))
+    outside = ListingEvent(
+        listing_id="b", title="t", image_urls=((root.parent / "secret" / "b.jpg").as_uri(),)
+    )
+
+    assert inside.file_url_problem((root,)) is None
+    problem = outside.file_url_problem((root,))
+    assert problem is not None and problem.startswith("image_urls.0:") and "outside" in problem
+    assert "none is configured" in str(inside.file_url_problem(()))
+
+
+def test_an_event_parsed_under_the_same_roots_is_not_judged_again(root: Path) -> None:
+    parsed = accepted(event(image_urls=[(root / "a.jpg").as_uri()]), (root,))
+    # Judged against `root`: taken as it is. Against other roots it is judged afresh.
+    assert parsed.file_url_problem((root,)) is None
+    assert parsed.file_url_problem(()) is not None
+
+
+def test_an_event_built_in_python_still_refuses_a_bad_http_url() -> None:
+    with pytest.raises(ValueError, match="scheme"):
+        ListingEvent(listing_id="a", title="t", image_urls=("ftp://host/a.jpg",))
