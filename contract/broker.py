@@ -15,6 +15,7 @@ from celery import Celery
 from contract.settings import Settings
 
 ANALYZE_TASK = "lv.analyze"
+RUN_CHUNK_TASK = "lv.run_chunk"
 STATS_COMMAND = "lv_stats"  # remote control: app.control.broadcast("lv_stats", reply=True)
 
 
@@ -38,6 +39,23 @@ class AnalyzeMessage:
     def parse(cls, job_id: str) -> AnalyzeMessage:
         """The message from the task's keyword arguments."""
         return cls(uuid.UUID(job_id))
+
+
+@dataclass(frozen=True)
+class ChunkMessage:
+    """What a run's chunk task carries: only the chunk's id (the task id too); its listings
+    and its run are read from the database."""
+
+    chunk_id: uuid.UUID
+
+    def kwargs(self) -> dict[str, str]:
+        """The task's keyword arguments (JSON)."""
+        return {"chunk_id": str(self.chunk_id)}
+
+    @classmethod
+    def parse(cls, chunk_id: str) -> ChunkMessage:
+        """The message from the task's keyword arguments."""
+        return cls(uuid.UUID(chunk_id))
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -86,5 +104,25 @@ def send_analysis(app: Celery, job_ids: Sequence[uuid.UUID], model_id: str) -> N
                 kwargs=AnalyzeMessage(job_id).kwargs(),
                 queue=queue,
                 task_id=str(job_id),
+                producer=connection,
+            )
+
+
+def send_chunks(
+    app: Celery, chunk_ids: Sequence[uuid.UUID], model_id: str, countdown: float | None = None
+) -> None:
+    """Publish one task per run chunk on the model's queue; the task id is the chunk id.
+    `countdown` delays them (a retry chunk's backoff)."""
+    if not chunk_ids:
+        return
+    queue = model_queue(model_id)
+    with app.producer_or_acquire() as connection:
+        for chunk_id in chunk_ids:
+            app.send_task(
+                RUN_CHUNK_TASK,
+                kwargs=ChunkMessage(chunk_id).kwargs(),
+                queue=queue,
+                task_id=str(chunk_id),
+                countdown=countdown,
                 producer=connection,
             )

@@ -53,7 +53,10 @@ class ModelSpec:
     source: str = field(default="built-in", compare=False)
 
 
-def load_registry(models_file: Path | None = None) -> dict[str, ModelSpec]:
+Registry = dict[str, ModelSpec]
+
+
+def load_registry(models_file: Path | None = None) -> Registry:
     """Built-in entries, then `models_file`'s entries (same id replaces the built-in one)."""
     registry = _read_file(BUILTIN_FILE, "built-in")
     if models_file is not None:
@@ -63,7 +66,7 @@ def load_registry(models_file: Path | None = None) -> dict[str, ModelSpec]:
     return registry
 
 
-def get_spec(registry: dict[str, ModelSpec], model_id: str) -> ModelSpec:
+def get_spec(registry: Registry, model_id: str) -> ModelSpec:
     """The entry for `model_id`, or a `RegistryError` listing the ids that exist."""
     try:
         return registry[model_id]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 
-from sqlalchemy import delete, func
+from sqlalchemy import func, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -25,38 +26,41 @@ def insert_image_facts(session: Session, images: list[ListingImageRecord]) -> No
 
 
 def write_listing_images(
-    session: Session, listing_id: str, images: list[ListingImageRecord]
+    session: Session, images_by_listing: Mapping[str, list[ListingImageRecord]]
 ) -> None:
-    """Replace the listing's image list: URL, content (SHA-256) or error, per position."""
-    if not images:
+    """Replace each listing's image list (URL, content or error, validators, per position), in
+    two statements for all of them; listings with no images given are left as they are."""
+    lists = {listing_id: images for listing_id, images in images_by_listing.items() if images}
+    if not lists:
         return
-    statement = insert(ListingImage).values(
-        [
-            {
-                "listing_id": listing_id,
-                "position": image.position,
-                "url": image.url,
-                "sha256": image.facts.sha256 if image.facts else None,
-                "error": image.error,
-                "checked_at": func.now(),
-            }
-            for image in images
-        ]
-    )
+    rows = [
+        {
+            "listing_id": listing_id,
+            "position": image.position,
+            "url": image.url,
+            "sha256": image.facts.sha256 if image.facts else None,
+            "error": image.error,
+            "etag": image.etag,
+            "last_modified": image.last_modified,
+            "checked_at": func.now(),
+        }
+        for listing_id in sorted(lists)  # the order every writer locks listings in
+        for image in lists[listing_id]
+    ]
+    statement = insert(ListingImage).values(rows)
     excluded = statement.excluded
+    replaced = ("url", "sha256", "error", "etag", "last_modified", "checked_at")
     session.execute(
         statement.on_conflict_do_update(
             index_elements=[ListingImage.listing_id, ListingImage.position],
-            set_={
-                "url": excluded.url,
-                "sha256": excluded.sha256,
-                "error": excluded.error,
-                "checked_at": excluded.checked_at,
-            },
+            set_={column: excluded[column] for column in replaced},
         )
     )
     session.execute(
-        delete(ListingImage).where(
-            ListingImage.listing_id == listing_id, ListingImage.position >= len(images)
-        )
+        text(
+            "DELETE FROM listing_images li USING unnest(CAST(:ids AS text[]), CAST(:counts AS int[]))"
+            " AS kept(listing_id, n) "
+            "WHERE li.listing_id = kept.listing_id AND li.position >= kept.n"
+        ),
+        {"ids": list(lists), "counts": [len(images) for images in lists.values()]},
     )

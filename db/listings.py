@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -51,8 +51,39 @@ def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None
 def get_listing(session: Session, listing_id: str) -> ListingRecord | None:
     """The stored listing, or None."""
     row = session.scalar(select(Listing).where(Listing.listing_id == listing_id))
-    if row is None:
-        return None
+    return None if row is None else _record(row)
+
+
+def superseded(session: Session, analysed: Mapping[str, datetime | None]) -> set[str]:
+    """The listings that changed after the version analysed (listing_id -> its version).
+
+    Locks their rows (in listing_id order, as every writer does) until commit, so writers of one
+    listing's rows take turns and a result from an older version never lands after one from a
+    newer version.
+    """
+    if not analysed:
+        return set()
+    rows = session.execute(
+        select(Listing.listing_id, Listing.updated_at)
+        .where(Listing.listing_id.in_(sorted(analysed)))
+        .order_by(Listing.listing_id)
+        .with_for_update()
+    ).all()
+    changed = set()
+    for listing_id, current in rows:
+        version = analysed[listing_id]
+        if version is not None and current > version:
+            changed.add(listing_id)
+    return changed
+
+
+def get_listings(session: Session, listing_ids: Sequence[str]) -> dict[str, ListingRecord]:
+    """The stored listings among `listing_ids`, by id."""
+    rows = session.scalars(select(Listing).where(Listing.listing_id.in_(list(listing_ids))))
+    return {row.listing_id: _record(row) for row in rows}
+
+
+def _record(row: Listing) -> ListingRecord:
     return ListingRecord(
         row.listing_id,
         row.title,
@@ -61,15 +92,3 @@ def get_listing(session: Session, listing_id: str) -> ListingRecord | None:
         list(row.image_urls),
         row.updated_at,
     )
-
-
-def is_superseded(session: Session, listing_id: str, analysed: datetime | None) -> bool:
-    """True when the listing changed after the version that was analysed.
-
-    Locks the listing's row until commit, so writers of one listing's rows take turns and a
-    result from an older version never lands after one from a newer version.
-    """
-    current = session.scalar(
-        select(Listing.updated_at).where(Listing.listing_id == listing_id).with_for_update()
-    )
-    return analysed is not None and current is not None and current > analysed

@@ -23,17 +23,24 @@ class ImageFacts:
 
 @dataclass(frozen=True)
 class ListingImageRecord:
-    """One of a listing's image URLs and what fetching it gave: facts, or an error."""
+    """One of a listing's image URLs and what fetching it gave: facts, or an error, and the
+    validators the server sent (for a later conditional request)."""
 
     position: int
     url: str
     facts: ImageFacts | None = None
     error: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
 
 
 @dataclass(frozen=True)
 class ResultRecord:
-    """The row of `results` for one (listing, model)."""
+    """The row of `results` for one (listing, model).
+
+    `text_sha256` and `image_shas` say what the similarity was computed from (the scored text,
+    the usable images in position order): the same inputs give the same similarity.
+    """
 
     status: str  # "ok" or "failed"
     error: str | None = None
@@ -45,25 +52,37 @@ class ResultRecord:
     best_image: int | None = None
     images_total: int = 0
     images_failed: int = 0
+    text_sha256: str | None = None
+    image_shas: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class ListingOutcome:
+    """What one analysis of one listing by one model writes, in its job's or chunk's transaction.
+
+    `listing_updated_at` is the listing version analysed: an older one never replaces a newer.
+    `images` replaces the listing's image list; empty leaves it as it is (a listing rescored
+    from what is stored). `new_embeddings` are image embeddings computed for it (by SHA-256).
+    """
+
+    listing_id: str
+    model_id: str
+    result: ResultRecord
+    listing_updated_at: datetime | None
+    images: list[ListingImageRecord] = field(default_factory=list)
+    new_embeddings: dict[str, list[float]] = field(default_factory=dict)
+    job_id: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """Everything one finished job writes, in one transaction.
-
-    `attempt` fences the write: only the attempt that holds the job may finish it.
-    `listing_updated_at` is the listing version analysed: an older one never replaces a newer.
-    """
+    """A finished job: its listing's outcome, fenced by the attempt that produced it (only the
+    attempt that holds the job may finish it)."""
 
     job_id: uuid.UUID
-    listing_id: str
-    model_id: str
-    job_status: str  # "succeeded", "failed" or "dead"
-    result: ResultRecord
     attempt: int
-    listing_updated_at: datetime | None
-    images: list[ListingImageRecord] = field(default_factory=list)
-    new_embeddings: dict[str, list[float]] = field(default_factory=dict)
+    job_status: str  # "succeeded", "failed" or "dead"
+    listing: ListingOutcome
     batch_size: int | None = None
 
 

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from db import jobs
 from db.embeddings import insert_embeddings
 from db.images import insert_image_facts, write_listing_images
-from db.listings import is_superseded
-from db.records import JobOutcome
+from db.listings import superseded
+from db.records import JobOutcome, ListingOutcome
 from db.schema import Result
 
 POLL_COLUMNS = (
@@ -37,14 +37,11 @@ POLL_COLUMNS = (
 
 
 def record_outcomes(session: Session, outcomes: Sequence[JobOutcome]) -> list[bool]:
-    """Write finished jobs: their state, images, embeddings and, last, their result rows.
+    """Write finished jobs: their state, then what their listings' analyses found.
 
     For each job, False (and nothing written) when its attempt no longer holds the job (a
-    redelivery finished it or took it over). Every write is an upsert, so a repeated write
-    changes nothing. A job that analysed an older version of its listing finishes without
-    touching the listing's rows. Rows are taken in a fixed order (jobs, then content by SHA-256,
-    then listings by id) so concurrent writers cannot deadlock, and result rows go last because
-    writing them takes the change_seq lock until commit.
+    redelivery finished it or took it over). Jobs are finished in job_id order, the order every
+    multi-job writer locks them in.
     """
     owned = {
         outcome.job_id: jobs.finish(
@@ -52,42 +49,54 @@ def record_outcomes(session: Session, outcomes: Sequence[JobOutcome]) -> list[bo
             outcome.job_id,
             attempt=outcome.attempt,
             status=outcome.job_status,
-            error=outcome.result.error,
+            error=outcome.listing.result.error,
             batch_size=outcome.batch_size,
         )
         for outcome in sorted(outcomes, key=lambda o: o.job_id)
     }
-    mine = [outcome for outcome in outcomes if owned[outcome.job_id]]
-    # By content: valid whatever happened to the listings since.
-    insert_image_facts(session, [image for outcome in mine for image in outcome.images])
-    vectors: dict[str, dict[str, list[float]]] = defaultdict(dict)
-    for outcome in mine:
-        vectors[outcome.model_id].update(outcome.new_embeddings)
-    for model_id in sorted(vectors):
-        insert_embeddings(session, model_id, vectors[model_id])
-    current = [
-        outcome
-        for outcome in sorted(mine, key=lambda o: o.listing_id)
-        if not is_superseded(session, outcome.listing_id, outcome.listing_updated_at)
-    ]
-    for outcome in current:
-        write_listing_images(session, outcome.listing_id, outcome.images)
-    for outcome in current:
-        _upsert_result(session, outcome)
+    write_listing_outcomes(session, [o.listing for o in outcomes if owned[o.job_id]])
     return [owned[outcome.job_id] for outcome in outcomes]
 
 
-def _upsert_result(session: Session, outcome: JobOutcome) -> None:
-    values = {
-        **asdict(outcome.result),
-        "listing_id": outcome.listing_id,
-        "model_id": outcome.model_id,
-        "job_id": outcome.job_id,
-        "listing_updated_at": outcome.listing_updated_at,
-        "analyzed_at": func.now(),
-    }
-    statement = insert(Result).values(values)
-    changes = {k: statement.excluded[k] for k in values if k not in ("listing_id", "model_id")}
+def write_listing_outcomes(session: Session, outcomes: Sequence[ListingOutcome]) -> set[str]:
+    """Write what analyses found, in a few statements whatever their number; returns the ids
+    of the listings whose rows were left alone because the listing changed meanwhile.
+
+    Every write is an upsert, so a repeated write changes nothing. Rows are taken in a fixed
+    order (content by SHA-256, then listings by id) so concurrent writers cannot deadlock, and
+    result rows go last because writing them takes the change_seq lock until commit.
+    """
+    # By content: valid whatever happened to the listings since.
+    insert_image_facts(session, [image for outcome in outcomes for image in outcome.images])
+    vectors: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for outcome in outcomes:
+        vectors[outcome.model_id].update(outcome.new_embeddings)
+    for model_id in sorted(vectors):
+        insert_embeddings(session, model_id, vectors[model_id])
+    stale = superseded(session, {o.listing_id: o.listing_updated_at for o in outcomes})
+    current = [outcome for outcome in outcomes if outcome.listing_id not in stale]
+    write_listing_images(session, {o.listing_id: o.images for o in current})
+    upsert_results(session, current)
+    return stale
+
+
+def upsert_results(session: Session, outcomes: Sequence[ListingOutcome]) -> None:
+    """One statement for every result row; an older listing version never replaces a newer."""
+    if not outcomes:
+        return
+    rows = [
+        {
+            **asdict(outcome.result),
+            "listing_id": outcome.listing_id,
+            "model_id": outcome.model_id,
+            "job_id": outcome.job_id,
+            "listing_updated_at": outcome.listing_updated_at,
+            "analyzed_at": func.now(),
+        }
+        for outcome in sorted(outcomes, key=lambda o: (o.listing_id, o.model_id))
+    ]
+    statement = insert(Result).values(rows)
+    changes = {k: statement.excluded[k] for k in rows[0] if k not in ("listing_id", "model_id")}
     newer_or_same = or_(
         Result.listing_updated_at.is_(None),
         statement.excluded.listing_updated_at.is_(None),
@@ -100,14 +109,27 @@ def _upsert_result(session: Session, outcome: JobOutcome) -> None:
     )
 
 
+def restamp_results(session: Session, model_id: str) -> int:
+    """Give every row of `model_id` a new change_seq (at the switch of the active model), so a
+    poller that remembers the last value it saw reads the new model's rows as new ones."""
+    updated = session.execute(
+        text("UPDATE results SET change_seq = change_seq WHERE model_id = :model_id"),
+        {"model_id": model_id},
+    )
+    return int(getattr(updated, "rowcount", 0))
+
+
 def poll_results(
     session: Session, *, since: int = 0, limit: int = 1000, model_id: str | None = None
 ) -> list[dict[str, Any]]:
-    """Rows of `listing_results` with `change_seq > since`, oldest change first."""
-    where = "change_seq > :since" + (" AND model_id = :model_id" if model_id else "")
+    """Rows with `change_seq > since`, oldest change first: the active model's, as the
+    catalogue polls `listing_results`, or one model's from `model_results`."""
+    view, where = "listing_results", "change_seq > :since"
+    if model_id is not None:
+        view, where = "model_results", "change_seq > :since AND model_id = :model_id"
     rows = session.execute(
         text(
-            f"SELECT {', '.join(POLL_COLUMNS)} FROM listing_results "
+            f"SELECT {', '.join(POLL_COLUMNS)} FROM {view} "
             f"WHERE {where} ORDER BY change_seq LIMIT :limit"
         ),
         {"since": since, "limit": limit, "model_id": model_id},
@@ -116,11 +138,11 @@ def poll_results(
 
 
 def result_for(session: Session, listing_id: str, model_id: str) -> dict[str, Any] | None:
-    """The current row of `listing_results` for one (listing, model)."""
+    """The current row of `model_results` for one (listing, model)."""
     row = (
         session.execute(
             text(
-                f"SELECT {', '.join(POLL_COLUMNS)} FROM listing_results "
+                f"SELECT {', '.join(POLL_COLUMNS)} FROM model_results "
                 "WHERE listing_id = :listing_id AND model_id = :model_id"
             ),
             {"listing_id": listing_id, "model_id": model_id},

@@ -20,7 +20,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 TERMINAL_JOB_STATES = ("succeeded", "failed", "dead")
@@ -45,11 +45,23 @@ class Model(Base):
     embed_dim: Mapped[int | None] = mapped_column(Integer)
     scoring: Mapped[str | None] = mapped_column(Text)
     threshold: Mapped[float | None] = mapped_column(Float)
-    active: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     registered_at: Mapped[datetime] = _now()
     loaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ActiveModel(Base):
+    """The one model `listing_results` shows: `LV_MODEL` (chosen_by "setting") until a reindex
+    records a choice (chosen_by "reindex"), which then wins over the setting."""
+
+    __tablename__ = "active_model"
+    singleton: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    model_id: Mapped[str] = mapped_column(Text, ForeignKey("models.model_id"))
+    chosen_by: Mapped[str] = mapped_column(Text)
+    previous_model_id: Mapped[str | None] = mapped_column(Text, ForeignKey("models.model_id"))
+    switched_at: Mapped[datetime] = _now()
     __table_args__ = (
-        Index("models_one_active", "active", unique=True, postgresql_where=text("active")),
+        CheckConstraint("singleton", name="active_model_one_row"),
+        CheckConstraint("chosen_by IN ('setting', 'reindex')", name="active_model_chosen_by"),
     )
 
 
@@ -92,6 +104,9 @@ class ListingImage(Base):
     sha256: Mapped[str | None] = mapped_column(Text, ForeignKey("images.sha256"))
     error: Mapped[str | None] = mapped_column(Text)
     checked_at: Mapped[datetime] = _now()
+    # Validators from the last fetch, for conditional requests (`rescore --refetch`).
+    etag: Mapped[str | None] = mapped_column(Text)
+    last_modified: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (Index("listing_images_sha256", "sha256"),)
 
 
@@ -127,6 +142,10 @@ class Result(Base):
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     # The listing version this result was computed from (fencing: older never wins).
     listing_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What the similarity was computed from: the scored text's SHA-256 and the usable images'
+    # (in position order). The same inputs give the same similarity, so rescoring reuses it.
+    text_sha256: Mapped[str | None] = mapped_column(Text)
+    image_shas: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     change_seq: Mapped[int] = mapped_column(BigInteger)
     analyzed_at: Mapped[datetime] = _now()
     __table_args__ = (
@@ -136,21 +155,79 @@ class Result(Base):
 
 
 class Run(Base):
-    """A bulk run over the catalogue (nightly rescoring, re-embedding for a model change)."""
+    """A bulk run over the catalogue: a rescoring (nightly) or a reindex (a model change)."""
 
     __tablename__ = "runs"
     run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     kind: Mapped[str] = mapped_column(Text)
     model_id: Mapped[str] = mapped_column(Text, ForeignKey("models.model_id"))
-    status: Mapped[str] = mapped_column(Text, server_default=text("'running'"))
+    status: Mapped[str] = mapped_column(Text, server_default=text("'pending'"))
+    scope: Mapped[str] = mapped_column(Text, server_default=text("'all'"))
+    refetch: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    recompute: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    chunk_size: Mapped[int] = mapped_column(Integer, server_default=text("64"))
+    # reindex: the model that was active when the run started (what a rollback returns to).
+    previous_model_id: Mapped[str | None] = mapped_column(Text, ForeignKey("models.model_id"))
     total: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     done: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # The producer's keyset position (the last listing_id it recorded in a chunk), and when
+    # it had recorded them all.
+    cursor: Mapped[str | None] = mapped_column(Text)
+    produced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()  # the last progress: a chunk finished or produced
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (
         CheckConstraint(
-            "status IN ('running', 'succeeded', 'failed', 'cancelled')", name="runs_status"
+            "status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled')",
+            name="runs_status",
+        ),
+        CheckConstraint("kind IN ('rescore', 'reindex')", name="runs_kind"),
+        Index(
+            "runs_one_active_per_kind",
+            "kind",
+            unique=True,
+            postgresql_where=text("status IN ('pending', 'running')"),
+        ),
+        Index("runs_started", "started_at"),
+    )
+
+
+class RunChunk(Base):
+    """Many listings of a run in one message. `generation` counts the listings' attempts (a
+    retry chunk holds an earlier chunk's transient failures), `attempts` this chunk's
+    deliveries (one redelivered after its worker died is split in halves)."""
+
+    __tablename__ = "run_chunks"
+    chunk_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.run_id", ondelete="CASCADE")
+    )
+    listing_ids: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    generation: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    status: Mapped[str] = mapped_column(Text, server_default=text("'queued'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    worker: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    done: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    failed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = _now()
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now()
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'succeeded', 'split', 'cancelled')",
+            name="run_chunks_status",
+        ),
+        Index(
+            "run_chunks_open",
+            "run_id",
+            "status",
+            postgresql_where=text("status IN ('queued', 'running')"),
         ),
     )
 

@@ -40,6 +40,7 @@ class Producer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = load_registry(settings.models_file)
+        self.default_spec = get_spec(self.registry, settings.model)  # LV_MODEL
         self.engine = make_engine(
             settings.require_database_url(), application_name="listing-vision-producer"
         )
@@ -81,6 +82,7 @@ class Producer:
         with self.sessions.begin() as session:
             if spec.model_id not in self._recorded_models:  # once per producer: no row lock
                 registered_models.ensure_model(session, spec)
+                registered_models.record_default_model(session, self.default_spec)
             listings.upsert_listings(session, [event.to_record() for event in latest.values()])
             jobs.create_jobs(session, new_jobs)
         self._recorded_models.add(spec.model_id)

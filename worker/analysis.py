@@ -10,7 +10,6 @@ import torch
 
 from db.embeddings import CachedImage
 from db.records import ListingImageRecord, ListingRecord, ResultRecord
-from worker.categories import CategoryIndex
 from worker.fetch import FetchPolicy
 from worker.images import (
     FailedImage,
@@ -20,10 +19,9 @@ from worker.images import (
     prepare_images,
 )
 from worker.inference import EmbedRequest, InferenceService
-from worker.scoring import TOP_CATEGORIES, image_text_similarity
+from worker.scorer import ListingScorer, UsableImages, failed_result
 
 LookupCached = Callable[[Sequence[str]], dict[str, CachedImage]]
-_MAX_ERROR = 500
 
 
 @dataclass(frozen=True)
@@ -41,8 +39,7 @@ class ListingAnalyzer:
     """Everything an analysis needs, held warm by the worker process."""
 
     service: InferenceService
-    categories: CategoryIndex | None
-    threshold: float | None
+    scorer: ListingScorer
     policy: FetchPolicy
     max_pixels: int
     executor: Executor
@@ -64,25 +61,11 @@ class ListingAnalyzer:
         )
         usable = [p for p in prepared if isinstance(p, PreparedImage)]
         failed = [p for p in prepared if isinstance(p, FailedImage)]
-        records = _image_records(prepared)
+        records = image_records(prepared)
         if not usable:
-            error = _failure_summary(failed, len(prepared))
-            result = ResultRecord(
-                "failed", error, images_total=len(prepared), images_failed=len(failed)
-            )
-            return ListingAnalysis(result, records)
-        return self._score(listing, usable, failed, records)
-
-    def _score(
-        self,
-        listing: ListingRecord,
-        usable: list[PreparedImage],
-        failed: list[FailedImage],
-        records: list[ListingImageRecord],
-    ) -> ListingAnalysis:
-        info = self.service.backend.info
+            return ListingAnalysis(failed_result(failed, len(prepared)), records)
         fresh = [p for p in usable if p.pixels is not None]
-        texts = (listing.text,) if info.has_text else ()
+        texts = (listing.text,) if self.scorer.scores_text else ()
         request = EmbedRequest(
             tuple(p.pixels for p in fresh if p.pixels is not None),
             texts,
@@ -92,40 +75,16 @@ class ListingAnalyzer:
         new_rows = dict(
             zip((p.facts.sha256 for p in fresh), embedded.image_embeddings, strict=True)
         )
-        vectors = torch.stack(
-            [new_rows.get(p.facts.sha256, _as_tensor(p.cached_embedding)) for p in usable]
+        images = UsableImages(
+            [p.position for p in usable],
+            [p.facts.sha256 for p in usable],
+            torch.stack(
+                [new_rows.get(p.facts.sha256, _as_tensor(p.cached_embedding)) for p in usable]
+            ),
         )
+        similarity = self.scorer.similarity(images, embedded.text_embeddings[0]) if texts else None
+        result = self.scorer.result(listing, images, failed, similarity)
         new_embeddings = {sha: row.tolist() for sha, row in new_rows.items()}
-        note = _failure_summary(failed, len(usable) + len(failed)) if failed else None
-        total, failures = len(usable) + len(failed), len(failed)
-        if not info.has_text or self.categories is None:
-            result = ResultRecord(
-                "ok",
-                note,
-                best_image=usable[0].position,
-                images_total=total,
-                images_failed=failures,
-            )
-            return ListingAnalysis(result, records, new_embeddings, embedded.batch_units)
-        similarities = image_text_similarity(vectors, embedded.text_embeddings[0], info)
-        best = int(torch.argmax(similarities))
-        ranked = self.categories.rank(vectors[best], info.logit_scale)
-        mismatch = self.categories.claim_mismatch(
-            vectors[best], info.logit_scale, ranked, listing.category
-        )
-        similarity = float(similarities[best])
-        result = ResultRecord(
-            status="ok",
-            error=note,
-            similarity=similarity,
-            is_match=None if self.threshold is None else similarity >= self.threshold,
-            top_category=ranked[0].label,
-            categories=[{"label": c.label, "score": c.score} for c in ranked[:TOP_CATEGORIES]],
-            category_mismatch=mismatch,
-            best_image=usable[best].position,
-            images_total=total,
-            images_failed=failures,
-        )
         return ListingAnalysis(result, records, new_embeddings, embedded.batch_units)
 
 
@@ -133,25 +92,11 @@ def _as_tensor(values: list[float] | None) -> torch.Tensor:
     return torch.tensor(values or [], dtype=torch.float32)
 
 
-def _image_records(prepared: list[PreparedImage | FailedImage]) -> list[ListingImageRecord]:
+def image_records(prepared: Sequence[PreparedImage | FailedImage]) -> list[ListingImageRecord]:
+    """What `listing_images` stores of each position: its content, or its error."""
     return [
         ListingImageRecord(p.position, p.url, error=p.error)
         if isinstance(p, FailedImage)
         else ListingImageRecord(p.position, p.url, facts=p.facts)
         for p in sorted(prepared, key=lambda p: p.position)
     ]
-
-
-def _failure_summary(failed: list[FailedImage], total: int) -> str:
-    """One line: the single image's error, or which of several images failed and why."""
-    if total == 1 and failed:
-        return failed[0].error[:_MAX_ERROR]
-    details = "; ".join(f"image {f.position + 1} ({_short(f.url)}): {f.error}" for f in failed)
-    head = (
-        "all images failed" if len(failed) == total else f"{len(failed)} of {total} images failed"
-    )
-    return f"{head}: {details}"[:_MAX_ERROR]
-
-
-def _short(url: str, limit: int = 80) -> str:
-    return url if len(url) <= limit else url[: limit - 1] + "…"

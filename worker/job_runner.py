@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.errors import ListingError, TransientError, one_line
 from db import jobs, listings
 from db.jobs import ClaimedJob, Unclaimable
-from db.records import JobOutcome, ResultRecord
+from db.records import JobOutcome, ListingOutcome, ResultRecord
 from worker.analysis import ListingAnalysis, ListingAnalyzer
 from worker.outcomes import OutcomeWriter
 from worker.retries import backoff_seconds
@@ -137,18 +137,16 @@ class JobRunner:
         return JobReport(_summary(why.listing_id, analysis.result))
 
     def _record(self, attempt: _Attempt, status: str, analysis: ListingAnalysis) -> None:
-        outcome = JobOutcome(
-            job_id=attempt.job_id,
+        listing = ListingOutcome(
             listing_id=attempt.listing_id,
             model_id=self.model_id,
-            job_status=status,
             result=analysis.result,
-            attempt=attempt.number,
             listing_updated_at=attempt.version,
             images=analysis.images,
             new_embeddings=analysis.new_embeddings,
-            batch_size=analysis.batch_size,
+            job_id=attempt.job_id,
         )
+        outcome = JobOutcome(attempt.job_id, attempt.number, status, listing, analysis.batch_size)
         if not self.writer.write(outcome, timeout=WRITE_TIMEOUT):
             log.info(
                 "job %s attempt %d superseded: nothing written", attempt.job_id, attempt.number

@@ -29,14 +29,15 @@ def run_worker(resolved: Settings, model_id: str, gpu: str | None) -> None:
     thread pool has no hard time limit, so fetches, model calls and queries carry their own
     deadlines, and a stall watchdog ends a process whose model call hangs.
     """
-    spec = get_spec(load_registry(resolved.models_file), model_id)
+    registry = load_registry(resolved.models_file)
+    spec = get_spec(registry, model_id)
     name = worker_name(model_id, gpu)
     app = make_celery(resolved)
 
     def send(job_ids: Sequence[uuid.UUID]) -> None:
         send_analysis(app, job_ids, spec.model_id)
 
-    runtime = start_runtime(resolved, spec, name, send)
+    runtime = start_runtime(resolved, registry, spec, name, send)
     register_tasks(app, runtime)
     queue = model_queue(spec.model_id)
     argv = [

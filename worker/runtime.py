@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from contract.registry import ModelSpec
+from contract.registry import ModelSpec, Registry, get_spec
 from contract.settings import Settings
 from db import embeddings, registered_models
 from db.embeddings import CachedImage
@@ -24,6 +24,7 @@ from worker.inference import InferenceService
 from worker.job_runner import JobRunner
 from worker.outcomes import OutcomeWriter
 from worker.reconciler import Reconciler, SendJobs
+from worker.scorer import ListingScorer
 from worker.watchdog import start_stall_watchdog
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,10 @@ def worker_concurrency(settings: Settings, spec: ModelSpec) -> int:
 
 
 def start_runtime(
-    settings: Settings, spec: ModelSpec, worker_name: str, send: SendJobs
+    settings: Settings, registry: Registry, spec: ModelSpec, worker_name: str, send: SendJobs
 ) -> WorkerRuntime:
     """Load the model once, warm it, register it, and build the job runner around it."""
+    default_spec = get_spec(registry, settings.model)
     backend = create_backend(spec)
     info = backend.load()
     log.info("loaded %s on %s (%s): %s", spec.model_id, backend.device, backend.dtype, info)
@@ -80,6 +82,7 @@ def start_runtime(
     sessions = make_sessions(engine)
     with sessions.begin() as session:
         registered_models.ensure_model(session, spec)
+        registered_models.record_default_model(session, default_spec)
         registered_models.record_loaded(
             session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring
         )
@@ -99,8 +102,7 @@ def start_runtime(
 
     analyzer = ListingAnalyzer(
         service=service,
-        categories=categories,
-        threshold=spec.threshold,
+        scorer=ListingScorer(info, categories, spec.threshold),
         policy=fetch_policy(settings),
         max_pixels=settings.max_image_pixels,
         executor=executor,

@@ -56,7 +56,7 @@ def test_64_single_listing_messages_are_served_in_few_model_calls(
     assert after["model_calls"]["images"] - before["model_calls"]["images"] == 63
     rows = {
         r["listing_id"]: r
-        for r in query(stack, "SELECT * FROM listing_results WHERE model_id = 'tiny-batch'")
+        for r in query(stack, "SELECT * FROM model_results WHERE model_id = 'tiny-batch'")
     }
     assert rows["b-17"]["status"] == "failed" and "truncated" in rows["b-17"]["error"]
     assert all(r["status"] == "ok" for k, r in rows.items() if k != "b-17")

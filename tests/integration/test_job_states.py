@@ -15,7 +15,7 @@ from contract.registry import ModelSpec
 from db import jobs, listings, registered_models, results
 from db.engine import make_sessions
 from db.jobs import ClaimedJob, NewJob, Unclaimable
-from db.records import JobOutcome, ListingRecord, ResultRecord
+from db.records import JobOutcome, ListingOutcome, ListingRecord, ResultRecord
 from tests.integration.conftest import Stack, query
 from worker.reconciler import Reconciler
 
@@ -48,15 +48,14 @@ def claim(sessions, job_id: uuid.UUID, max_attempts: int = 3) -> ClaimedJob | Un
 
 
 def outcome(claimed: ClaimedJob, similarity: float) -> JobOutcome:
-    return JobOutcome(
-        job_id=claimed.job_id,
+    listing = ListingOutcome(
         listing_id=claimed.listing.listing_id,
         model_id=MODEL,
-        job_status="succeeded",
         result=ResultRecord("ok", similarity=similarity, is_match=True),
-        attempt=claimed.attempt,
         listing_updated_at=claimed.listing.updated_at,
+        job_id=claimed.job_id,
     )
+    return JobOutcome(claimed.job_id, claimed.attempt, "succeeded", listing)
 
 
 def record(sessions, item: JobOutcome) -> bool:  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ from worker.backends import create_backend
 from worker.categories import CategoryIndex
 from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
+from worker.scorer import ListingScorer
 
 
 def analyzer(spec: ModelSpec, root: Path, with_categories: bool) -> ListingAnalyzer:
@@ -27,8 +28,7 @@ def analyzer(spec: ModelSpec, root: Path, with_categories: bool) -> ListingAnaly
     )
     return ListingAnalyzer(
         service=service,
-        categories=categories,
-        threshold=spec.threshold,
+        scorer=ListingScorer(backend.info, categories, spec.threshold),
         policy=FetchPolicy(max_bytes=1_000_000, timeout=5, file_roots=(root,)),
         max_pixels=10_000_000,
         executor=ThreadPoolExecutor(4),
