@@ -58,8 +58,8 @@ def write_listing_images(
     )
     session.execute(
         text(
-            "DELETE FROM listing_images li USING unnest(CAST(:ids AS text[]), CAST(:counts AS int[]))"
-            " AS kept(listing_id, n) "
+            "DELETE FROM listing_images li "
+            "USING unnest(CAST(:ids AS text[]), CAST(:counts AS int[])) AS kept(listing_id, n) "
             "WHERE li.listing_id = kept.listing_id AND li.position >= kept.n"
         ),
         {"ids": list(lists), "counts": [len(images) for images in lists.values()]},
