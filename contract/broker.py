@@ -16,6 +16,10 @@ from contract.settings import Settings
 
 ANALYZE_TASK = "lv.analyze"
 RUN_CHUNK_TASK = "lv.run_chunk"
+# Beat's own tasks, consumed by the beat process itself on the control queue.
+RESCORE_TASK = "lv.rescore_catalogue"
+WATCH_RUNS_TASK = "lv.watch_runs"
+CONTROL_QUEUE = "lv.control"
 STATS_COMMAND = "lv_stats"  # remote control: app.control.broadcast("lv_stats", reply=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,6 +48,8 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(64, ge=1)
     batch_max_wait_ms: int = Field(20, ge=0)
     worker_concurrency: int | None = Field(None, ge=1)
+    run_chunk_size: int | None = Field(None, ge=1, le=10_000)
+    rescore_schedule: str = "0 2 * * *"
     log_level: str = "INFO"
 
     @field_validator("home", "models_file", "categories_file", mode="after")
@@ -71,6 +74,11 @@ class Settings(BaseSettings):
                 if part.strip()
             )
         return value
+
+    @field_validator("rescore_schedule", mode="after")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        return check_schedule(value)
 
     @field_validator("log_level", mode="after")
     @classmethod
@@ -105,6 +113,44 @@ class Settings(BaseSettings):
         if self.broker_url is None:
             raise SettingsError("LV_BROKER_URL is not set and no embedded broker runs")
         return self.broker_url
+
+
+def check_schedule(value: str) -> str:
+    """A crontab (`minute hour day-of-month month day-of-week`, as beat reads it) or, for tests
+    and development, `every N` seconds."""
+    from celery.schedules import crontab
+
+    text = " ".join(value.split())
+    if _EVERY.fullmatch(text):
+        return text
+    if len(text.split(" ")) != 5:
+        raise ValueError("must be a crontab of 5 fields (e.g. '0 2 * * *') or 'every N' seconds")
+    try:
+        crontab(**crontab_fields(text))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"not a valid crontab ({error})") from None
+    return text
+
+
+def crontab_fields(value: str) -> dict[str, str]:
+    """A 5-field crontab in cron's order, as Celery's `crontab` keyword arguments."""
+    minute, hour, day_of_month, month, day_of_week = value.split(" ")
+    return {
+        "minute": minute,
+        "hour": hour,
+        "day_of_month": day_of_month,
+        "month_of_year": month,
+        "day_of_week": day_of_week,
+    }
+
+
+def schedule_seconds(value: str) -> float | None:
+    """The interval of an `every N` schedule, else None (a crontab)."""
+    found = _EVERY.fullmatch(value)
+    return float(found.group(1)) if found else None
+
+
+_EVERY = re.compile(r"every (\d+(?:\.\d+)?)s?")
 
 
 def _describe(error: ValidationError) -> str:

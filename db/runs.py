@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import ColumnElement, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Text, cast, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -38,8 +38,21 @@ def as_kind(kind: str) -> RunKind:
     raise ValueError(f"unknown run kind {kind!r}")
 
 
+def as_scope(scope: str) -> RunScope:
+    """A stored scope, checked."""
+    if scope == "all":
+        return "all"
+    if scope == "stale":
+        return "stale"
+    raise ValueError(f"unknown run scope {scope!r}")
+
+
 class RunConflict(Exception):
     """Another run of the same kind is pending or running; the message names it."""
+
+
+class RunNotFound(LookupError):
+    """No run has the id (or prefix) given."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,17 @@ def get_run(session: Session, run_id: uuid.UUID) -> Run | None:
     return session.get(Run, run_id)
 
 
+def find_run(session: Session, run_id: str) -> Run:
+    """The run a full id or a unique prefix of one names; `LookupError` otherwise."""
+    text_id = cast(Run.run_id, Text)
+    found = list(session.scalars(select(Run).where(text_id.startswith(run_id.lower())).limit(2)))
+    if not found:
+        raise RunNotFound(f"no run {run_id!r} (listing-vision runs lists them)")
+    if len(found) > 1:
+        raise RunNotFound(f"{run_id!r} names more than one run: give more of its id")
+    return found[0]
+
+
 def list_runs(session: Session, limit: int = 20) -> list[Run]:
     """The newest runs first."""
     return list(session.scalars(select(Run).order_by(Run.started_at.desc()).limit(limit)))
@@ -161,6 +185,13 @@ def listing_page(
     if condition is not None:
         query = query.where(condition)
     return list(session.scalars(query))
+
+
+def reindex_target(session: Session) -> str | None:
+    """The model a pending or running reindex is embedding the catalogue with, if any."""
+    return session.scalar(
+        select(Run.model_id).where(Run.kind == "reindex", Run.status.in_(ACTIVE_RUN))
+    )
 
 
 def set_total(session: Session, run_id: uuid.UUID, total: int) -> None:
@@ -305,9 +336,9 @@ def finish_chunk(
     failed: int,
     retry: NewChunk | None = None,
 ) -> bool:
-    """Close the chunk and add its outcome to the run's counters, if this delivery still owns
-    it (False: nothing written, another delivery does). `retry` holds its listings that failed
-    transiently, as a chunk of the next generation (sent after commit)."""
+    """Close the chunk with its counts, if this delivery still owns it (False: write nothing,
+    another delivery does). `retry` holds its listings that failed transiently, as a chunk of
+    the next generation (sent after commit)."""
     owned = session.execute(
         update(RunChunk)
         .where(_fenced(claim))
@@ -331,12 +362,17 @@ def finish_chunk(
                 generation=retry.generation,
             )
         )
+    return True
+
+
+def add_progress(session: Session, run_id: uuid.UUID, *, done: int, failed: int) -> None:
+    """Add a chunk's listings to the run's counters (last in the chunk's transaction: it locks
+    the run's row until commit)."""
     session.execute(
         update(Run)
-        .where(Run.run_id == claim.run_id)
+        .where(Run.run_id == run_id)
         .values(done=Run.done + done, failed=Run.failed + failed, updated_at=func.now())
     )
-    return True
 
 
 @dataclass(frozen=True)
@@ -401,7 +437,7 @@ def reopen_run(session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
     another run of its kind is active."""
     run = session.get(Run, run_id, with_for_update=True)
     if run is None:
-        raise LookupError(f"no run {run_id}")
+        raise RunNotFound(f"no run {run_id}")
     if run.status == "succeeded":
         return []
     try:

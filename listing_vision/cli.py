@@ -2,83 +2,47 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import sys
-from collections.abc import Iterator
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from contract.registry import RegistryError
-from contract.settings import Settings, SettingsError, load_settings
+from contract.settings import SettingsError
 from db.registered_models import active_model_id
+from db.runs import RunConflict, RunNotFound
+from listing_vision.command_context import (
+    OutputFormat,
+    app,
+    command_settings,
+    console,
+    errors,
+    migrated_engine,
+    read_database,
+    ready_engine,
+)
 from listing_vision.embedded import EmbeddedError
 from listing_vision.servers import connected
+from producer.runs import RunError
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    help="Check and index the images of an e-commerce catalogue.",
+USER_ERRORS: tuple[type[Exception], ...] = (
+    SettingsError,
+    RegistryError,
+    EmbeddedError,
+    RunConflict,
+    RunNotFound,
+    RunError,
 )
-# Tables stay readable when piped (rich would otherwise squeeze them to 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 160)
-errors = Console(stderr=True)
-USER_ERRORS: tuple[type[Exception], ...] = (SettingsError, RegistryError, EmbeddedError)
-
-
-def _settings(*, service: bool = False) -> Settings:
-    """Settings, and logging: services log at LV_LOG_LEVEL, one-shot commands only warnings."""
-    settings = load_settings()
-    level = (
-        settings.log_level
-        if service
-        else max(logging.WARNING, logging.getLevelName(settings.log_level))
-    )
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("pgserver", "alembic"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    return settings
-
-
-def _migrated_engine(resolved: Settings) -> Engine:
-    """An engine on a database brought up to date first."""
-    from db.engine import make_engine
-    from db.migrate import upgrade
-
-    engine = make_engine(resolved.require_database_url())
-    upgrade(engine)
-    return engine
-
-
-def _ready_engine(configured: Settings, resolved: Settings) -> Engine:
-    """An engine on a current schema: the embedded database (`configured` names none) is
-    migrated on the fly, no set-up; a configured one must have been migrated by
-    `listing-vision migrate`."""
-    from db.engine import make_engine
-    from db.migrate import is_current
-
-    if configured.database_url is None:
-        return _migrated_engine(resolved)
-    engine = make_engine(resolved.require_database_url())
-    if not is_current(engine):
-        raise SettingsError("the database schema is not up to date: run `listing-vision migrate`")
-    return engine
 
 
 @app.command()
 def migrate() -> None:
     """Bring the database schema up to date (Alembic)."""
-    settings = _settings()
+    settings = command_settings()
     with connected(settings, broker=False) as resolved:
-        _migrated_engine(resolved).dispose()
+        migrated_engine(resolved).dispose()
     console.print("database schema is up to date")
 
 
@@ -90,9 +54,9 @@ def worker(
     """Run one Celery worker holding one model warm (pinned to GPU N with --gpu N)."""
     if gpu is not None:  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-    settings = _settings(service=True)
+    settings = command_settings(service=True)
     with connected(settings) as resolved:
-        engine = _ready_engine(settings, resolved)
+        engine = ready_engine(settings, resolved)
         model_id = model or active_model_id(engine, settings.model)
         engine.dispose()
         from worker.main import run_worker
@@ -110,30 +74,11 @@ def enqueue(
     """Queue analysis jobs for listing events (exit 2 if a line was refused, 1 if any failed)."""
     from listing_vision.enqueue_command import enqueue_file
 
-    settings = _settings()
+    settings = command_settings()
     with connected(settings) as resolved:
-        _ready_engine(settings, resolved).dispose()
+        ready_engine(settings, resolved).dispose()
         code = enqueue_file(resolved, file, model=model, wait=wait, timeout=timeout)
     raise typer.Exit(code)
-
-
-class OutputFormat(StrEnum):
-    table = "table"
-    jsonl = "jsonl"
-
-
-@contextlib.contextmanager
-def _database(settings: Settings) -> Iterator[tuple[Engine, Session]]:
-    """A session on a current schema, for commands that only read the database."""
-    from db.engine import make_sessions
-
-    with connected(settings, broker=False) as resolved:
-        engine = _ready_engine(settings, resolved)
-        try:
-            with make_sessions(engine)() as session:
-                yield engine, session
-        finally:
-            engine.dispose()
 
 
 @app.command()
@@ -147,7 +92,7 @@ def results(
     from db.results import poll_results
     from listing_vision.output import print_results_jsonl, print_results_table
 
-    with _database(_settings()) as (_, session):
+    with read_database(command_settings()) as (_, session):
         rows = poll_results(session, since=since, limit=limit, model_id=model)
     if format is OutputFormat.jsonl:
         print_results_jsonl(rows)
@@ -161,9 +106,9 @@ def list_models() -> None:
     from contract.registry import load_registry
     from listing_vision.output import print_models_table
 
-    settings = _settings()
+    settings = command_settings()
     registry = load_registry(settings.models_file)
-    with _database(settings) as (engine, _):
+    with read_database(settings) as (engine, _):
         active = active_model_id(engine, settings.model)
     print_models_table(console, registry.values(), active)
 
@@ -180,8 +125,8 @@ def similar(
     from db.registered_models import embed_dim
     from listing_vision.output import print_neighbours
 
-    settings = _settings()
-    with _database(settings) as (engine, session):
+    settings = command_settings()
+    with read_database(settings) as (engine, session):
         model_id = model or active_model_id(engine, settings.model)
         dim = embed_dim(session, model_id)
         if dim is None:
@@ -203,9 +148,9 @@ def demo(
     """The one-command tour: a sample catalogue with planted mismatches, scored end to end."""
     from listing_vision.demo.run import DemoError, DemoOptions, run_demo
 
-    settings = _settings()
+    settings = command_settings()
     with connected(settings) as resolved:
-        _ready_engine(settings, resolved).dispose()
+        ready_engine(settings, resolved).dispose()
         options = DemoOptions(model, count=listings, seed=seed, timeout=timeout, report=report)
         try:
             code = run_demo(resolved, options)
@@ -232,7 +177,7 @@ def train(
     from contract.registry import get_spec, load_registry
     from listing_vision.training import TrainConfig, TrainingError, read_pairs, train_open_clip
 
-    settings = _settings()
+    settings = command_settings()
     spec = get_spec(load_registry(settings.models_file), model)
     try:
         report = train_open_clip(
@@ -255,13 +200,25 @@ def train(
 
 
 @app.command()
+def beat() -> None:
+    """Run Celery beat: the scheduled rescoring (LV_RESCORE_SCHEDULE) and the watch over runs
+    (one per deployment; `up` starts it)."""
+    from listing_vision.beat import run_beat
+
+    settings = command_settings(service=True)
+    with connected(settings) as resolved:
+        ready_engine(settings, resolved).dispose()
+        run_beat(resolved)
+
+
+@app.command()
 def up() -> None:
     """Run the whole stack in the foreground: servers, migrations, worker(s), Flower."""
     from listing_vision.supervisor import run_stack
 
-    settings = _settings(service=True)
+    settings = command_settings(service=True)
     with connected(settings) as resolved:
-        engine = _migrated_engine(resolved)
+        engine = migrated_engine(resolved)
         model_id = active_model_id(engine, settings.model)
         engine.dispose()
         raise typer.Exit(run_stack(resolved, model_id))
@@ -269,6 +226,8 @@ def up() -> None:
 
 def main() -> None:
     """Console entry point: user errors are one clear line and exit status 2."""
+    from listing_vision import run_commands  # noqa: F401  (registers rescore, reindex, runs, run)
+
     try:
         app()
     except USER_ERRORS as error:

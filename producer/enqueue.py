@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.broker import make_celery, send_analysis
 from contract.registry import ModelSpec, get_spec, load_registry
 from contract.settings import Settings
-from db import jobs, listings, registered_models
+from db import jobs, listings, registered_models, runs
 from db.engine import make_engine, make_sessions
 from db.jobs import NewJob
 from db.schema import TERMINAL_JOB_STATES
@@ -70,6 +70,7 @@ class Producer:
         """Record and queue; raw events are validated first (a `ListingEvent` already is), and
         invalid ones are refused and never reach a worker."""
         spec = self.resolve_model(model)
+        specs = [spec] if model is not None else self._serving(spec)
         report = EnqueueReport(spec.model_id)
         latest: dict[str, ListingEvent] = {}
         for number, raw in enumerate(events, start=1):
@@ -78,19 +79,33 @@ class Producer:
                 report.refused.append(parsed)
             else:
                 latest[parsed.listing_id] = parsed  # the last event for a listing wins
-        new_jobs = [NewJob(uuid.uuid4(), listing_id, spec.model_id) for listing_id in latest]
+        new_jobs = {
+            s.model_id: [NewJob(uuid.uuid4(), listing_id, s.model_id) for listing_id in latest]
+            for s in specs
+        }
         with self.sessions.begin() as session:
-            if spec.model_id not in self._recorded_models:  # once per producer: no row lock
-                registered_models.ensure_model(session, spec)
-                registered_models.record_default_model(session, self.default_spec)
+            for s in specs:
+                if s.model_id not in self._recorded_models:  # once per producer: no row lock
+                    registered_models.ensure_model(session, s)
+                    registered_models.record_default_model(session, self.default_spec)
             listings.upsert_listings(session, [event.to_record() for event in latest.values()])
-            jobs.create_jobs(session, new_jobs)
-        self._recorded_models.add(spec.model_id)
+            jobs.create_jobs(session, [job for batch in new_jobs.values() for job in batch])
+        self._recorded_models.update(new_jobs)
         # Sent only after the commit: a worker never receives a job it cannot find.
-        self.send(new_jobs, spec)
-        report.job_ids = [job.job_id for job in new_jobs]
-        report.listing_ids = [job.listing_id for job in new_jobs]
+        for s in specs:
+            self.send(new_jobs[s.model_id], s)
+        report.job_ids = [job.job_id for batch in new_jobs.values() for job in batch]
+        report.listing_ids = list(latest)
         return report
+
+    def _serving(self, active: ModelSpec) -> list[ModelSpec]:
+        """The active model, and the model a reindex run is embedding the catalogue with (it
+        must see the listings that change during the run, so nothing is stale at its switch)."""
+        with self.sessions() as session:
+            target = runs.reindex_target(session)
+        if target is None or target == active.model_id:
+            return [active]
+        return [active, get_spec(self.registry, target)]
 
     def send(self, new_jobs: Sequence[NewJob], spec: ModelSpec) -> None:
         """Hand committed jobs to the broker on the model's queue; the task id is the job id."""

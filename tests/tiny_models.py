@@ -16,10 +16,12 @@ TINY_TOWER = {
 }
 
 
-def tiny_open_clip_config(*, siglip: bool = False, image_size: int = 32) -> dict:
+def tiny_open_clip_config(
+    *, siglip: bool = False, image_size: int = 32, embed_dim: int = 32
+) -> dict:
     """A CLIP-shaped open_clip config small enough to build in well under a second."""
     model_cfg: dict = {
-        "embed_dim": 32,
+        "embed_dim": embed_dim,
         "vision_cfg": {"image_size": image_size, "patch_size": 8, "width": 64, "layers": 2},
         "text_cfg": {
             "context_length": 77,
@@ -34,13 +36,15 @@ def tiny_open_clip_config(*, siglip: bool = False, image_size: int = 32) -> dict
     return {"model_cfg": model_cfg, "preprocess_cfg": {}}
 
 
-def save_tiny_open_clip(directory: Path, *, siglip: bool = False, seed: int = 0) -> Path:
+def save_tiny_open_clip(
+    directory: Path, *, siglip: bool = False, seed: int = 0, embed_dim: int = 32
+) -> Path:
     """Write an open_clip `local-dir:` folder with random weights; returns the folder."""
     import open_clip
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    config = tiny_open_clip_config(siglip=siglip)
+    config = tiny_open_clip_config(siglip=siglip, embed_dim=embed_dim)
     (directory / "open_clip_config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
     model = open_clip.create_model(f"local-dir:{directory}", load_weights=False)

@@ -13,7 +13,6 @@ from db.records import ListingImageRecord, ListingRecord, ResultRecord
 from worker.fetch import FetchPolicy
 from worker.images import (
     FailedImage,
-    FetchedBytes,
     PreparedImage,
     fetch_images,
     prepare_images,
@@ -49,7 +48,7 @@ class ListingAnalyzer:
     def analyze(self, listing: ListingRecord) -> ListingAnalysis:
         """Score `listing`; raises `TransientError` when it is worth trying again later."""
         fetched = fetch_images(listing.image_urls, self.policy, self.executor)
-        cached = self.lookup_cached([f.sha256 for f in fetched if isinstance(f, FetchedBytes)])
+        cached = self.lookup_cached([f.sha256 for f in fetched if not isinstance(f, FailedImage)])
         info = self.service.backend.info
         prepared = prepare_images(
             fetched,
@@ -97,6 +96,12 @@ def image_records(prepared: Sequence[PreparedImage | FailedImage]) -> list[Listi
     return [
         ListingImageRecord(p.position, p.url, error=p.error)
         if isinstance(p, FailedImage)
-        else ListingImageRecord(p.position, p.url, facts=p.facts)
+        else ListingImageRecord(
+            p.position,
+            p.url,
+            facts=p.facts,
+            etag=p.validators.etag if p.validators else None,
+            last_modified=p.validators.last_modified if p.validators else None,
+        )
         for p in sorted(prepared, key=lambda p: p.position)
     ]

@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -20,13 +20,24 @@ from contract.errors import ListingError, TransientError, one_line
 from db.embeddings import CachedImage
 from db.records import ImageFacts
 from worker.decode import decode_image
-from worker.fetch import FetchPolicy, fetch_image
+from worker.fetch import FetchPolicy, NotModified, Validators, fetch_image
 from worker.quality import measure_quality
 
 # Decoded pixels are big (a 40 Mpx photo is 120 MB as RGB, and a few copies are made): however
 # many task threads wait, only this many images are decoded at once. More would not be faster
 # on the cores a worker has, only larger.
 _DECODE_SLOTS = threading.BoundedSemaphore(max(2, min(8, os.cpu_count() or 2)))
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One URL of a listing to fetch; with `known_sha256` and `validators` (from its last fetch)
+    the request is conditional."""
+
+    position: int
+    url: str
+    known_sha256: str | None = None
+    validators: Validators | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,17 @@ class FetchedBytes:
     url: str
     data: bytes
     sha256: str
+    validators: Validators = field(default_factory=Validators)
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """One URL of a listing whose server said it still holds the content fetched before."""
+
+    position: int
+    url: str
+    sha256: str
+    validators: Validators | None
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,7 @@ class PreparedImage:
     facts: ImageFacts
     pixels: torch.Tensor | None = None
     cached_embedding: list[float] | None = None
+    validators: Validators | None = None
 
 
 @dataclass(frozen=True)
@@ -59,32 +82,46 @@ class FailedImage:
     error: str
 
 
-def fetch_images(
-    urls: Sequence[str], policy: FetchPolicy, executor: Executor
-) -> list[FetchedBytes | FailedImage]:
-    """Fetch every URL at once; failures become per-image errors, transient ones are raised."""
-    results = list(executor.map(lambda item: _fetch_one(item[0], item[1], policy), enumerate(urls)))
+Fetched = FetchedBytes | Unchanged | FailedImage
+
+
+def fetch_images(urls: Sequence[str], policy: FetchPolicy, executor: Executor) -> list[Fetched]:
+    """Fetch every URL of one listing at once; failures become per-image errors, and a
+    transient one is raised (the job is retried)."""
+    results = fetch_each([ImageRequest(i, url) for i, url in enumerate(urls)], policy, executor)
     transient = [r for r in results if isinstance(r, TransientError)]
     if transient:
         raise transient[0]
     return [r for r in results if not isinstance(r, TransientError)]
 
 
-def _fetch_one(
-    position: int, url: str, policy: FetchPolicy
-) -> FetchedBytes | FailedImage | TransientError:
+def fetch_each(
+    requests: Sequence[ImageRequest], policy: FetchPolicy, executor: Executor
+) -> list[Fetched | TransientError]:
+    """Fetch many URLs at once (a run's chunk: many listings); each ends fetched, unchanged,
+    failed or transiently failed, in the order asked."""
+    return list(executor.map(lambda request: _fetch_one(request, policy), requests))
+
+
+def _fetch_one(request: ImageRequest, policy: FetchPolicy) -> Fetched | TransientError:
+    position, url = request.position, request.url
+    validators = request.validators if request.known_sha256 else None
     try:
-        fetched = fetch_image(url, policy)
+        fetched = fetch_image(url, policy, validators)
     except ListingError as error:
         return FailedImage(position, url, str(error))
     except TransientError as error:
         return error
+    if isinstance(fetched, NotModified):
+        assert request.known_sha256 is not None  # only asked with a known content
+        return Unchanged(position, url, request.known_sha256, validators)
     # The content address, computed once: unchanged bytes are never embedded twice by a model.
-    return FetchedBytes(position, url, fetched.data, hashlib.sha256(fetched.data).hexdigest())
+    sha256 = hashlib.sha256(fetched.data).hexdigest()
+    return FetchedBytes(position, url, fetched.data, sha256, fetched.validators)
 
 
 def prepare_images(
-    fetched: Sequence[FetchedBytes | FailedImage],
+    fetched: Sequence[Fetched],
     cached: dict[str, CachedImage],
     *,
     preprocess: Callable[[Image.Image], torch.Tensor],
@@ -94,12 +131,16 @@ def prepare_images(
 ) -> list[PreparedImage | FailedImage]:
     """Decode, measure and preprocess what the model has not embedded yet, in position order."""
 
-    def prepare(image: FetchedBytes | FailedImage) -> PreparedImage | FailedImage:
+    def prepare(image: Fetched) -> PreparedImage | FailedImage:
         if isinstance(image, FailedImage):
             return image
         known = cached.get(image.sha256)
         if known is not None:
-            return PreparedImage(image.position, image.url, known.facts, None, known.embedding)
+            return PreparedImage(
+                image.position, image.url, known.facts, None, known.embedding, image.validators
+            )
+        if isinstance(image, Unchanged):  # asked conditionally only for a cached content
+            return FailedImage(image.position, image.url, "content unknown to this model")
         try:
             with _DECODE_SLOTS:
                 return _decode_and_prepare(image, preprocess, max_pixels, draft_size)
@@ -130,4 +171,5 @@ def _decode_and_prepare(
         quality.blur,
         quality.brightness,
     )
-    return PreparedImage(image.position, image.url, facts, preprocess(decoded.pixels))
+    pixels = preprocess(decoded.pixels)
+    return PreparedImage(image.position, image.url, facts, pixels, None, image.validators)

@@ -7,10 +7,10 @@ import socket
 import uuid
 from collections.abc import Sequence
 
-from contract.broker import make_celery, model_queue, send_analysis
+from contract.broker import make_celery, model_queue, send_analysis, send_chunks
 from contract.registry import get_spec, load_registry
 from contract.settings import Settings
-from worker.runtime import start_runtime, worker_concurrency
+from worker.runtime import Senders, start_runtime, worker_concurrency
 from worker.tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,13 @@ def run_worker(resolved: Settings, model_id: str, gpu: str | None) -> None:
     name = worker_name(model_id, gpu)
     app = make_celery(resolved)
 
-    def send(job_ids: Sequence[uuid.UUID]) -> None:
+    def send_jobs(job_ids: Sequence[uuid.UUID]) -> None:
         send_analysis(app, job_ids, spec.model_id)
 
-    runtime = start_runtime(resolved, registry, spec, name, send)
+    def send_run_chunks(chunk_ids: Sequence[uuid.UUID], countdown: float | None) -> None:
+        send_chunks(app, chunk_ids, spec.model_id, countdown)
+
+    runtime = start_runtime(resolved, registry, spec, name, Senders(send_jobs, send_run_chunks))
     register_tasks(app, runtime)
     queue = model_queue(spec.model_id)
     argv = [

@@ -19,17 +19,17 @@ from worker.analysis import ListingAnalyzer
 from worker.backends import create_backend
 from worker.backends.base import ModelBackend
 from worker.categories import CategoryIndex, read_categories
+from worker.chunk_analysis import ChunkAnalyzer
+from worker.chunk_runner import ChunkRunner
 from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
 from worker.job_runner import JobRunner
 from worker.outcomes import OutcomeWriter
-from worker.reconciler import Reconciler, SendJobs
+from worker.reconciler import Lateness, Reconciler, SendChunks, SendJobs
 from worker.scorer import ListingScorer
 from worker.watchdog import start_stall_watchdog
 
 log = logging.getLogger(__name__)
-RECONCILE_EVERY = 30.0  # seconds
-UNSENT_GRACE = timedelta(seconds=60)  # a job may sit unsent this long (the producer's send)
 
 
 @dataclass
@@ -40,6 +40,7 @@ class WorkerRuntime:
     backend: ModelBackend
     service: InferenceService
     runner: JobRunner
+    chunks: ChunkRunner
     executor: ThreadPoolExecutor
     stops: list[threading.Event] = field(default_factory=list)
 
@@ -49,6 +50,14 @@ class WorkerRuntime:
         self.service.close()
         self.runner.writer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class Senders:
+    """How the worker publishes work again: jobs, and run chunks (with a delay)."""
+
+    jobs: SendJobs
+    chunks: SendChunks
 
 
 def batch_limits(settings: Settings, spec: ModelSpec) -> tuple[int, float]:
@@ -63,11 +72,18 @@ def worker_concurrency(settings: Settings, spec: ModelSpec) -> int:
     return settings.worker_concurrency or 2 * batch_limits(settings, spec)[0]
 
 
+def lateness(settings: Settings) -> Lateness:
+    """When work counts as lost: unsent for a minute; running (or a run not progressing) far
+    past the broker's own redelivery of a dead worker's messages (the visibility timeout)."""
+    stuck = timedelta(seconds=2 * settings.visibility_timeout + settings.task_time_limit)
+    unsent = timedelta(seconds=min(60, settings.visibility_timeout))
+    return Lateness(unsent_for=unsent, stuck_for=stuck, stalled_for=stuck)
+
+
 def start_runtime(
-    settings: Settings, registry: Registry, spec: ModelSpec, worker_name: str, send: SendJobs
+    settings: Settings, registry: Registry, spec: ModelSpec, worker_name: str, send: Senders
 ) -> WorkerRuntime:
-    """Load the model once, warm it, register it, and build the job runner around it."""
-    default_spec = get_spec(registry, settings.model)
+    """Load the model once, warm it, register it, and build the runners around it."""
     backend = create_backend(spec)
     info = backend.load()
     log.info("loaded %s on %s (%s): %s", spec.model_id, backend.device, backend.dtype, info)
@@ -82,7 +98,7 @@ def start_runtime(
     sessions = make_sessions(engine)
     with sessions.begin() as session:
         registered_models.ensure_model(session, spec)
-        registered_models.record_default_model(session, default_spec)
+        registered_models.record_default_model(session, get_spec(registry, settings.model))
         registered_models.record_loaded(
             session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring
         )
@@ -94,44 +110,51 @@ def start_runtime(
     if info.has_text:
         labels = read_categories(settings.categories_file)
         categories = CategoryIndex(labels, spec.prompt_templates, service.embed_texts)
+    scorer = ListingScorer(info, categories, spec.threshold)
     executor = ThreadPoolExecutor(max_workers=min(64, concurrency * 2), thread_name_prefix="fetch")
 
     def lookup_cached(shas: Sequence[str]) -> dict[str, CachedImage]:
         with sessions() as session:
             return embeddings.cached_images(session, shas, spec.model_id)
 
+    policy = fetch_policy(settings)
+    model_timeout = float(settings.task_time_limit)
     analyzer = ListingAnalyzer(
-        service=service,
-        scorer=ListingScorer(info, categories, spec.threshold),
-        policy=fetch_policy(settings),
-        max_pixels=settings.max_image_pixels,
-        executor=executor,
-        lookup_cached=lookup_cached,
-        model_timeout=float(settings.task_time_limit),
+        service, scorer, policy, settings.max_image_pixels, executor, lookup_cached, model_timeout
     )
-    writer = OutcomeWriter(sessions)
     runner = JobRunner(
         sessions=sessions,
         analyzer=analyzer,
-        writer=writer,
+        writer=OutcomeWriter(sessions),
         model_id=spec.model_id,
         worker_name=worker_name,
         max_attempts=settings.max_attempts,
         retry_backoff=settings.retry_backoff,
     )
-    reconciler = Reconciler(
-        sessions,
-        send,
+    chunk_analyzer = ChunkAnalyzer(
+        service,
+        scorer,
+        policy,
+        settings.max_image_pixels,
+        executor,
+        lookup_cached,
         spec.model_id,
-        unsent_for=UNSENT_GRACE,
-        # Far past the broker's own redelivery (visibility timeout) of a dead worker's jobs.
-        stuck_for=timedelta(seconds=2 * settings.visibility_timeout + settings.task_time_limit),
+        model_timeout,
     )
+    chunks = ChunkRunner(
+        sessions=sessions,
+        analyzer=chunk_analyzer,
+        worker_name=worker_name,
+        max_attempts=settings.max_attempts,
+        retry_backoff=settings.retry_backoff,
+        send_chunks=send.chunks,
+    )
+    reconciler = Reconciler(sessions, send.jobs, send.chunks, spec.model_id, lateness(settings))
     stops = [
         start_stall_watchdog(service.batcher.busy_for, float(settings.task_time_limit)),
-        reconciler.start(RECONCILE_EVERY),
+        reconciler.start(min(30.0, settings.visibility_timeout / 4)),
     ]
-    return WorkerRuntime(spec, backend, service, runner, executor, stops)
+    return WorkerRuntime(spec, backend, service, runner, chunks, executor, stops)
 
 
 def fetch_policy(settings: Settings) -> FetchPolicy:

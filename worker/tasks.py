@@ -8,7 +8,13 @@ from typing import Any
 from celery import Celery, Task
 from celery.worker.control import inspect_command
 
-from contract.broker import ANALYZE_TASK, STATS_COMMAND, AnalyzeMessage
+from contract.broker import (
+    ANALYZE_TASK,
+    RUN_CHUNK_TASK,
+    STATS_COMMAND,
+    AnalyzeMessage,
+    ChunkMessage,
+)
 from worker.runtime import WorkerRuntime
 
 
@@ -26,6 +32,15 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         retry = self.retry(countdown=report.retry_in, max_retries=None, throw=False)
         runtime.runner.mark_resent(job)
         raise retry
+
+    @app.task(name=RUN_CHUNK_TASK, bind=True, acks_late=True, max_retries=None)
+    def run_chunk(self: Task, chunk_id: str) -> dict[str, Any]:
+        report = runtime.chunks.run(ChunkMessage.parse(chunk_id).chunk_id)
+        if report.retry_in is None:
+            return report.summary
+        # The chunk stays `running`; its next delivery is split, and the reconciler re-sends
+        # it if this retry is never published.
+        raise self.retry(countdown=report.retry_in, max_retries=None)
 
     @inspect_command(name=STATS_COMMAND)
     def lv_stats(state: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from db.engine import make_sessions
 from db.jobs import ClaimedJob, NewJob, Unclaimable
 from db.records import JobOutcome, ListingOutcome, ListingRecord, ResultRecord
 from tests.integration.conftest import Stack, query
-from worker.reconciler import Reconciler
+from worker.reconciler import Lateness, Reconciler
 
 pytestmark = pytest.mark.slow
 MODEL = "states-model"
@@ -134,9 +134,8 @@ def test_reconciler_resends_jobs_whose_message_was_never_sent_and_only_once(
     def send(batch):  # type: ignore[no-untyped-def]
         send_analysis(app, batch, MODEL)
 
-    reconciler = Reconciler(
-        sessions, send, MODEL, unsent_for=timedelta(seconds=60), stuck_for=timedelta(hours=1)
-    )
+    late = Lateness(timedelta(seconds=60), timedelta(hours=1), timedelta(hours=1))
+    reconciler = Reconciler(sessions, send, lambda chunks, countdown: None, MODEL, late)
     assert reconciler.run_once() == 2
     assert _queued_messages(stack, queue) == 2
     assert reconciler.run_once() == 0  # marked sent: not again

@@ -72,6 +72,13 @@ class Handler(BaseHTTPRequestHandler):
     def route_image_jpg(self, arg: str, query: dict[str, list[str]]) -> None:
         self.reply(200, IMAGE_BYTES, Content_Type="image/png")
 
+    def route_versioned_jpg(self, arg: str, query: dict[str, list[str]]) -> None:
+        """The image at version "v1": a matching If-None-Match is answered 304."""
+        if self.headers.get("If-None-Match") == '"v1"':
+            self.reply(304, ETag='"v1"')
+            return
+        self.reply(200, IMAGE_BYTES, ETag='"v1"', Last_Modified="Mon, 23 Nov 2026 10:00:00 GMT")
+
     def route_status(self, arg: str, query: dict[str, list[str]]) -> None:
         self.reply(int(arg), b"status body")
 

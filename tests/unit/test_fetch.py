@@ -33,7 +33,15 @@ from tests.unit.fetch_servers import (
     make_certificate,
     serve,
 )
-from worker.fetch import FetchedImage, FetchPolicy, addresses, fetch_image, http
+from worker.fetch import (
+    FetchedImage,
+    FetchPolicy,
+    NotModified,
+    Validators,
+    addresses,
+    fetch_image,
+    http,
+)
 from worker.fetch.addresses import check_address, resolve_checked
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -509,7 +517,43 @@ def file_policy(*roots: Path) -> FetchPolicy:
 def test_file_inside_a_root_is_read(files: dict[str, Path]) -> None:
     url = f"file://{files['root']}/photo.jpg"
     image = fetch_image(url, file_policy(files["root"]))
-    assert image == FetchedImage(data=IMAGE_BYTES, url=url, content_type=None)
+    assert isinstance(image, FetchedImage)
+    assert (image.data, image.url, image.content_type) == (IMAGE_BYTES, url, None)
+
+
+def test_an_unchanged_file_answers_a_conditional_read_as_not_modified(
+    files: dict[str, Path],
+) -> None:
+    url = f"file://{files['root']}/photo.jpg"
+    first = fetch_image(url, file_policy(files["root"]))
+    assert isinstance(first, FetchedImage) and first.validators.etag
+
+    again = fetch_image(url, file_policy(files["root"]), first.validators)
+    (files["root"] / "photo.jpg").write_bytes(IMAGE_BYTES + b"changed")
+    changed = fetch_image(url, file_policy(files["root"]), first.validators)
+
+    assert again == NotModified(url)
+    assert isinstance(changed, FetchedImage) and changed.data.endswith(b"changed")
+
+
+def test_a_conditional_http_request_sends_the_validators_and_takes_a_304(
+    server: Running,
+) -> None:
+    url = f"{server.base_url}/versioned.jpg"
+    first = fetch_image(url, policy())
+    assert isinstance(first, FetchedImage)
+    assert first.validators == Validators('"v1"', "Mon, 23 Nov 2026 10:00:00 GMT")
+
+    again = fetch_image(url, policy(), first.validators)
+    stale = fetch_image(url, policy(), Validators('"v0"'))
+
+    assert again == NotModified(url)
+    assert isinstance(stale, FetchedImage) and stale.data == IMAGE_BYTES
+
+
+def test_a_304_to_an_unconditional_request_is_an_error(server: Running) -> None:
+    with pytest.raises(FetchError, match="HTTP 304"):
+        fetch_image(f"{server.base_url}/status/304", policy())
 
 
 def test_file_roots_are_resolved_too(files: dict[str, Path], tmp_path: Path) -> None:

@@ -11,12 +11,13 @@ import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 
 from contract.errors import FetchError, TransientError, reason, shown
 from worker.fetch.addresses import IPAddress, resolve_checked
-from worker.fetch.policy import FetchedImage, FetchPolicy, too_large
+from worker.fetch.policy import FetchedImage, FetchPolicy, NotModified, Validators, too_large
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -44,9 +45,23 @@ class _Deadline:
         return FetchError(f"timed out after {self.seconds:g}s")
 
 
-def fetch_http_url(url: str, policy: FetchPolicy) -> FetchedImage:
-    """Fetch an `http(s)` image URL under `policy` (`FetchError` or `TransientError` otherwise)."""
-    return _fetch_http(_parse_http_url(url), policy)
+@dataclass(frozen=True)
+class _Fetch:
+    """One fetch's rules, its deadline, its TLS context, and the validators to send."""
+
+    policy: FetchPolicy
+    deadline: _Deadline
+    tls: ssl.SSLContext
+    validators: Validators | None
+
+
+def fetch_http_url(
+    url: str, policy: FetchPolicy, validators: Validators | None = None
+) -> FetchedImage | NotModified:
+    """Fetch an `http(s)` image URL under `policy` (`FetchError` or `TransientError` otherwise);
+    with `validators` the request is conditional and may answer `NotModified`."""
+    fetch = _Fetch(policy, _Deadline(policy.timeout), _tls_context(), validators)
+    return _fetch_http(_parse_http_url(url), fetch)
 
 
 def _parse_http_url(url: str) -> httpx.URL:
@@ -59,84 +74,83 @@ def _parse_http_url(url: str) -> httpx.URL:
     return parsed.copy_with(fragment=None)
 
 
-def _fetch_http(url: httpx.URL, policy: FetchPolicy) -> FetchedImage:
+def _fetch_http(url: httpx.URL, fetch: _Fetch) -> FetchedImage | NotModified:
     """Follow redirects by hand, so each hop is resolved and checked before we connect to it."""
-    deadline = _Deadline(policy.timeout)
-    tls = _tls_context()
     current = url
-    for hop in range(policy.max_redirects + 1):
+    for hop in range(fetch.policy.max_redirects + 1):
         try:
-            outcome = _fetch_hop(current, policy, deadline, tls)
+            outcome = _fetch_hop(current, fetch)
         except FetchError as exc:
             if hop == 0:
                 raise
             raise FetchError(f"redirected to {shown(str(current))}: {exc}") from None
-        if isinstance(outcome, FetchedImage):
+        if not isinstance(outcome, httpx.URL):
             return outcome
         current = outcome
-    raise FetchError(f"more than {policy.max_redirects} redirects")
+    raise FetchError(f"more than {fetch.policy.max_redirects} redirects")
 
 
-def _fetch_hop(
-    url: httpx.URL, policy: FetchPolicy, deadline: _Deadline, tls: ssl.SSLContext
-) -> FetchedImage | httpx.URL:
+def _fetch_hop(url: httpx.URL, fetch: _Fetch) -> FetchedImage | NotModified | httpx.URL:
     """One request: the image, or the checked URL of the next hop."""
     host = url.raw_host.decode("ascii")
     port = url.port or (443 if url.scheme == "https" else 80)
-    addresses = resolve_checked(host, port, policy.allowed_private_networks, deadline.remaining())
+    allowed = fetch.policy.allowed_private_networks
+    addresses = resolve_checked(host, port, allowed, fetch.deadline.remaining())
     for address in addresses[:-1]:
         try:
-            return _fetch_from(address, url, policy, deadline, tls)
+            return _fetch_from(address, url, fetch)
         except _Unreachable:
             continue  # another of the host's checked addresses may answer
-    return _fetch_from(addresses[-1], url, policy, deadline, tls)
+    return _fetch_from(addresses[-1], url, fetch)
 
 
 def _fetch_from(
-    address: IPAddress,
-    url: httpx.URL,
-    policy: FetchPolicy,
-    deadline: _Deadline,
-    tls: ssl.SSLContext,
-) -> FetchedImage | httpx.URL:
+    address: IPAddress, url: httpx.URL, fetch: _Fetch
+) -> FetchedImage | NotModified | httpx.URL:
     # A client per connection: httpx pools by (scheme, IP, port), and a pooled TLS connection
     # verified for one hostname must never serve a redirect to another name on the same IP.
     host = url.raw_host.decode("ascii")
     with (
-        _translated_http_errors(host, deadline),
+        _translated_http_errors(host, fetch.deadline),
         httpx.Client(
-            verify=tls,
+            verify=fetch.tls,
             trust_env=False,  # a proxy from the environment would connect to the name, not the IP
             follow_redirects=False,
-            timeout=httpx.Timeout(deadline.remaining()),
+            timeout=httpx.Timeout(fetch.deadline.remaining()),
         ) as client,
     ):
         request = client.build_request(
             "GET",
             url.copy_with(host=str(address)),
-            headers=_request_headers(url, policy),
+            headers=_request_headers(url, fetch),
             extensions=_tls_extensions(url),
         )
         response = client.send(request, stream=True)
         try:
-            return _handle_response(response, url, policy, deadline)
+            return _handle_response(response, url, fetch)
         finally:
             response.close()
 
 
-def _request_headers(url: httpx.URL, policy: FetchPolicy) -> dict[str, str]:
+def _request_headers(url: httpx.URL, fetch: _Fetch) -> dict[str, str]:
     host = url.raw_host.decode("ascii")
     if ":" in host:
         host = f"[{host}]"
     if url.port is not None:
         host = f"{host}:{url.port}"
-    return {
+    headers = {
         "Host": host,  # we connect to the IP, but the server must see the name from the URL
-        "User-Agent": policy.user_agent,
+        "User-Agent": fetch.policy.user_agent,
         "Accept": "image/*",
         # Images are compressed already; identity means max_bytes counts what is on the wire.
         "Accept-Encoding": "identity",
     }
+    if fetch.validators is not None:
+        if fetch.validators.etag:
+            headers["If-None-Match"] = fetch.validators.etag
+        if fetch.validators.last_modified:
+            headers["If-Modified-Since"] = fetch.validators.last_modified
+    return headers
 
 
 def _tls_extensions(url: httpx.URL) -> dict[str, str]:
@@ -158,18 +172,25 @@ def _tls_context() -> ssl.SSLContext:
 
 
 def _handle_response(
-    response: httpx.Response, url: httpx.URL, policy: FetchPolicy, deadline: _Deadline
-) -> FetchedImage | httpx.URL:
+    response: httpx.Response, url: httpx.URL, fetch: _Fetch
+) -> FetchedImage | NotModified | httpx.URL:
     status = response.status_code
     host = url.raw_host.decode("ascii")
     if status in _REDIRECT_STATUSES:
         return _redirect_target(response, url)
+    if status == 304 and fetch.validators is not None:
+        return NotModified(str(url))
     if status in _RETRYABLE_STATUSES:
         raise TransientError(f"HTTP {status} from host {host} (will retry)")
     if not 200 <= status < 300:
         raise FetchError(f"HTTP {status} from host {host}")
-    data = _read_body(response, policy.max_bytes, deadline)
-    return FetchedImage(data=data, url=str(url), content_type=response.headers.get("content-type"))
+    data = _read_body(response, fetch.policy.max_bytes, fetch.deadline)
+    return FetchedImage(
+        data=data,
+        url=str(url),
+        content_type=response.headers.get("content-type"),
+        validators=Validators(response.headers.get("etag"), response.headers.get("last-modified")),
+    )
 
 
 def _redirect_target(response: httpx.Response, url: httpx.URL) -> httpx.URL:

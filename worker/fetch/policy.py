@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.settings import IPNetwork
@@ -29,12 +29,30 @@ class FetchPolicy:
 
 
 @dataclass(frozen=True)
+class Validators:
+    """What identifies a version of an image for a conditional request: the server's ETag
+    and Last-Modified (for a file, its size and modification time)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+@dataclass(frozen=True)
 class FetchedImage:
-    """The raw bytes of one image, the URL they came from after redirects, and its Content-Type."""
+    """The raw bytes of one image, the URL they came from after redirects, its Content-Type,
+    and the validators a later conditional request can send."""
 
     data: bytes
     url: str
     content_type: str | None
+    validators: Validators = field(default_factory=Validators)
+
+
+@dataclass(frozen=True)
+class NotModified:
+    """A conditional request's answer: the image is the version the validators name."""
+
+    url: str
 
 
 def too_large(max_bytes: int) -> str:

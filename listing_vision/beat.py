@@ -1,0 +1,97 @@
+"""`listing-vision beat`: Celery beat, with the worker that runs its two tasks.
+
+Beat sends `lv.rescore_catalogue` on `LV_RESCORE_SCHEDULE` (nightly by default) and
+`lv.watch_runs` every minute, both to the control queue, which this same process consumes (one
+process, `--beat` embedded in a one-slot worker). Rescoring starts a run of the whole catalogue
+with the active model; while one is pending or running a second is refused (logged), so runs
+never overlap. The watch continues the production of runs whose producer stopped halfway.
+Run exactly one beat per deployment (`up` starts it; Kubernetes: a single replica).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from celery.schedules import crontab, schedule
+
+from contract.broker import CONTROL_QUEUE, RESCORE_TASK, WATCH_RUNS_TASK, make_celery
+from contract.settings import Settings, crontab_fields, schedule_seconds
+from db import runs
+from db.runs import RunConflict
+from producer.enqueue import Producer
+from producer.runs import RunProducer
+
+log = logging.getLogger(__name__)
+WATCH_EVERY = 60.0  # seconds
+STALLED_PRODUCTION = timedelta(minutes=2)
+
+
+def rescore_schedule(value: str) -> schedule | crontab:
+    """`LV_RESCORE_SCHEDULE` as beat reads it: a crontab (in UTC) or `every N` seconds."""
+    seconds = schedule_seconds(value)
+    if seconds is not None:
+        return schedule(timedelta(seconds=seconds))
+    return crontab(**crontab_fields(value))
+
+
+def make_beat_app(resolved: Settings) -> Celery:
+    """The Celery app with beat's schedule and the two tasks it sends."""
+    app = make_celery(resolved)
+    app.conf.beat_schedule = {
+        "rescore-catalogue": {
+            "task": RESCORE_TASK,
+            "schedule": rescore_schedule(resolved.rescore_schedule),
+            "options": {"queue": CONTROL_QUEUE},
+        },
+        "watch-runs": {
+            "task": WATCH_RUNS_TASK,
+            "schedule": WATCH_EVERY,
+            "options": {"queue": CONTROL_QUEUE},
+        },
+    }
+
+    @app.task(name=RESCORE_TASK)
+    def rescore_catalogue() -> dict[str, Any]:
+        with Producer(resolved) as producer:
+            try:
+                run_id = RunProducer(producer).start_rescore(scope="all")
+            except RunConflict as conflict:
+                log.warning("scheduled rescoring not started: %s", conflict)
+                return {"skipped": str(conflict)}
+        log.info("scheduled rescoring run %s started", run_id)
+        return {"run_id": str(run_id)}
+
+    @app.task(name=WATCH_RUNS_TASK)
+    def watch_runs() -> dict[str, Any]:
+        resumed = []
+        with Producer(resolved) as producer:
+            with producer.sessions() as session:
+                stalled = runs.unproduced_runs(session, STALLED_PRODUCTION)
+            for run in stalled:
+                log.warning("run %s stopped being produced: producing the rest", run.run_id)
+                RunProducer(producer).produce(run.run_id)
+                resumed.append(str(run.run_id))
+        return {"produced": resumed}
+
+    return app
+
+
+def run_beat(resolved: Settings) -> None:
+    """Run beat and its control-queue worker in the foreground until stopped."""
+    app = make_beat_app(resolved)
+    home = resolved.home.expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    app.worker_main(
+        [
+            "worker",
+            "--beat",
+            f"--schedule={home / 'beat-schedule'}",
+            "--pool=solo",
+            f"--queues={CONTROL_QUEUE}",
+            "--hostname=beat@%h",
+            f"--loglevel={resolved.log_level}",
+        ]
+    )

@@ -1,0 +1,342 @@
+"""A run's chunk: many listings at once, from what is stored, redoing only what changed.
+
+A listing whose stored image list is its current one, and whose images this model has already
+embedded, is rescored without a fetch or an image-encoder call (`--refetch` revalidates those
+images with conditional requests first). Its similarity is reused when it was computed from the
+same text and the same images, else recomputed from a fresh text embedding (texts deduplicated,
+one batch). Everything else (a new model, changed images, failed images) is fetched, decoded
+and embedded, all of the chunk's images in one request to the batcher. A row whose values come
+out the same is not rewritten.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+from db.embeddings import CachedImage
+from db.listing_state import StoredImage, StoredListing
+from db.records import ListingImageRecord, ListingOutcome, ResultRecord
+from worker.analysis import LookupCached, image_records
+from worker.fetch import FetchPolicy, Validators
+from worker.images import (
+    FailedImage,
+    Fetched,
+    ImageRequest,
+    PreparedImage,
+    fetch_each,
+    prepare_images,
+)
+from worker.inference import EmbedRequest, InferenceService
+from worker.scorer import ListingScorer, Similarity, UsableImages, failed_result
+
+_TOLERANCE = 1e-6  # a float that moved less than this has not changed
+
+
+@dataclass
+class ChunkAnalysis:
+    """What a chunk found: the rows to write, how its listings ended, what to try again."""
+
+    outcomes: list[ListingOutcome] = field(default_factory=list)
+    ok: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    transient: dict[str, str] = field(default_factory=dict)  # listing_id -> why
+
+
+@dataclass(frozen=True)
+class _Images:
+    """One listing's images, resolved: usable ones (with vectors) and failed ones."""
+
+    usable: list[PreparedImage]
+    failed: list[FailedImage]
+    fetched: bool  # fetched now (its image list is rewritten), or taken from what is stored
+
+
+@dataclass
+class ChunkAnalyzer:
+    """Held warm by the worker, beside the single-listing analyzer, sharing its model."""
+
+    service: InferenceService
+    scorer: ListingScorer
+    policy: FetchPolicy
+    max_pixels: int
+    executor: Executor
+    lookup_cached: LookupCached
+    model_id: str
+    model_timeout: float
+
+    def analyze(
+        self, stored: dict[str, StoredListing], *, refetch: bool, recompute: bool
+    ) -> ChunkAnalysis:
+        """Analyse every listing in `stored`; transient failures are reported, not raised."""
+        found = ChunkAnalysis()
+        cached = self.lookup_cached(
+            [i.sha256 for s in stored.values() for i in s.images if i.sha256 is not None]
+        )
+        resolved: dict[str, _Images] = {}
+        to_fetch: list[StoredListing] = []
+        for listing_id, state in stored.items():
+            images = None if refetch else _from_store(state, cached)
+            if images is None:
+                to_fetch.append(state)
+            else:
+                resolved[listing_id] = images
+        resolved |= self._fetch(to_fetch, cached, refetch, found)
+        texts = self._texts_to_embed(stored, resolved, recompute)
+        embedded = self._embed(resolved, texts)
+        for listing_id, images in resolved.items():
+            self._score(stored[listing_id], images, embedded, recompute, found)
+        return found
+
+    def _fetch(
+        self,
+        states: list[StoredListing],
+        cached: dict[str, CachedImage],
+        refetch: bool,
+        found: ChunkAnalysis,
+    ) -> dict[str, _Images]:
+        """Fetch (conditionally, with `refetch`) and prepare every image of these listings."""
+        if not states:
+            return {}
+        owners: list[str] = []
+        requests: list[ImageRequest] = []
+        for state in states:
+            for request in _image_requests(state, cached if refetch else {}):
+                owners.append(state.listing.listing_id)
+                requests.append(request)
+        results = fetch_each(requests, self.policy, self.executor)
+        by_listing: dict[str, list[Fetched]] = {s.listing.listing_id: [] for s in states}
+        for owner, result in zip(owners, results, strict=True):
+            if isinstance(result, Exception):
+                found.transient.setdefault(owner, str(result))
+            else:
+                by_listing[owner].append(result)
+        fetched = [
+            f for owner, items in by_listing.items() if owner not in found.transient for f in items
+        ]
+        more = self.lookup_cached([f.sha256 for f in fetched if not isinstance(f, FailedImage)])
+        info = self.service.backend.info
+        prepared = prepare_images(
+            fetched,
+            cached | more,
+            preprocess=self.service.backend.preprocess,
+            max_pixels=self.max_pixels,
+            draft_size=max(info.image_size, 256),
+            executor=self.executor,
+        )
+        out: dict[str, _Images] = {}
+        index = 0
+        for owner, items in by_listing.items():
+            if owner in found.transient:
+                continue
+            mine = prepared[index : index + len(items)]
+            index += len(items)
+            usable = [p for p in mine if isinstance(p, PreparedImage)]
+            failed = [p for p in mine if isinstance(p, FailedImage)]
+            out[owner] = _Images(usable, failed, fetched=True)
+        return out
+
+    def _texts_to_embed(
+        self,
+        stored: dict[str, StoredListing],
+        resolved: dict[str, _Images],
+        recompute: bool,
+    ) -> list[str]:
+        """The distinct texts whose similarity cannot be reused."""
+        if not self.scorer.scores_text:
+            return []
+        texts: dict[str, None] = {}
+        for listing_id, images in resolved.items():
+            if not images.usable:
+                continue
+            state = stored[listing_id]
+            if recompute or self._reusable(state, images) is None:
+                texts[state.listing.text] = None
+        return list(texts)
+
+    def _reusable(self, state: StoredListing, images: _Images) -> Similarity | None:
+        return self.scorer.reused_similarity(state.listing, _placeholder(images), state.result)
+
+    def _embed(
+        self, resolved: dict[str, _Images], texts: list[str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One request to the batcher: the chunk's new images (deduplicated) and texts."""
+        fresh: dict[str, torch.Tensor] = {}
+        for images in resolved.values():
+            for image in images.usable:
+                if image.pixels is not None:
+                    fresh.setdefault(image.facts.sha256, image.pixels)
+        if not fresh and not texts:
+            return {}, {}
+        request = EmbedRequest(tuple(fresh.values()), tuple(texts), tuple(fresh))
+        embedded = self.service.embed(request, self.model_timeout)
+        image_rows = dict(zip(fresh, embedded.image_embeddings, strict=True))
+        text_rows = dict(zip(texts, embedded.text_embeddings, strict=True))
+        return image_rows, text_rows
+
+    def _score(
+        self,
+        state: StoredListing,
+        images: _Images,
+        embedded: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+        recompute: bool,
+        found: ChunkAnalysis,
+    ) -> None:
+        image_rows, text_rows = embedded
+        listing = state.listing
+        total = len(images.usable) + len(images.failed)
+        if not images.usable:
+            result = failed_result(sorted(images.failed, key=lambda f: f.position), total)
+            self._settle(state, images, result, {}, found)
+            return
+        usable = UsableImages(
+            [p.position for p in images.usable],
+            [p.facts.sha256 for p in images.usable],
+            torch.stack([_vector(p, image_rows) for p in images.usable]),
+        )
+        similarity = None
+        if self.scorer.scores_text:
+            reused = (
+                None if recompute else self.scorer.reused_similarity(listing, usable, state.result)
+            )
+            similarity = reused or self.scorer.similarity(usable, text_rows[listing.text])
+        result = self.scorer.result(listing, usable, images.failed, similarity)
+        new = {
+            p.facts.sha256: image_rows[p.facts.sha256].tolist()
+            for p in images.usable
+            if p.pixels is not None
+        }
+        self._settle(state, images, result, new, found)
+
+    def _settle(
+        self,
+        state: StoredListing,
+        images: _Images,
+        result: ResultRecord,
+        new_embeddings: dict[str, list[float]],
+        found: ChunkAnalysis,
+    ) -> None:
+        """Count the listing's outcome; keep its rows to write unless nothing changed."""
+        if result.status == "ok":
+            found.ok += 1
+        else:
+            found.failed += 1
+        records = image_records([*images.usable, *images.failed]) if images.fetched else []
+        images_same = not records or _same_images(records, state.images)
+        if images_same and same_result(result, state.result):
+            found.unchanged += 1
+            return
+        found.outcomes.append(
+            ListingOutcome(
+                listing_id=state.listing.listing_id,
+                model_id=self.model_id,
+                result=result,
+                listing_updated_at=state.listing.updated_at,
+                images=[] if images_same else records,
+                new_embeddings=new_embeddings,
+            )
+        )
+
+
+def _from_store(state: StoredListing, cached: dict[str, CachedImage]) -> _Images | None:
+    """The listing's images as stored, if that is its current list and every usable image is
+    embedded by this model (None: it must be fetched)."""
+    if not state.images_current():
+        return None
+    usable: list[PreparedImage] = []
+    failed: list[FailedImage] = []
+    for image in state.images:
+        if image.sha256 is None:
+            failed.append(FailedImage(image.position, image.url, image.error or "not fetched"))
+            continue
+        known = cached.get(image.sha256)
+        if known is None:
+            return None
+        usable.append(PreparedImage(image.position, image.url, known.facts, None, known.embedding))
+    return _Images(usable, failed, fetched=False) if usable else None
+
+
+def _image_requests(state: StoredListing, cached: dict[str, CachedImage]) -> list[ImageRequest]:
+    """The listing's current URLs; where the stored list matches and its content is embedded,
+    with the validators of the last fetch (a conditional request)."""
+    stored = {i.position: i for i in state.images} if state.images_current() else {}
+    requests = []
+    for position, url in enumerate(state.listing.image_urls):
+        image = stored.get(position)
+        if image is not None and image.sha256 is not None and image.sha256 in cached:
+            validators = Validators(image.etag, image.last_modified)
+            requests.append(ImageRequest(position, url, image.sha256, validators))
+        else:
+            requests.append(ImageRequest(position, url))
+    return requests
+
+
+def _vector(image: PreparedImage, fresh: dict[str, torch.Tensor]) -> torch.Tensor:
+    if image.pixels is not None:
+        return fresh[image.facts.sha256]
+    return torch.tensor(image.cached_embedding or [], dtype=torch.float32)
+
+
+def _placeholder(images: _Images) -> UsableImages:
+    """Positions and contents only: enough to tell whether a stored similarity still holds."""
+    return UsableImages(
+        [p.position for p in images.usable],
+        [p.facts.sha256 for p in images.usable],
+        torch.empty(0),
+    )
+
+
+def _same_images(records: list[ListingImageRecord], stored: list[StoredImage]) -> bool:
+    """True when a fetch found the image list as stored (content, errors and validators)."""
+    if len(records) != len(stored):
+        return False
+    return all(
+        (r.position, r.url, r.facts.sha256 if r.facts else None, r.error, r.etag, r.last_modified)
+        == (s.position, s.url, s.sha256, s.error, s.etag, s.last_modified)
+        for r, s in zip(records, stored, strict=True)
+    )
+
+
+def same_result(new: ResultRecord, old: ResultRecord | None) -> bool:
+    """True when writing `new` over `old` would change nothing a poller can see."""
+    if old is None:
+        return False
+    exact = (
+        "status",
+        "error",
+        "is_match",
+        "top_category",
+        "category_mismatch",
+        "best_image",
+        "images_total",
+        "images_failed",
+        "text_sha256",
+        "image_shas",
+    )
+    if any(getattr(new, name) != getattr(old, name) for name in exact):
+        return False
+    return _close(new.similarity, old.similarity) and _same_categories(
+        new.categories, old.categories
+    )
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, abs_tol=_TOLERANCE)
+
+
+def _same_categories(
+    a: Sequence[dict[str, object]] | None, b: Sequence[dict[str, object]] | None
+) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(
+        x["label"] == y["label"] and _close(float(x["score"]), float(y["score"]))  # type: ignore[arg-type]
+        for x, y in zip(a, b, strict=True)
+    )

@@ -1,0 +1,171 @@
+"""A run's chunk in the worker: claim it, analyse its listings together, record their outcomes,
+finish it, and complete the run when it was the last.
+
+Plain Python (no Celery), like `job_runner`: the task only turns a `ChunkReport` into an ack or
+a retry. The guarantees of single jobs hold per listing: one outcome each, fenced writes (the
+chunk's delivery number), a bad listing fails alone, transient failures are retried per listing
+(a chunk of the next generation), and a chunk redelivered after its worker died is split in
+halves until a listing that kills workers is alone, then it ends `failed` after the cap.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from contract.errors import one_line
+from db import runs
+from db.listing_state import StoredListing, load_listings
+from db.records import ListingOutcome, ResultRecord
+from db.results import write_listing_outcomes
+from db.runs import ClaimedChunk, NewChunk
+from worker.chunk_analysis import ChunkAnalysis, ChunkAnalyzer
+from worker.retries import backoff_seconds
+
+log = logging.getLogger(__name__)
+SendChunks = Callable[[Sequence[uuid.UUID], float | None], None]
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What the task hands back to Celery: a short summary (shown in Flower) or a retry delay."""
+
+    summary: dict[str, Any] = field(default_factory=dict)
+    retry_in: float | None = None
+
+
+@dataclass
+class ChunkRunner:
+    """Runs deliveries of run chunks against the database and the warm chunk analyzer."""
+
+    sessions: sessionmaker[Session]
+    analyzer: ChunkAnalyzer
+    worker_name: str
+    max_attempts: int
+    retry_backoff: float
+    send_chunks: SendChunks
+
+    def run(self, chunk_id: uuid.UUID) -> ChunkReport:
+        """Run one delivery of a chunk. Trouble outside the listings' own analyses (the database
+        away, the model not answering) retries the whole chunk, whose next delivery is split."""
+        try:
+            return self._run(chunk_id)
+        except (SQLAlchemyError, FutureTimeout) as error:
+            log.warning("chunk %s: database trouble, will retry: %s", chunk_id, one_line(error))
+        except Exception:
+            log.exception("chunk %s: unexpected error, will retry", chunk_id)
+        return ChunkReport(retry_in=backoff_seconds(2, self.retry_backoff))
+
+    def _run(self, chunk_id: uuid.UUID) -> ChunkReport:
+        with self.sessions.begin() as session:
+            claim = runs.claim_chunk(session, chunk_id, self.worker_name)
+        if isinstance(claim, str):
+            log.info("chunk %s not run: %s", chunk_id, claim)
+            return ChunkReport({"skipped": claim})
+        if claim.attempt > 1 and len(claim.listing_ids) > 1:
+            return self._split(claim)
+        with self.sessions() as session:
+            stored = load_listings(session, claim.listing_ids, claim.model_id)
+        if claim.attempt > self.max_attempts:
+            reason = "the worker stopped during every attempt"
+            analysis = ChunkAnalysis(transient=dict.fromkeys(stored, reason))
+        else:
+            analysis = self.analyzer.analyze(
+                stored, refetch=claim.refetch, recompute=claim.recompute
+            )
+        return self._record(claim, stored, analysis)
+
+    def _split(self, claim: ClaimedChunk) -> ChunkReport:
+        """A redelivery: its last worker may have died on one of these listings."""
+        with self.sessions.begin() as session:
+            halves = runs.split_chunk(session, claim)
+        if halves:
+            self._send([half.chunk_id for half in halves], None)
+            log.warning(
+                "chunk %s redelivered (attempt %d): split into %d and %d listings",
+                claim.chunk_id,
+                claim.attempt,
+                len(halves[0].listing_ids),
+                len(halves[1].listing_ids),
+            )
+        return ChunkReport({"run_id": str(claim.run_id), "split": len(halves)})
+
+    def _record(
+        self, claim: ClaimedChunk, stored: dict[str, StoredListing], analysis: ChunkAnalysis
+    ) -> ChunkReport:
+        retry, dead = self._retry_or_give_up(claim, stored, analysis)
+        missing = len(set(claim.listing_ids) - set(stored))  # nothing left to analyse
+        done = analysis.ok + missing
+        failed = analysis.failed + len(dead)
+        with self.sessions.begin() as session:
+            if not runs.finish_chunk(session, claim, done=done, failed=failed, retry=retry):
+                log.info("chunk %s superseded: nothing written", claim.chunk_id)
+                return ChunkReport({"skipped": "superseded"})
+            write_listing_outcomes(session, [*analysis.outcomes, *dead])
+            runs.add_progress(session, claim.run_id, done=done, failed=failed)
+        if retry is not None:
+            self._send([retry.chunk_id], backoff_seconds(claim.generation, self.retry_backoff))
+        self._complete_run(claim.run_id)
+        return ChunkReport(
+            {
+                "run_id": str(claim.run_id),
+                "listings": len(claim.listing_ids),
+                "ok": done,
+                "failed": failed,
+                "unchanged": analysis.unchanged,
+                "retrying": len(retry.listing_ids) if retry else 0,
+            }
+        )
+
+    def _retry_or_give_up(
+        self, claim: ClaimedChunk, stored: dict[str, StoredListing], analysis: ChunkAnalysis
+    ) -> tuple[NewChunk | None, list[ListingOutcome]]:
+        """Transient failures: a chunk of the next generation, or after the cap a `failed` row
+        each (their jobs' `dead`)."""
+        if not analysis.transient:
+            return None, []
+        if claim.generation < self.max_attempts and claim.attempt <= self.max_attempts:
+            ids = sorted(analysis.transient)
+            return NewChunk(uuid.uuid4(), ids, claim.generation + 1), []
+        attempts = max(claim.generation, claim.attempt - 1)
+        dead = [
+            ListingOutcome(
+                listing_id=listing_id,
+                model_id=claim.model_id,
+                result=ResultRecord("failed", f"gave up after {attempts} attempts: {why}"),
+                listing_updated_at=stored[listing_id].listing.updated_at,
+            )
+            for listing_id, why in sorted(analysis.transient.items())
+        ]
+        return None, dead
+
+    def _send(self, chunk_ids: list[uuid.UUID], countdown: float | None) -> None:
+        """Publish, then record them as sent. Best effort: an unsent chunk is the reconciler's."""
+        try:
+            self.send_chunks(chunk_ids, countdown)
+            with self.sessions.begin() as session:
+                runs.mark_chunks_sent(session, chunk_ids)
+        except Exception as error:
+            log.warning("could not send chunks %s now: %s", chunk_ids, one_line(error))
+
+    def _complete_run(self, run_id: uuid.UUID) -> None:
+        with self.sessions.begin() as session:
+            completed = runs.complete_if_done(session, run_id)
+        if completed is None:
+            return
+        log.info("run %s (%s of %s) succeeded", run_id, completed.kind, completed.model_id)
+        if completed.kind == "reindex":
+            log.warning(
+                "reindex run %s: the active model is now %s (was %s); %d rows restamped",
+                run_id,
+                completed.model_id,
+                completed.replaced_model_id,
+                completed.restamped,
+            )
