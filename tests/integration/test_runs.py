@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, make_url, text
 
-from contract.broker import STATS_COMMAND
+from contract.broker import STATS_COMMAND, model_queue, send_chunks
 from db.engine import make_engine, make_sessions
 from db.migrate import upgrade
 from producer.enqueue import Producer
@@ -36,6 +40,7 @@ from tests.integration.conftest import (
 )
 from tests.tiny_models import save_tiny_open_clip
 from worker.main import worker_name
+from worker.reconciler import Lateness, Reconciler
 
 pytestmark = pytest.mark.slow
 
@@ -231,3 +236,275 @@ def test_rescoring_an_unchanged_catalogue_calls_no_encoder_and_rewrites_nothing(
     assert after["text_calls"] == before["text_calls"]
     assert catalogue.query("SELECT max(change_seq) AS seq FROM results")[0]["seq"] == seq
     assert set(_each_listing_once(catalogue, run_id).values()) == {1}
+
+
+def test_a_category_list_change_reaches_every_row_without_an_image_call(
+    catalogue: Catalogue,
+) -> None:
+    labels = ["mug", "lamp", "spaceship", "teapot"]
+    categories = catalogue.tmp / "categories.txt"
+    categories.write_text("\n".join(labels) + "\n")
+    with (
+        catalogue.worker(LV_CATEGORIES_FILE=str(categories)),
+        catalogue.producer() as producer,
+    ):
+        before = _stats(producer, "tiny")
+        run = catalogue.wait_run(RunProducer(producer).start_rescore(scope="all"))
+        after = _stats(producer, "tiny")
+    rows = catalogue.query(
+        "SELECT listing_id, top_category, categories, category_mismatch, status "
+        "FROM model_results WHERE model_id = 'tiny'"
+    )
+    assert run["status"] == "succeeded" and run["done"] == LISTINGS - len(BAD)
+    assert after["image_calls"] == before["image_calls"]
+    ok = [row for row in rows if row["status"] == "ok"]
+    assert len(ok) == LISTINGS - len(BAD)
+    for row in ok:
+        assert {c["label"] for c in row["categories"]} <= set(labels), row
+        assert row["top_category"] in labels
+        assert row["category_mismatch"] is not None  # every listing claims mug or lamp
+
+
+def test_cancel_then_resume_finishes_the_rest_without_redoing_a_listing(
+    catalogue: Catalogue,
+) -> None:
+    catalogue.server.delay = 0.3  # each chunk's conditional requests take a while
+    try:
+        with (
+            catalogue.worker(LV_WORKER_CONCURRENCY="1"),
+            catalogue.producer() as producer,
+        ):
+            runs = RunProducer(producer)
+            run_id = runs.start_rescore(scope="all", refetch=True)
+            _wait_for(lambda: catalogue.run(run_id)["done"] >= 1, "a first chunk")
+            runs.cancel(run_id)
+            _wait_for(lambda: not _open_chunks(catalogue, run_id, "running"), "running chunks")
+            cancelled = catalogue.run(run_id)
+            runs.resume(run_id)
+            resumed = catalogue.wait_run(run_id)
+    finally:
+        catalogue.server.delay = 0.0
+    assert cancelled["status"] == "cancelled"
+    assert 0 < cancelled["done"] + cancelled["failed"] < LISTINGS
+    assert resumed["status"] == "succeeded"
+    assert resumed["done"] + resumed["failed"] == resumed["total"] == LISTINGS
+    once = _each_listing_once(catalogue, run_id)
+    assert set(once) == set(catalogue.listing_ids) and set(once.values()) == {1}
+
+
+def test_a_worker_killed_mid_chunk_loses_and_duplicates_nothing(catalogue: Catalogue) -> None:
+    catalogue.server.delay = 0.5
+    try:
+        with catalogue.producer() as producer:
+            with catalogue.worker(LV_WORKER_CONCURRENCY="1") as doomed:
+                run_id = RunProducer(producer).start_rescore(scope="all", refetch=True)
+                _wait_for(lambda: _open_chunks(catalogue, run_id, "running"), "a running chunk")
+                doomed.process.send_signal(signal.SIGKILL)
+                doomed.process.wait()
+            catalogue.server.delay = 0.0
+            with catalogue.worker():
+                run = catalogue.wait_run(run_id, timeout=180)
+    finally:
+        catalogue.server.delay = 0.0
+    assert run["status"] == "succeeded", run
+    assert run["done"] + run["failed"] == run["total"] == LISTINGS
+    once = _each_listing_once(catalogue, run_id)
+    assert set(once) == set(catalogue.listing_ids) and set(once.values()) == {1}
+    split = catalogue.query(
+        "SELECT count(*) AS n FROM run_chunks WHERE run_id = :r AND status = 'split'", r=run_id
+    )
+    assert split[0]["n"] >= 1  # the killed chunk was redelivered and split
+    rows = catalogue.query("SELECT count(*) AS n FROM results WHERE model_id = 'tiny'")
+    assert rows[0]["n"] == LISTINGS
+
+
+def test_a_second_rescoring_run_is_refused_while_one_runs(catalogue: Catalogue) -> None:
+    with catalogue.producer() as producer:
+        runs = RunProducer(producer)
+        first = runs.start_rescore(scope="all")  # no worker: it stays running
+        try:
+            cli = subprocess.run(
+                [sys.executable, "-m", "listing_vision", "rescore", "--all"],
+                env=catalogue.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        finally:
+            runs.cancel(first)
+    assert cli.returncode == 2, cli.stderr
+    assert "already running" in cli.stderr and str(first) in cli.stderr
+
+
+def test_a_run_whose_messages_were_lost_is_noticed_and_sent_again(catalogue: Catalogue) -> None:
+    queue = model_queue("tiny")
+    broker = redis.Redis.from_url(catalogue.env["LV_BROKER_URL"])
+    with catalogue.producer() as producer:
+        run_id = RunProducer(producer).start_rescore(scope="all")  # no worker yet
+        broker.delete(queue)  # the broker restarted empty: every chunk message is gone
+        with producer.sessions.begin() as session:
+            session.execute(
+                text("UPDATE runs SET updated_at = now() - interval '1 hour' WHERE run_id = :r"),
+                {"r": run_id},
+            )
+            session.execute(
+                text(
+                    "UPDATE run_chunks SET updated_at = now() - interval '1 hour' WHERE run_id = :r"
+                ),
+                {"r": run_id},
+            )
+        late = Lateness(timedelta(seconds=60), timedelta(minutes=10), timedelta(minutes=5))
+        reconciler = Reconciler(
+            producer.sessions,
+            lambda jobs: None,
+            lambda chunks, countdown: send_chunks(producer.celery, chunks, "tiny", countdown),
+            "tiny",
+            late,
+        )
+        resent = reconciler.run_once()
+        assert resent == len(_open_chunks(catalogue, run_id, "queued")) > 0
+        assert broker.llen(queue) == resent
+        assert reconciler.run_once() == 0  # its run is not stalled any more (just re-sent)
+        with catalogue.worker():
+            run = catalogue.wait_run(run_id)
+    assert run["status"] == "succeeded" and run["done"] + run["failed"] == LISTINGS
+
+
+def test_reindex_switches_atomically_to_a_model_of_another_dimension_and_rolls_back(
+    catalogue: Catalogue,
+) -> None:
+    poller = _Poller(catalogue.engine)
+    with (
+        catalogue.worker("tiny"),
+        catalogue.worker("tiny-wide"),
+        catalogue.producer() as producer,
+    ):
+        runs = RunProducer(producer)
+        poller.start()
+        run_id = runs.start_reindex("tiny-wide")
+        changed = producer.enqueue(
+            [{"listing_id": "r-001", "title": "a changed title", "image_url": _url(catalogue)}]
+        )
+        run = catalogue.wait_run(run_id)
+        seen_before_switch = poller.last_seq_for("tiny")
+        _wait_for(lambda: poller.latest_model() == "tiny-wide", "the poller to see the switch")
+        producer.wait(changed.job_ids, timeout=60)
+        back = runs.rollback()
+        _wait_for(lambda: poller.latest_model() == "tiny", "the poller to see the rollback")
+        if back.catch_up is not None:
+            catalogue.wait_run(back.catch_up)
+        poller.stop()
+    assert run["status"] == "succeeded" and run["done"] + run["failed"] == LISTINGS
+    assert len(changed.job_ids) == 2  # a listing changed during the run: both models analyse it
+    assert poller.gaps == [], poller.gaps[:3]  # every listing always had a row
+    assert min(poller.switch_seqs("tiny-wide")) > seen_before_switch  # the switch reads as new
+    dims = catalogue.query(
+        "SELECT DISTINCT vector_dims(embedding) AS d FROM embeddings WHERE model_id = 'tiny-wide'"
+    )
+    assert [row["d"] for row in dims] == [48]
+    wide = catalogue.query(
+        "SELECT title FROM listings l JOIN model_results r USING (listing_id) "
+        "WHERE r.model_id = 'tiny-wide' AND listing_id = 'r-001'"
+    )
+    assert wide == [{"title": "a changed title"}]
+    active = catalogue.query("SELECT model_id, previous_model_id FROM active_model")
+    assert active == [{"model_id": "tiny", "previous_model_id": "tiny-wide"}]
+
+
+def test_beat_starts_the_scheduled_rescoring_run(catalogue: Catalogue) -> None:
+    env = {**catalogue.env, "LV_RESCORE_SCHEDULE": "every 2"}
+    log = open(catalogue.tmp / "beat.log", "wb")  # noqa: SIM115
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "listing_vision", "beat"], env=env, stdout=log, stderr=log
+    )
+    started = time.monotonic()
+    try:
+        _wait_for(
+            lambda: catalogue.query(
+                "SELECT 1 FROM runs WHERE kind = 'rescore' AND started_at > "
+                "now() - make_interval(secs => :s)",
+                s=time.monotonic() - started,
+            ),
+            "beat's run",
+            timeout=60,
+        )
+    finally:
+        beat.terminate()
+        beat.wait(30)
+        log.close()
+    run = catalogue.query(
+        "SELECT run_id, scope FROM runs WHERE kind = 'rescore' ORDER BY started_at DESC LIMIT 1"
+    )[0]
+    assert run["scope"] == "all"
+    with catalogue.producer() as producer:
+        RunProducer(producer).cancel(run["run_id"])
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _url(catalogue: Catalogue) -> str:
+    return f"http://127.0.0.1:{catalogue.server.server_address[1]}/r-001.jpg"
+
+
+def _open_chunks(catalogue: Catalogue, run_id: uuid.UUID, status: str) -> list[dict[str, Any]]:
+    return catalogue.query(
+        "SELECT chunk_id FROM run_chunks WHERE run_id = :r AND status = :s", r=run_id, s=status
+    )
+
+
+def _wait_for(check: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"waited {timeout}s for {what}")
+
+
+class _Poller:
+    """The catalogue's poller: reads `listing_results` as it changes, remembering what it saw."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.gaps: list[int] = []
+        self.seen: list[tuple[str, int]] = []  # (model_id, change_seq) of every row read
+        self._last = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        with self.engine.connect() as connection:
+            self._last = connection.scalar(text("SELECT max(change_seq) FROM results")) or 0
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self.engine.connect() as connection:
+                count = connection.scalar(text("SELECT count(*) FROM listing_results"))
+                rows = connection.execute(
+                    text(
+                        "SELECT model_id, change_seq FROM listing_results "
+                        "WHERE change_seq > :last ORDER BY change_seq"
+                    ),
+                    {"last": self._last},
+                ).all()
+            if count != LISTINGS:
+                self.gaps.append(int(count or 0))
+            for model_id, seq in rows:
+                self.seen.append((model_id, seq))
+                self._last = max(self._last, seq)
+            time.sleep(0.02)
+
+    def latest_model(self) -> str | None:
+        return self.seen[-1][0] if self.seen else None
+
+    def last_seq_for(self, model_id: str) -> int:
+        return max((seq for model, seq in self.seen if model == model_id), default=0)
+
+    def switch_seqs(self, model_id: str) -> list[int]:
+        return [seq for model, seq in self.seen if model == model_id]
