@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from contract.registry import RegistryError
+from contract.registry import RegistryError, get_spec, load_registry
 from contract.settings import SettingsError
 from db.registered_models import active_model_id
 from db.runs import RunConflict, RunNotFound
@@ -213,15 +213,20 @@ def beat() -> None:
 
 @app.command()
 def up() -> None:
-    """Run the whole stack in the foreground: servers, migrations, worker(s), Flower."""
-    from listing_vision.supervisor import run_stack
+    """Run the whole stack in the foreground: servers, migrations, workers (the active model's
+    and each running run's), beat, Flower; Ctrl-C stops it all."""
+    from db.engine import make_sessions
+    from db.registered_models import record_default_model
+    from listing_vision.up import run_stack
 
     settings = command_settings(service=True)
     with connected(settings) as resolved:
         engine = migrated_engine(resolved)
-        model_id = active_model_id(engine, settings.model)
+        default = get_spec(load_registry(settings.models_file), settings.model)
+        with make_sessions(engine).begin() as session:
+            record_default_model(session, default)
         engine.dispose()
-        raise typer.Exit(run_stack(resolved, model_id))
+        raise typer.Exit(run_stack(resolved))
 
 
 def main() -> None:

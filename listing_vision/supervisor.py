@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from contract.settings import Settings
 
@@ -25,6 +26,7 @@ RESTART_LIMIT = 5  # deaths within RESTART_WINDOW before giving up
 RESTART_WINDOW = 300.0
 # Longer than a worker's soft shutdown (at most 60 s, contract/broker.py) plus its requeueing.
 WORKER_STOP_TIMEOUT = 90.0
+FLEET_EVERY = 5.0  # seconds between looks at which workers the runs need
 _PR_SET_PDEATHSIG = 1
 
 
@@ -73,15 +75,6 @@ def child_env(resolved: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def worker_children(resolved: Settings, model_id: str) -> list[Child]:
-    """One worker per visible GPU, or one CPU worker."""
-    base = [sys.executable, "-m", "listing_vision", "worker", "--model", model_id]
-    gpus = visible_gpus()
-    if not gpus:
-        return [Child("worker", base, child_env(resolved))]
-    return [Child(f"worker-gpu{gpu}", [*base, "--gpu", gpu], child_env(resolved)) for gpu in gpus]
-
-
 def flower_child(resolved: Settings) -> Child:
     """Flower on 127.0.0.1; with LV_FLOWER_USER/PASSWORD set it also asks for them. Secrets
     (the broker password, the Flower password) travel in the environment, never in `ps`."""
@@ -96,32 +89,48 @@ def flower_child(resolved: Settings) -> Child:
     return Child("flower", argv, child_env(resolved, **extra), logs / "flower.log")
 
 
-def run_stack(resolved: Settings, model_id: str) -> int:
-    """Start the children and keep them up until Ctrl-C/SIGTERM; returns the exit status."""
-    children = [*worker_children(resolved, model_id), flower_child(resolved)]
-    return supervise(children, banner=_banner(resolved, model_id))
+def beat_child(resolved: Settings) -> Child:
+    """Celery beat (scheduled rescoring, the watch over runs), with its control worker."""
+    argv = [sys.executable, "-m", "listing_vision", "beat"]
+    return Child("beat", argv, child_env(resolved))
 
 
-def supervise(children: list[Child], banner: str = "") -> int:
-    """Run `children` until a signal (0) or until one keeps crashing (1).
+class Fleet(Protocol):
+    """Workers that come and go while the stack runs (`listing_vision.fleet.WorkerFleet`)."""
 
-    They stop in the order given: workers before Flower, so jobs finish or return first.
-    """
+    def converge(self) -> None: ...
+    def planned(self) -> list[Child]: ...
+    def all(self) -> list[Child]: ...
+
+
+def supervise(children: list[Child], fleet: Fleet | None = None, banner: str = "") -> int:
+    """Run `children` (and the fleet's workers) until a signal (0) or until one keeps
+    crashing (1). Workers stop first, then `children` in the order given (beat before Flower),
+    so jobs finish or return before anything they report to goes away."""
     stopping = _StopFlag()
     for child in children:
         child.start()
+    if fleet is not None:
+        fleet.converge()
     if banner:
         print(banner, flush=True)
     status = 0
+    next_converge = time.monotonic() + FLEET_EVERY
     try:
         while not stopping.set:
-            failed = _restart_dead(children)
+            if fleet is not None and time.monotonic() >= next_converge:
+                fleet.converge()
+                next_converge = time.monotonic() + FLEET_EVERY
+            workers = fleet.planned() if fleet is not None else []
+            failed = _restart_dead([*workers, *children])
             if failed:
                 log.error("%s keeps exiting; stopping the stack", failed.name)
                 status = 1
                 break
             time.sleep(0.5)
     finally:
+        if fleet is not None:
+            stop_children(fleet.all(), timeout=WORKER_STOP_TIMEOUT)
         for child in children:  # in order, each given its warm shutdown
             stop_children([child], timeout=WORKER_STOP_TIMEOUT)
         stopping.restore()
@@ -193,9 +202,10 @@ def visible_gpus() -> list[str]:
     return [str(index) for index in range(len(gpus))]
 
 
-def _banner(settings: Settings, model_id: str) -> str:
+def banner(settings: Settings, model_id: str) -> str:
+    """What `up` prints once its children started."""
     auth = "with basic auth" if settings.flower_user else "no auth: loopback only"
     return (
-        f"listing-vision is up: model {model_id}; Flower on "
+        f"listing-vision is up: model {model_id} (workers follow runs and reindexes); Flower on "
         f"http://127.0.0.1:{settings.flower_port} ({auth}). Ctrl-C stops everything."
     )

@@ -46,6 +46,19 @@ def _wait_until(predicate, timeout: float, what: str, log: Path) -> None:  # typ
     pytest.fail(f"{what} not within {timeout}s:\n{log.read_text(errors='replace')[-4000:]}")
 
 
+def _worker_models(pid: int) -> set[str]:
+    """The models of `up`'s worker children (their --model argument)."""
+    models = set()
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            argv = child.cmdline()
+        except psutil.Error:  # exited (a retired worker not reaped yet)
+            continue
+        if "worker" in argv and "--model" in argv:
+            models.add(argv[argv.index("--model") + 1])
+    return models
+
+
 def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_file: Path) -> None:
     home, roots = tmp_path / "home", tmp_path / "images"
     roots.mkdir()
@@ -94,8 +107,42 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
         )
         rows = [json.loads(line) for line in results.stdout.splitlines()]
         assert [(r["listing_id"], r["status"]) for r in rows] == [("up-1", "ok")]
-        children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) >= 2  # worker and Flower
+        reindex = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "listing_vision",
+                "reindex",
+                "--model",
+                "tiny-batch",
+                "--follow",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )  # up starts a worker for tiny-batch, which backfills it; then the switch
+        assert reindex.returncode == 0, reindex.stdout + reindex.stderr
+        assert "succeeded" in reindex.stdout
+        switched = subprocess.run(
+            [sys.executable, "-m", "listing_vision", "results", "--format", "jsonl"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        rows = [json.loads(line) for line in switched.stdout.splitlines()]
+        assert [(r["listing_id"], r["model_id"]) for r in rows] == [("up-1", "tiny-batch")]
+        _wait_until(lambda: _worker_models(up.pid) == {"tiny-batch"}, 120, "fleet converged", log)
+        children = [
+            c
+            for c in psutil.Process(up.pid).children(recursive=True)
+            if c.status() != psutil.STATUS_ZOMBIE  # a retired worker not reaped yet
+        ]
+        names = [" ".join(c.cmdline()) for c in children]
+        assert len(children) >= 3, names  # worker, beat and Flower
+        assert any("listing_vision beat" in name for name in names), names
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=90)

@@ -1,0 +1,40 @@
+"""`listing-vision up`: the whole stack in the foreground, supervised.
+
+Beat and Flower run for the stack's lifetime; the workers follow the database: the active model
+on every visible GPU (or the CPU), plus one for the model of each pending or running run.
+"""
+
+from __future__ import annotations
+
+from contract.settings import Settings
+from db.engine import make_engine
+from listing_vision.fleet import WorkerFleet, models_needed, worker_plan
+from listing_vision.supervisor import (
+    WORKER_STOP_TIMEOUT,
+    Child,
+    banner,
+    beat_child,
+    child_env,
+    flower_child,
+    supervise,
+    visible_gpus,
+)
+
+
+def run_stack(resolved: Settings) -> int:
+    """Start the stack and keep it up until Ctrl-C/SIGTERM; returns the exit status."""
+    engine = make_engine(resolved.require_database_url(), application_name="listing-vision-up")
+    gpus = visible_gpus()
+    env = child_env(resolved)
+
+    def plan() -> dict[str, list[str]]:
+        active, run_models = models_needed(engine, resolved)
+        return worker_plan(active, run_models, gpus)
+
+    fleet = WorkerFleet(plan, lambda name, argv: Child(name, argv, env), WORKER_STOP_TIMEOUT)
+    active, _ = models_needed(engine, resolved)
+    try:
+        children = [beat_child(resolved), flower_child(resolved)]
+        return supervise(children, fleet, banner=banner(resolved, active))
+    finally:
+        engine.dispose()
