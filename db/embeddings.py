@@ -10,22 +10,37 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, text
+import numpy as np
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from db.arrays import any_ids
 from db.locks import transaction_lock
 from db.records import ImageFacts
-from db.schema import Embedding, Image
+from db.schema import Embedding, Image, table_of
 
 
 @dataclass(frozen=True)
 class CachedImage:
-    """An image this model has already embedded: its stored facts and vector."""
+    """An image this model has already embedded: its stored facts and vector (float32)."""
 
     facts: ImageFacts
-    embedding: list[float]
+    embedding: np.ndarray
+
+
+def vector_bytes(column: Any) -> Any:
+    """Select a vector in pgvector's binary form, for `parse_vector`: reading it is some 60
+    times faster than parsing its text (2 µs against 100 µs for 512 dimensions)."""
+    return func.vector_send(column)
+
+
+def parse_vector(data: bytes) -> np.ndarray:
+    """pgvector's binary form (int16 dimensions, int16 unused, big-endian float32s) as an
+    array."""
+    return np.frombuffer(data, dtype=">f4", offset=4).astype(np.float32)
 
 
 def cached_images(session: Session, shas: Sequence[str], model_id: str) -> dict[str, CachedImage]:
@@ -33,9 +48,9 @@ def cached_images(session: Session, shas: Sequence[str], model_id: str) -> dict[
     if not shas:
         return {}
     rows = session.execute(
-        select(Image, Embedding.embedding)
+        select(Image, vector_bytes(Embedding.embedding))
         .join(Embedding, Embedding.sha256 == Image.sha256)
-        .where(Embedding.model_id == model_id, Image.sha256.in_(list(set(shas))))
+        .where(Embedding.model_id == model_id, Image.sha256 == any_ids(sorted(set(shas))))
     ).all()
     return {
         image.sha256: CachedImage(
@@ -48,7 +63,7 @@ def cached_images(session: Session, shas: Sequence[str], model_id: str) -> dict[
                 image.blur,
                 image.brightness,
             ),
-            [float(x) for x in vector],
+            parse_vector(vector),
         )
         for image, vector in rows
     }
@@ -62,7 +77,7 @@ def insert_embeddings(session: Session, model_id: str, embeddings: dict[str, lis
         {"sha256": sha, "model_id": model_id, "embedding": embeddings[sha]}
         for sha in sorted(embeddings)
     ]
-    session.execute(insert(Embedding).values(rows).on_conflict_do_nothing())
+    session.execute(insert(table_of(Embedding)).on_conflict_do_nothing(), rows)
 
 
 def index_name(model_id: str) -> str:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict
 
 from sqlalchemy import func, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.records import ListingImageRecord
-from db.schema import Image, ListingImage
+from db.schema import Image, ListingImage, table_of
 
 
 def insert_image_facts(session: Session, images: list[ListingImageRecord]) -> None:
@@ -21,8 +20,8 @@ def insert_image_facts(session: Session, images: list[ListingImageRecord]) -> No
     """
     facts = {image.facts.sha256: image.facts for image in images if image.facts is not None}
     if facts:
-        rows = [asdict(facts[sha]) for sha in sorted(facts)]
-        session.execute(insert(Image).values(rows).on_conflict_do_nothing())
+        rows = [vars(facts[sha]) for sha in sorted(facts)]
+        session.execute(insert(table_of(Image)).on_conflict_do_nothing(), rows)
 
 
 def write_listing_images(
@@ -42,19 +41,19 @@ def write_listing_images(
             "error": image.error,
             "etag": image.etag,
             "last_modified": image.last_modified,
-            "checked_at": func.now(),
         }
         for listing_id in sorted(lists)  # the order every writer locks listings in
         for image in lists[listing_id]
     ]
-    statement = insert(ListingImage).values(rows)
+    statement = insert(table_of(ListingImage))
     excluded = statement.excluded
-    replaced = ("url", "sha256", "error", "etag", "last_modified", "checked_at")
+    replaced = {c: excluded[c] for c in ("url", "sha256", "error", "etag", "last_modified")}
     session.execute(
         statement.on_conflict_do_update(
-            index_elements=[ListingImage.listing_id, ListingImage.position],
-            set_={column: excluded[column] for column in replaced},
-        )
+            index_elements=["listing_id", "position"],
+            set_={**replaced, "checked_at": func.now()},
+        ),
+        rows,
     )
     session.execute(
         text(

@@ -10,7 +10,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.records import ListingRecord
-from db.schema import Listing
+from db.schema import Listing, table_of
 
 
 def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None:
@@ -32,11 +32,11 @@ def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None
         }
         for listing in ordered
     ]
-    statement = insert(Listing).values(rows)
+    statement = insert(table_of(Listing))
     excluded = statement.excluded
     session.execute(
         statement.on_conflict_do_update(
-            index_elements=[Listing.listing_id],
+            index_elements=["listing_id"],
             set_={
                 "title": excluded.title,
                 "description": excluded.description,
@@ -44,7 +44,8 @@ def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None
                 "image_urls": excluded.image_urls,
                 "updated_at": func.now(),
             },
-        )
+        ),
+        rows,
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import func, or_, text
@@ -16,7 +15,7 @@ from db.embeddings import insert_embeddings
 from db.images import insert_image_facts, write_listing_images
 from db.listings import superseded
 from db.records import JobOutcome, ListingOutcome
-from db.schema import Result
+from db.schema import Result, table_of
 
 POLL_COLUMNS = (
     "listing_id",
@@ -86,26 +85,30 @@ def upsert_results(session: Session, outcomes: Sequence[ListingOutcome]) -> None
         return
     rows = [
         {
-            **asdict(outcome.result),
+            **vars(outcome.result),
             "listing_id": outcome.listing_id,
             "model_id": outcome.model_id,
             "job_id": outcome.job_id,
             "listing_updated_at": outcome.listing_updated_at,
-            "analyzed_at": func.now(),
         }
         for outcome in sorted(outcomes, key=lambda o: (o.listing_id, o.model_id))
     ]
-    statement = insert(Result).values(rows)
-    changes = {k: statement.excluded[k] for k in rows[0] if k not in ("listing_id", "model_id")}
+    table = table_of(Result)
+    statement = insert(table)
+    excluded = statement.excluded
+    changes = {k: excluded[k] for k in rows[0] if k not in ("listing_id", "model_id")}
     newer_or_same = or_(
-        Result.listing_updated_at.is_(None),
-        statement.excluded.listing_updated_at.is_(None),
-        Result.listing_updated_at <= statement.excluded.listing_updated_at,
+        table.c.listing_updated_at.is_(None),
+        excluded.listing_updated_at.is_(None),
+        table.c.listing_updated_at <= excluded.listing_updated_at,
     )
     session.execute(
         statement.on_conflict_do_update(
-            index_elements=[Result.listing_id, Result.model_id], set_=changes, where=newer_or_same
-        )
+            index_elements=["listing_id", "model_id"],
+            set_={**changes, "analyzed_at": func.now()},
+            where=newer_or_same,
+        ),
+        rows,
     )
 
 

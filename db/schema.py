@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Table,
     Text,
     func,
     text,
@@ -28,6 +29,14 @@ TERMINAL_JOB_STATES = ("succeeded", "failed", "dead")
 
 class Base(DeclarativeBase):
     pass
+
+
+def table_of(model: type[Base]) -> Table:
+    """The Core table of a mapped class: bulk statements on it skip the ORM's per-row work."""
+    table = model.__table__
+    if not isinstance(table, Table):
+        raise TypeError(f"{model.__name__} is not mapped to a table")
+    return table
 
 
 def _now() -> Any:

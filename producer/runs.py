@@ -14,12 +14,14 @@ from contract.broker import send_chunks
 from contract.registry import ModelSpec, get_spec
 from db import registered_models, runs
 from db.results import restamp_results
-from db.runs import CompletedRun, NewChunk, NewRun, RunConflict, RunScope
+from db.runs import CompletedRun, NewChunk, NewRun, RunConflict, RunKind, RunScope
 from db.schema import Run
 from producer.enqueue import Producer
 
 log = logging.getLogger(__name__)
 CHUNKS_PER_COMMIT = 32  # chunks recorded per transaction while streaming the catalogue
+RESCORE_CHUNK_BATCHES = 8
+REINDEX_CHUNK_BATCHES = 2
 
 
 class RunError(ValueError):
@@ -43,10 +45,15 @@ class RunProducer:
         self.producer = producer
         self.sessions = producer.sessions
 
-    def chunk_size(self, spec: ModelSpec) -> int:
-        """Listings per chunk: `LV_RUN_CHUNK_SIZE`, else the model's batch size."""
+    def chunk_size(self, spec: ModelSpec, kind: RunKind) -> int:
+        """Listings per chunk: `LV_RUN_CHUNK_SIZE`, else a multiple of the model's batch: a
+        rescoring chunk mostly reads what is stored, so it takes many batches' worth (its
+        bookkeeping is paid once); a reindex chunk is fetched and embedded, two batches."""
         settings = self.producer.settings
-        return settings.run_chunk_size or spec.batch_max_size or settings.batch_max_size
+        if settings.run_chunk_size:
+            return settings.run_chunk_size
+        batch = spec.batch_max_size or settings.batch_max_size
+        return batch * (RESCORE_CHUNK_BATCHES if kind == "rescore" else REINDEX_CHUNK_BATCHES)
 
     def start_rescore(
         self,
@@ -59,7 +66,8 @@ class RunProducer:
         """Record a rescoring run of the active model (or `model`) and produce its chunks;
         `RunConflict` when a rescoring run is already pending or running."""
         spec = self.producer.resolve_model(model)
-        new = NewRun("rescore", spec.model_id, scope, refetch, recompute, self.chunk_size(spec))
+        chunk_size = self.chunk_size(spec, "rescore")
+        new = NewRun("rescore", spec.model_id, scope, refetch, recompute, chunk_size)
         return self._start(spec, new)
 
     def start_reindex(self, model: str) -> uuid.UUID:
@@ -69,7 +77,7 @@ class RunProducer:
         active = self.producer.resolve_model(None).model_id
         if spec.model_id == active:
             raise RunError(f"{spec.model_id} is already the active model")
-        chunk_size = self.chunk_size(spec)
+        chunk_size = self.chunk_size(spec, "reindex")
         new = NewRun("reindex", spec.model_id, chunk_size=chunk_size, previous_model_id=active)
         return self._start(spec, new)
 

@@ -77,9 +77,7 @@ class ListingAnalyzer:
         images = UsableImages(
             [p.position for p in usable],
             [p.facts.sha256 for p in usable],
-            torch.stack(
-                [new_rows.get(p.facts.sha256, _as_tensor(p.cached_embedding)) for p in usable]
-            ),
+            torch.stack([_vector(p, new_rows) for p in usable]),
         )
         similarity = self.scorer.similarity(images, embedded.text_embeddings[0]) if texts else None
         result = self.scorer.result(listing, images, failed, similarity)
@@ -87,8 +85,14 @@ class ListingAnalyzer:
         return ListingAnalysis(result, records, new_embeddings, embedded.batch_units)
 
 
-def _as_tensor(values: list[float] | None) -> torch.Tensor:
-    return torch.tensor(values or [], dtype=torch.float32)
+def _vector(image: PreparedImage, new_rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The image's embedding: just computed, else the stored one."""
+    fresh = new_rows.get(image.facts.sha256)
+    if fresh is not None:
+        return fresh
+    if image.cached_embedding is None:
+        raise RuntimeError(f"image {image.facts.sha256} has neither new nor stored embedding")
+    return torch.from_numpy(image.cached_embedding)
 
 
 def image_records(prepared: Sequence[PreparedImage | FailedImage]) -> list[ListingImageRecord]:

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from worker.scoring import CategoryScore, category_mismatch, normalise_label, rank_categories
+from worker.scoring import (
+    TOP_CATEGORIES,
+    CategoryScore,
+    category_mismatch,
+    normalise_label,
+    rank_categories,
+)
 
 DEFAULT_CATEGORIES_FILE = Path(__file__).with_name("default_categories.txt")
 
@@ -39,6 +46,15 @@ def read_categories(path: Path | None) -> tuple[str, ...]:
     return tuple(labels)
 
 
+@dataclass(frozen=True)
+class CategoryVerdict:
+    """One image's top categories (best first) and whether its seller's claim is outside the
+    top 3 (None without a claim)."""
+
+    top: list[CategoryScore]
+    mismatch: bool | None
+
+
 class CategoryIndex:
     """Category text embeddings computed once at worker start. The top categories come from the
     list alone; a seller's claim outside the list is embedded on first sight (and cached) and
@@ -57,23 +73,42 @@ class CategoryIndex:
         self.embeddings = self._embed_labels(self.labels)
         self._extra: dict[str, torch.Tensor] = {}
 
-    def rank(self, image_embedding: torch.Tensor, logit_scale: float) -> list[CategoryScore]:
-        """The list's labels by zero-shot probability for one image, best first."""
-        return rank_categories(image_embedding, self.embeddings, self.labels, logit_scale)
+    def judge(
+        self, images: torch.Tensor, logit_scale: float, claims: Sequence[str | None]
+    ) -> list[CategoryVerdict]:
+        """For each image (a row of `images`): its top categories from the list, and whether
+        its seller's claim falls outside the top 3, in one matrix product for all of them.
 
-    def claim_mismatch(
+        A listed claim is judged on the list's ranking; a claim outside the list on the list
+        ranked together with the claim (`with_claim`).
+        """
+        probabilities = torch.softmax(images @ self.embeddings.T * logit_scale, dim=1)
+        k = min(TOP_CATEGORIES, len(self.labels))
+        values, indices = probabilities.topk(k, dim=1)
+        verdicts = []
+        for row, (top_values, top_indices, claim) in enumerate(
+            zip(values.tolist(), indices.tolist(), claims, strict=True)
+        ):
+            top = [
+                CategoryScore(self.labels[i], value)
+                for i, value in zip(top_indices, top_values, strict=True)
+            ]
+            verdicts.append(
+                CategoryVerdict(top, self._mismatch(images[row], logit_scale, top, claim))
+            )
+        return verdicts
+
+    def _mismatch(
         self,
-        image_embedding: torch.Tensor,
+        image: torch.Tensor,
         logit_scale: float,
-        ranked: list[CategoryScore],
+        top: list[CategoryScore],
         claimed: str | None,
     ) -> bool | None:
-        """Whether a seller's claim falls outside the top 3: judged on `ranked` (the list's
-        ranking) when the claim is listed, else on the list ranked together with the claim."""
         labels, embeddings = self.with_claim(claimed)
-        if labels is not self.labels:
-            ranked = rank_categories(image_embedding, embeddings, labels, logit_scale)
-        return category_mismatch(ranked, claimed)
+        if labels is self.labels:
+            return category_mismatch(top, claimed)
+        return category_mismatch(rank_categories(image, embeddings, labels, logit_scale), claimed)
 
     def with_claim(self, claimed: str | None) -> tuple[tuple[str, ...], torch.Tensor]:
         """Labels and embeddings to rank for one listing: the list, plus its claim if new."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from db.embeddings import CachedImage
@@ -32,7 +33,7 @@ from worker.images import (
     prepare_images,
 )
 from worker.inference import EmbedRequest, InferenceService
-from worker.scorer import ListingScorer, Similarity, UsableImages, failed_result
+from worker.scorer import ListingScorer, Scored, Similarity, UsableImages, failed_result
 
 _TOLERANCE = 1e-6  # a float that moved less than this has not changed
 
@@ -50,11 +51,12 @@ class ChunkAnalysis:
 
 @dataclass(frozen=True)
 class _Images:
-    """One listing's images, resolved: usable ones (with vectors) and failed ones."""
+    """One listing's images, resolved: usable ones (each with its vector) and failed ones."""
 
     usable: list[PreparedImage]
     failed: list[FailedImage]
     fetched: bool  # fetched now (its image list is rewritten), or taken from what is stored
+    new: dict[str, np.ndarray] = field(default_factory=dict)  # embedded now, by SHA-256
 
 
 @dataclass
@@ -69,28 +71,32 @@ class ChunkAnalyzer:
     lookup_cached: LookupCached
     model_id: str
     model_timeout: float
+    group_size: int  # listings fetched, decoded and embedded together (bounds pixel memory)
 
     def analyze(
         self, stored: dict[str, StoredListing], *, refetch: bool, recompute: bool
     ) -> ChunkAnalysis:
         """Analyse every listing in `stored`; transient failures are reported, not raised."""
         found = ChunkAnalysis()
-        cached = self.lookup_cached(
-            [i.sha256 for s in stored.values() for i in s.images if i.sha256 is not None]
-        )
+        cached = {
+            image.sha256: image.cached
+            for state in stored.values()
+            for image in state.images
+            if image.sha256 is not None and image.cached is not None
+        }
         resolved: dict[str, _Images] = {}
         to_fetch: list[StoredListing] = []
         for listing_id, state in stored.items():
-            images = None if refetch else _from_store(state, cached)
+            images = None if refetch else _from_store(state)
             if images is None:
                 to_fetch.append(state)
             else:
                 resolved[listing_id] = images
-        resolved |= self._fetch(to_fetch, cached, refetch, found)
+        for start in range(0, len(to_fetch), self.group_size):
+            group = self._fetch(to_fetch[start : start + self.group_size], cached, refetch, found)
+            resolved |= self._embed_images(group)
         texts = self._texts_to_embed(stored, resolved, recompute)
-        embedded = self._embed(resolved, texts)
-        for listing_id, images in resolved.items():
-            self._score(stored[listing_id], images, embedded, recompute, found)
+        self._score_all(stored, resolved, self._embed_texts(texts), recompute, found)
         return found
 
     def _fetch(
@@ -162,56 +168,62 @@ class ChunkAnalyzer:
     def _reusable(self, state: StoredListing, images: _Images) -> Similarity | None:
         return self.scorer.reused_similarity(state.listing, _placeholder(images), state.result)
 
-    def _embed(
-        self, resolved: dict[str, _Images], texts: list[str]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One request to the batcher: the chunk's new images (deduplicated) and texts."""
+    def _embed_images(self, group: dict[str, _Images]) -> dict[str, _Images]:
+        """One request to the batcher for the group's new images (deduplicated); their pixels
+        are let go as soon as they are embedded."""
         fresh: dict[str, torch.Tensor] = {}
-        for images in resolved.values():
+        for images in group.values():
             for image in images.usable:
                 if image.pixels is not None:
                     fresh.setdefault(image.facts.sha256, image.pixels)
-        if not fresh and not texts:
-            return {}, {}
-        request = EmbedRequest(tuple(fresh.values()), tuple(texts), tuple(fresh))
+        if not fresh:
+            return group
+        request = EmbedRequest(tuple(fresh.values()), (), tuple(fresh))
         embedded = self.service.embed(request, self.model_timeout)
-        image_rows = dict(zip(fresh, embedded.image_embeddings, strict=True))
-        text_rows = dict(zip(texts, embedded.text_embeddings, strict=True))
-        return image_rows, text_rows
+        vectors = {
+            sha: row.numpy() for sha, row in zip(fresh, embedded.image_embeddings, strict=True)
+        }
+        return {listing_id: _embedded(images, vectors) for listing_id, images in group.items()}
 
-    def _score(
+    def _embed_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """One request to the batcher for the chunk's texts (deduplicated)."""
+        if not texts:
+            return {}
+        embedded = self.service.embed(EmbedRequest(texts=tuple(texts)), self.model_timeout)
+        return dict(zip(texts, embedded.text_embeddings, strict=True))
+
+    def _score_all(
         self,
-        state: StoredListing,
-        images: _Images,
-        embedded: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]],
+        stored: dict[str, StoredListing],
+        resolved: dict[str, _Images],
+        text_rows: dict[str, torch.Tensor],
         recompute: bool,
         found: ChunkAnalysis,
     ) -> None:
-        image_rows, text_rows = embedded
-        listing = state.listing
-        total = len(images.usable) + len(images.failed)
-        if not images.usable:
-            result = failed_result(sorted(images.failed, key=lambda f: f.position), total)
-            self._settle(state, images, result, {}, found)
-            return
-        usable = UsableImages(
-            [p.position for p in images.usable],
-            [p.facts.sha256 for p in images.usable],
-            torch.stack([_vector(p, image_rows) for p in images.usable]),
-        )
-        similarity = None
-        if self.scorer.scores_text:
-            reused = (
-                None if recompute else self.scorer.reused_similarity(listing, usable, state.result)
+        """Every listing's row, the categories of all of them ranked in one matrix product."""
+        scored: list[tuple[StoredListing, _Images, Scored]] = []
+        for listing_id, images in resolved.items():
+            state = stored[listing_id]
+            if not images.usable:
+                total = len(images.failed)
+                result = failed_result(sorted(images.failed, key=lambda f: f.position), total)
+                self._settle(state, images, result, {}, found)
+                continue
+            usable = UsableImages(
+                [p.position for p in images.usable],
+                [p.facts.sha256 for p in images.usable],
+                torch.from_numpy(np.stack([_vector(p) for p in images.usable])),
             )
-            similarity = reused or self.scorer.similarity(usable, text_rows[listing.text])
-        result = self.scorer.result(listing, usable, images.failed, similarity)
-        new = {
-            p.facts.sha256: image_rows[p.facts.sha256].tolist()
-            for p in images.usable
-            if p.pixels is not None
-        }
-        self._settle(state, images, result, new, found)
+            similarity = None
+            if self.scorer.scores_text and not recompute:
+                similarity = self.scorer.reused_similarity(state.listing, usable, state.result)
+            if self.scorer.scores_text and similarity is None:
+                similarity = self.scorer.similarity(usable, text_rows[state.listing.text])
+            scored.append((state, images, Scored(state.listing, usable, images.failed, similarity)))
+        results = self.scorer.results([item for _, _, item in scored])
+        for (state, images, _), result in zip(scored, results, strict=True):
+            new = {sha: vector.tolist() for sha, vector in images.new.items()}
+            self._settle(state, images, result, new, found)
 
     def _settle(
         self,
@@ -243,7 +255,7 @@ class ChunkAnalyzer:
         )
 
 
-def _from_store(state: StoredListing, cached: dict[str, CachedImage]) -> _Images | None:
+def _from_store(state: StoredListing) -> _Images | None:
     """The listing's images as stored, if that is its current list and every usable image is
     embedded by this model (None: it must be fetched)."""
     if not state.images_current():
@@ -254,7 +266,7 @@ def _from_store(state: StoredListing, cached: dict[str, CachedImage]) -> _Images
         if image.sha256 is None:
             failed.append(FailedImage(image.position, image.url, image.error or "not fetched"))
             continue
-        known = cached.get(image.sha256)
+        known = image.cached
         if known is None:
             return None
         usable.append(PreparedImage(image.position, image.url, known.facts, None, known.embedding))
@@ -276,10 +288,23 @@ def _image_requests(state: StoredListing, cached: dict[str, CachedImage]) -> lis
     return requests
 
 
-def _vector(image: PreparedImage, fresh: dict[str, torch.Tensor]) -> torch.Tensor:
-    if image.pixels is not None:
-        return fresh[image.facts.sha256]
-    return torch.tensor(image.cached_embedding or [], dtype=torch.float32)
+def _vector(image: PreparedImage) -> np.ndarray:
+    if image.cached_embedding is None:  # stored, or set by `_embed_images`
+        raise RuntimeError(f"image {image.facts.sha256} has no embedding")
+    return image.cached_embedding
+
+
+def _embedded(images: _Images, vectors: dict[str, np.ndarray]) -> _Images:
+    """The listing's images with their new vectors in place of their pixels."""
+    usable, new = [], {}
+    for image in images.usable:
+        vector = vectors.get(image.facts.sha256) if image.pixels is not None else None
+        if vector is None:
+            usable.append(image)
+            continue
+        usable.append(replace(image, pixels=None, cached_embedding=vector))
+        new[image.facts.sha256] = vector
+    return _Images(usable, images.failed, images.fetched, new)
 
 
 def _placeholder(images: _Images) -> UsableImages:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -69,7 +70,7 @@ class PreparedImage:
     url: str
     facts: ImageFacts
     pixels: torch.Tensor | None = None
-    cached_embedding: list[float] | None = None
+    cached_embedding: np.ndarray | None = None
     validators: Validators | None = None
 
 

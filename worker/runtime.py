@@ -140,6 +140,7 @@ def start_runtime(
         lookup_cached,
         spec.model_id,
         model_timeout,
+        group_size=max_size,
     )
     chunks = ChunkRunner(
         sessions=sessions,

@@ -4,15 +4,17 @@ single job and a run's chunk turn vectors into a verdict."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from db.records import ListingRecord, ResultRecord
 from worker.backends.base import ModelInfo
 from worker.categories import CategoryIndex
 from worker.images import FailedImage
-from worker.scoring import TOP_CATEGORIES, image_text_similarity
+from worker.scoring import image_text_similarity
 
 _MAX_ERROR = 500
 
@@ -77,34 +79,60 @@ class ListingScorer:
         failed: list[FailedImage],
         similarity: Similarity | None,
     ) -> ResultRecord:
-        """The `ok` row: similarity and verdict, categories of the best image, the claim judged;
-        its `error` names the images that could not be used, if any."""
-        total = len(images.positions) + len(failed)
-        found = ResultRecord(
+        """The `ok` row of one listing (see `results`)."""
+        return self.results([Scored(listing, images, failed, similarity)])[0]
+
+    def results(self, items: Sequence[Scored]) -> list[ResultRecord]:
+        """The `ok` rows: similarity and verdict, categories of the best image, the claim
+        judged; an `error` naming the images that could not be used, if any. The categories of
+        every item are ranked in one matrix product."""
+        found = [self._found(item) for item in items]
+        if not self.scores_text or self.categories is None:
+            return found
+        judged = [
+            (i, item.similarity) for i, item in enumerate(items) if item.similarity is not None
+        ]
+        if not judged:
+            return found
+        rows = [items[i].images.vectors.numpy()[similarity.best] for i, similarity in judged]
+        best = torch.from_numpy(np.stack(rows))
+        claims = [items[i].listing.category for i, _ in judged]
+        verdicts = self.categories.judge(best, self.info.logit_scale, claims)
+        for (i, similarity), verdict in zip(judged, verdicts, strict=True):
+            found[i] = replace(
+                found[i],
+                similarity=similarity.value,
+                is_match=None if self.threshold is None else similarity.value >= self.threshold,
+                top_category=verdict.top[0].label,
+                categories=[{"label": c.label, "score": c.score} for c in verdict.top],
+                category_mismatch=verdict.mismatch,
+                best_image=items[i].images.positions[similarity.best],
+            )
+        return found
+
+    def _found(self, item: Scored) -> ResultRecord:
+        images = item.images
+        total = len(images.positions) + len(item.failed)
+        return ResultRecord(
             "ok",
-            failure_summary(failed, total) if failed else None,
+            failure_summary(item.failed, total) if item.failed else None,
             best_image=images.positions[0],
             images_total=total,
-            images_failed=len(failed),
-            text_sha256=text_sha256(listing),
+            images_failed=len(item.failed),
+            text_sha256=text_sha256(item.listing),
             image_shas=images.shas,
         )
-        if not self.scores_text or similarity is None or self.categories is None:
-            return found
-        best_vector = images.vectors[similarity.best]
-        ranked = self.categories.rank(best_vector, self.info.logit_scale)
-        mismatch = self.categories.claim_mismatch(
-            best_vector, self.info.logit_scale, ranked, listing.category
-        )
-        return replace(
-            found,
-            similarity=similarity.value,
-            is_match=None if self.threshold is None else similarity.value >= self.threshold,
-            top_category=ranked[0].label,
-            categories=[{"label": c.label, "score": c.score} for c in ranked[:TOP_CATEGORIES]],
-            category_mismatch=mismatch,
-            best_image=images.positions[similarity.best],
-        )
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What a listing's row is made of: its usable and failed images, and its similarity
+    (None for a model without text)."""
+
+    listing: ListingRecord
+    images: UsableImages
+    failed: list[FailedImage]
+    similarity: Similarity | None
 
 
 def failed_result(failed: list[FailedImage], total: int) -> ResultRecord:
