@@ -42,8 +42,10 @@ up: $(STAMP) ## run the stack in the foreground (embedded servers, worker, Flowe
 demo: $(STAMP) ## the offline demo: a sample catalogue with planted mismatches, scored end to end
 	$(BIN)/listing-vision demo
 
-bench: $(STAMP) ## throughput benchmarks (results go to bench/results/)
+bench: $(STAMP) ## throughput and run benchmarks with plots (results go to bench/results/)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.runs
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

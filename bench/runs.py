@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 import torch
 
+from bench.plots import plot_runs
 from contract.registry import get_spec, load_registry
 from contract.settings import Settings, load_settings
 from db.engine import make_engine, make_sessions
@@ -248,6 +249,7 @@ def main() -> None:
     out = RESULTS / f"{result['date']}-runs-{slug}{'-quick' if quick else ''}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    print(f"wrote {plot_runs(result, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
