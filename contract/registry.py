@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-Backend = Literal["open_clip", "hf_clip", "hf_siglip", "hf_dino"]
+# "sim" is for benchmarks only (a simulated accelerator); no built-in entry uses it.
+Backend = Literal["open_clip", "hf_clip", "hf_siglip", "hf_dino", "sim"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 BUILTIN_FILE = Path(__file__).with_name("builtin_models.toml")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")

@@ -29,5 +29,9 @@ def create_backend(spec: ModelSpec, device: str | None = None) -> ModelBackend:
             from worker.backends.hf_dino import HfDinoBackend
 
             return HfDinoBackend(spec, device)
+        case "sim":
+            from worker.backends.sim import SimBackend
+
+            return SimBackend(spec, device)
         case _:
             assert_never(spec.backend)

@@ -1,0 +1,80 @@
+"""The simulated accelerator: timed like the H100 table, GIL released while it waits, never
+built in."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from contract.registry import ModelSpec, load_registry
+from worker.backends import create_backend
+from worker.backends.sim import SIMULATED
+
+
+def sim(name: str) -> ModelSpec:
+    return ModelSpec(model_id="sim-x", backend="sim", name=name)
+
+
+def test_latency_matches_the_h100_figures_at_both_ends() -> None:
+    model = SIMULATED["ViT-H-14-378-quickgelu"]
+
+    assert model.seconds(1) == pytest.approx(1 / 31, rel=1e-6)
+    assert model.seconds(128) == pytest.approx(128 / 410, rel=1e-6)
+    assert model.seconds(64) < model.seconds(128)
+
+
+def test_an_image_call_takes_its_batch_latency_and_leaves_the_gil_free() -> None:
+    backend = create_backend(sim("ViT-B-32"))
+    info = backend.load()
+    pixels = torch.stack([backend.preprocess(Image.new("RGB", (300, 200), "red"))] * 8)
+    assert pixels.shape == (8, 3, info.image_size, info.image_size)
+    spins = 0
+    stop = threading.Event()
+
+    def spin() -> None:
+        nonlocal spins
+        while not stop.is_set():
+            spins += 1
+
+    calls = 20
+    expected = calls * SIMULATED["ViT-B-32"].seconds(8)
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    started = time.perf_counter()
+    for _ in range(calls):
+        out = backend.embed_images(pixels)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    spinner.join()
+
+    assert out.shape == (8, 512)
+    assert torch.allclose(out.norm(dim=1), torch.ones(8))
+    assert elapsed >= expected
+    assert backend.slept > 0.5 * expected  # most of the call was a GIL-free wait
+    assert spins > 10_000  # another thread ran meanwhile
+
+
+def test_texts_are_deterministic_and_cheaper_than_images() -> None:
+    backend = create_backend(sim("ViT-L-14"))
+    backend.load()
+
+    first = backend.embed_texts(["red shoe", "blue bag"])
+    again = backend.embed_texts(["red shoe", "blue bag"])
+
+    assert torch.equal(first, again)
+    assert not torch.allclose(first[0], first[1])
+    model = SIMULATED["ViT-L-14"]
+    assert model.seconds(64, 0.25) < model.seconds(64)
+
+
+def test_an_unknown_simulated_model_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'ViT-Z'.*ViT-B-32"):
+        create_backend(sim("ViT-Z")).load()
+
+
+def test_no_built_in_entry_is_simulated() -> None:
+    assert all(spec.backend != "sim" for spec in load_registry().values())
