@@ -8,10 +8,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
+from sqlalchemy.types import Integer, Text
 
-from db.listings import get_listing
+from db.arrays import any_uuids
+from db.listings import get_listings
 from db.records import ListingRecord
 from db.schema import Job
 
@@ -40,8 +43,9 @@ class ClaimedJob:
 
 @dataclass(frozen=True)
 class Unclaimable:
-    """Why a delivered job is not run: `finished` (a duplicate delivery), `missing`,
-    or `exhausted` (its attempts are used up; the caller records it as dead)."""
+    """Why a delivered job is not run: `finished` (a duplicate delivery), `duplicate` (delivered
+    twice at once: the other delivery runs it), `missing`, or `exhausted` (its attempts are used
+    up; the caller records it as dead)."""
 
     reason: str
     listing_id: str | None = None
@@ -68,7 +72,10 @@ def mark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
     if not ids:
         return
     locked = (
-        select(Job.job_id).where(Job.job_id.in_(ids)).order_by(Job.job_id).with_for_update()
+        select(Job.job_id)
+        .where(Job.job_id == any_uuids(ids))
+        .order_by(Job.job_id)
+        .with_for_update()
     ).cte("locked")
     session.execute(
         update(Job)
@@ -80,11 +87,27 @@ def mark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
 def claim(
     session: Session, job_id: uuid.UUID, *, worker: str, max_attempts: int
 ) -> ClaimedJob | Unclaimable:
-    """Start an attempt: counts it before any work, so a job that kills its worker every time
-    still reaches its cap and ends `dead` instead of looping forever."""
+    """Start an attempt of one job (see `claim_many`)."""
+    return claim_many(session, [job_id], worker=worker, max_attempts=max_attempts)[job_id]
+
+
+def claim_many(
+    session: Session, job_ids: Sequence[uuid.UUID], *, worker: str, max_attempts: int
+) -> dict[uuid.UUID, ClaimedJob | Unclaimable]:
+    """Start an attempt of each job, in three statements whatever their number (a worker claims
+    the deliveries that arrive together at once). Each attempt is counted before any work, so a
+    job that kills its worker every time still reaches its cap and ends `dead` instead of
+    looping forever. Rows are locked in job_id order, as every multi-job writer does."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return {}
+    claimable = (Job.job_id == any_uuids(ids), Job.status.in_(ACTIVE), Job.attempts < max_attempts)
+    locked = (select(Job.job_id).where(*claimable).order_by(Job.job_id).with_for_update()).cte(
+        "locked"
+    )
     claimed = session.execute(
         update(Job)
-        .where(Job.job_id == job_id, Job.status.in_(ACTIVE), Job.attempts < max_attempts)
+        .where(Job.job_id.in_(select(locked.c.job_id)), *claimable)
         .values(
             status="running",
             attempts=Job.attempts + 1,
@@ -92,28 +115,92 @@ def claim(
             updated_at=func.now(),
             worker=worker,
         )
-        .returning(Job.listing_id, Job.model_id, Job.attempts)
-    ).first()
-    if claimed is None:
-        return _why_unclaimable(session, job_id)
-    listing_id, model_id, attempt = claimed
-    listing = get_listing(session, listing_id)
-    if listing is None:
-        return Unclaimable("missing", listing_id, model_id)
-    return ClaimedJob(job_id, model_id, attempt, listing)
-
-
-def _why_unclaimable(session: Session, job_id: uuid.UUID) -> Unclaimable:
-    row = session.execute(
-        select(Job.status, Job.listing_id, Job.model_id, Job.error, Job.attempts).where(
-            Job.job_id == job_id
+        .returning(Job.job_id, Job.listing_id, Job.model_id, Job.attempts)
+    ).all()
+    stored = get_listings(session, sorted({row.listing_id for row in claimed}))
+    outcome: dict[uuid.UUID, ClaimedJob | Unclaimable] = {}
+    for job_id, listing_id, model_id, attempt in claimed:
+        listing = stored.get(listing_id)
+        outcome[job_id] = (
+            Unclaimable("missing", listing_id, model_id)
+            if listing is None
+            else ClaimedJob(job_id, model_id, attempt, listing)
         )
-    ).first()
-    if row is None:
-        return Unclaimable("missing")
-    status, listing_id, model_id, error, attempts = row
-    reason = "exhausted" if status in ACTIVE else "finished"
-    return Unclaimable(reason, listing_id, model_id, error, attempts)
+    outcome.update(_why_unclaimable(session, [i for i in ids if i not in outcome]))
+    return outcome
+
+
+def _why_unclaimable(
+    session: Session, job_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Unclaimable]:
+    if not job_ids:
+        return {}
+    rows = session.execute(
+        select(Job.job_id, Job.status, Job.listing_id, Job.model_id, Job.error, Job.attempts).where(
+            Job.job_id == any_uuids(job_ids)
+        )
+    ).all()
+    why: dict[uuid.UUID, Unclaimable] = dict.fromkeys(job_ids, Unclaimable("missing"))
+    for job_id, status, listing_id, model_id, error, attempts in rows:
+        reason = "exhausted" if status in ACTIVE else "finished"
+        why[job_id] = Unclaimable(reason, listing_id, model_id, error, attempts)
+    return why
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A job's final state, to be set if `attempt` still holds it."""
+
+    job_id: uuid.UUID
+    attempt: int
+    status: str
+    error: str | None
+    batch_size: int | None
+
+
+_FINISH = text(
+    """
+    WITH input AS (
+        SELECT * FROM unnest(:ids, :attempts, :statuses, :errors, :batch_sizes)
+            AS t(job_id, attempt, status, error, batch_size)
+    ), locked AS (
+        SELECT j.job_id FROM jobs j JOIN input i ON i.job_id = j.job_id
+        WHERE j.status IN ('queued', 'running') AND j.attempts = i.attempt
+        ORDER BY j.job_id FOR UPDATE OF j
+    )
+    UPDATE jobs j SET status = i.status, error = i.error, batch_size = i.batch_size,
+        finished_at = now(), updated_at = now()
+    FROM input i
+    WHERE j.job_id = i.job_id AND j.job_id IN (SELECT job_id FROM locked)
+        AND j.status IN ('queued', 'running') AND j.attempts = i.attempt
+    RETURNING j.job_id, i.attempt
+    """
+).bindparams(
+    bindparam("ids", type_=ARRAY(UUID(as_uuid=True))),
+    bindparam("attempts", type_=ARRAY(Integer)),
+    bindparam("statuses", type_=ARRAY(Text)),
+    bindparam("errors", type_=ARRAY(Text)),
+    bindparam("batch_sizes", type_=ARRAY(Integer)),
+)
+
+
+def finish_many(session: Session, finishes: Sequence[Finish]) -> set[tuple[uuid.UUID, int]]:
+    """Set each job's final state in one statement; returns the (job, attempt) pairs that still
+    held their job. An attempt missing from the answer lost it to another attempt (or the job
+    was finished already): it must write nothing."""
+    if not finishes:
+        return set()
+    rows = session.execute(
+        _FINISH,
+        {
+            "ids": [f.job_id for f in finishes],
+            "attempts": [f.attempt for f in finishes],
+            "statuses": [f.status for f in finishes],
+            "errors": [f.error for f in finishes],
+            "batch_sizes": [f.batch_size for f in finishes],
+        },
+    ).all()
+    return {(job_id, attempt) for job_id, attempt in rows}
 
 
 def finish(
@@ -125,21 +212,9 @@ def finish(
     error: str | None,
     batch_size: int | None,
 ) -> bool:
-    """Set the job's final state if `attempt` still holds it; False means another attempt (or
-    an earlier finish) owns the job and this attempt must write nothing."""
-    finished = session.execute(
-        update(Job)
-        .where(Job.job_id == job_id, Job.status.in_(ACTIVE), Job.attempts == attempt)
-        .values(
-            status=status,
-            error=error,
-            batch_size=batch_size,
-            finished_at=func.now(),
-            updated_at=func.now(),
-        )
-        .returning(Job.job_id)
-    ).first()
-    return finished is not None
+    """Set one job's final state if `attempt` still holds it (see `finish_many`)."""
+    finished = finish_many(session, [Finish(job_id, attempt, status, error, batch_size)])
+    return (job_id, attempt) in finished
 
 
 def note_retry(session: Session, job_id: uuid.UUID, attempt: int, error: str) -> None:
@@ -180,11 +255,13 @@ def jobs_to_resend(
 def status_counts(session: Session, job_ids: Sequence[uuid.UUID]) -> Counter[str]:
     """How many of these jobs are in each state."""
     counts: Counter[str] = Counter()
-    for chunk_start in range(0, len(job_ids), 5000):
-        chunk = job_ids[chunk_start : chunk_start + 5000]
-        rows = session.execute(
-            select(Job.status, func.count()).where(Job.job_id.in_(chunk)).group_by(Job.status)
-        ).all()
-        for status, count in rows:
-            counts[status] += count
+    if not job_ids:
+        return counts
+    rows = session.execute(
+        select(Job.status, func.count())
+        .where(Job.job_id == any_uuids(job_ids))
+        .group_by(Job.status)
+    ).all()
+    for status, count in rows:
+        counts[status] += count
     return counts

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from db.arrays import any_ids
 from db.records import ListingRecord
 from db.schema import Listing, table_of
 
@@ -80,7 +81,9 @@ def superseded(session: Session, analysed: Mapping[str, datetime | None]) -> set
 
 def get_listings(session: Session, listing_ids: Sequence[str]) -> dict[str, ListingRecord]:
     """The stored listings among `listing_ids`, by id."""
-    rows = session.scalars(select(Listing).where(Listing.listing_id.in_(list(listing_ids))))
+    if not listing_ids:
+        return {}
+    rows = session.scalars(select(Listing).where(Listing.listing_id == any_ids(listing_ids)))
     return {row.listing_id: _record(row) for row in rows}
 
 

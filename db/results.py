@@ -42,19 +42,22 @@ def record_outcomes(session: Session, outcomes: Sequence[JobOutcome]) -> list[bo
     redelivery finished it or took it over). Jobs are finished in job_id order, the order every
     multi-job writer locks them in.
     """
-    owned = {
-        outcome.job_id: jobs.finish(
-            session,
-            outcome.job_id,
-            attempt=outcome.attempt,
-            status=outcome.job_status,
-            error=outcome.listing.result.error,
-            batch_size=outcome.batch_size,
-        )
-        for outcome in sorted(outcomes, key=lambda o: o.job_id)
-    }
-    write_listing_outcomes(session, [o.listing for o in outcomes if owned[o.job_id]])
-    return [owned[outcome.job_id] for outcome in outcomes]
+    # Two deliveries of one job may finish in one group: only the attempt that holds it writes.
+    held = jobs.finish_many(
+        session,
+        [
+            jobs.Finish(
+                outcome.job_id,
+                outcome.attempt,
+                outcome.job_status,
+                outcome.listing.result.error,
+                outcome.batch_size,
+            )
+            for outcome in outcomes
+        ],
+    )
+    write_listing_outcomes(session, [o.listing for o in outcomes if (o.job_id, o.attempt) in held])
+    return [(outcome.job_id, outcome.attempt) in held for outcome in outcomes]
 
 
 def write_listing_outcomes(session: Session, outcomes: Sequence[ListingOutcome]) -> set[str]:

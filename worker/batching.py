@@ -3,7 +3,8 @@
 A batch is run when `max_size` units wait or when the oldest item has waited `max_wait` seconds,
 whichever comes first; items already queued are always taken at once. If a batch call raises,
 the batch is split in half and each half run again, so one bad item fails alone and the others
-still get their results (the complaint behind Ray #66140 and Infinity #367).
+still get their results (the complaint behind Ray #66140 and Infinity #367). Errors that no
+item can cause (`splits_on` says which) fail the whole batch at once instead.
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ class DynamicBatcher(Generic[T, R]):
         max_wait: float,
         units: Callable[[T], int] = lambda _item: 1,
         name: str = "batcher",
+        splits_on: Callable[[Exception], bool] = lambda _error: True,
     ) -> None:
         self._run_batch = run_batch
         self._max_size = max(1, max_size)
         self._max_wait = max(0.0, max_wait)
         self._units = units
+        self._splits_on = splits_on
         self._queue: queue.Queue[_Pending[T, R] | None] = queue.Queue()
         self._carry: _Pending[T, R] | None = None
         self._busy_since: float | None = None
@@ -143,9 +146,11 @@ class DynamicBatcher(Generic[T, R]):
             _resolve(pending.future, result=result)
 
     def _after_failure(self, batch: list[_Pending[T, R]], error: Exception) -> None:
-        if len(batch) == 1:
+        if len(batch) == 1 or not self._splits_on(error):
+            # One item, or an error no item caused (a database outage): all share it at once.
             self._count(batch)
-            _resolve(batch[0].future, error=error)
+            for pending in batch:
+                _resolve(pending.future, error=error)
             return
         log.warning("batch of %d failed (%s); retrying it in halves", len(batch), error)
         self.stats.splits += 1

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from db.records import ImageFacts
 from worker.decode import decode_image
 from worker.fetch import FetchPolicy, NotModified, Validators, fetch_image
 from worker.quality import measure_quality
+
+A = TypeVar("A")
+B = TypeVar("B")
 
 # Decoded pixels are big (a 40 Mpx photo is 120 MB as RGB, and a few copies are made): however
 # many task threads wait, only this many images are decoded at once. More would not be faster
@@ -101,7 +105,7 @@ def fetch_each(
 ) -> list[Fetched | TransientError]:
     """Fetch many URLs at once (a run's chunk: many listings); each ends fetched, unchanged,
     failed or transiently failed, in the order asked."""
-    return list(executor.map(lambda request: _fetch_one(request, policy), requests))
+    return _map(lambda request: _fetch_one(request, policy), requests, executor)
 
 
 def _fetch_one(request: ImageRequest, policy: FetchPolicy) -> Fetched | TransientError:
@@ -152,7 +156,7 @@ def prepare_images(
                 image.position, image.url, f"could not prepare image: {one_line(error)}"
             )
 
-    return list(executor.map(prepare, fetched))
+    return _map(prepare, fetched, executor)
 
 
 def _decode_and_prepare(
@@ -174,3 +178,11 @@ def _decode_and_prepare(
     )
     pixels = preprocess(decoded.pixels)
     return PreparedImage(image.position, image.url, facts, pixels, None, image.validators)
+
+
+def _map(work: Callable[[A], B], items: Sequence[A], executor: Executor) -> list[B]:
+    """`executor.map`, except that one item runs in the calling thread: a listing's only image
+    does not pay a hand-off to another thread and back."""
+    if len(items) == 1:
+        return [work(items[0])]
+    return list(executor.map(work, items))

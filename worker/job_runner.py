@@ -23,6 +23,7 @@ from db.records import JobOutcome, ListingOutcome, ResultRecord
 from worker.analysis import ListingAnalysis, ListingAnalyzer
 from worker.outcomes import OutcomeWriter
 from worker.retries import backoff_seconds
+from worker.shared_queries import SharedQueries
 
 log = logging.getLogger(__name__)
 WRITE_TIMEOUT = 120.0  # seconds; statements and lock waits have their own, shorter limits
@@ -56,6 +57,7 @@ class JobRunner:
     """Runs deliveries of jobs against the database and the warm analyzer."""
 
     sessions: sessionmaker[Session]
+    queries: SharedQueries
     analyzer: ListingAnalyzer
     writer: OutcomeWriter
     model_id: str
@@ -84,10 +86,7 @@ class JobRunner:
             log.warning("job %s: could not record the retry as sent: %s", job_id, one_line(error))
 
     def _run(self, job_id: uuid.UUID) -> JobReport:
-        with self.sessions.begin() as session:
-            claim = jobs.claim(
-                session, job_id, worker=self.worker_name, max_attempts=self.max_attempts
-            )
+        claim = self.queries.claim(job_id)
         if isinstance(claim, Unclaimable):
             return self._unclaimable(job_id, claim)
         try:

@@ -4,7 +4,7 @@ Per-listing commits cost a WAL flush and a turn at the change_seq lock each; und
 most of a worker's time. Task threads hand their outcome to a `DynamicBatcher` whose thread
 writes everything waiting in one transaction; each task returns (and Celery acknowledges its
 job) only after the commit that holds its rows. A transaction that fails is split in halves
-like any batch, so one bad outcome fails alone.
+like any batch, so one bad outcome fails alone; a database outage fails the group at once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.records import JobOutcome
 from db.results import record_outcomes
 from worker.batching import DynamicBatcher
+from worker.shared_queries import is_outage
 
 _MAX_GROUP = 256
 _MAX_WAIT = 0.002  # seconds: outcomes queued during a commit are taken at once anyway
@@ -25,7 +26,11 @@ class OutcomeWriter:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
         self._batcher: DynamicBatcher[JobOutcome, bool] = DynamicBatcher(
-            self._write, max_size=_MAX_GROUP, max_wait=_MAX_WAIT, name="outcome-writer"
+            self._write,
+            max_size=_MAX_GROUP,
+            max_wait=_MAX_WAIT,
+            name="outcome-writer",
+            splits_on=lambda error: not is_outage(error),
         )
 
     def write(self, outcome: JobOutcome, timeout: float) -> bool:

@@ -27,6 +27,7 @@ from worker.job_runner import JobRunner
 from worker.outcomes import OutcomeWriter
 from worker.reconciler import Lateness, Reconciler, SendChunks, SendJobs
 from worker.scorer import ListingScorer
+from worker.shared_queries import SharedQueries
 from worker.watchdog import start_stall_watchdog
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class WorkerRuntime:
         for stop in self.stops:
             stop.set()
         self.service.close()
+        self.runner.queries.close()
         self.runner.writer.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -117,13 +119,18 @@ def start_runtime(
         with sessions() as session:
             return embeddings.cached_images(session, shas, spec.model_id)
 
+    queries = SharedQueries(
+        sessions, model_id=spec.model_id, worker=worker_name, max_attempts=settings.max_attempts
+    )
+
     policy = fetch_policy(settings)
     model_timeout = float(settings.task_time_limit)
     analyzer = ListingAnalyzer(
-        service, scorer, policy, settings.max_image_pixels, executor, lookup_cached, model_timeout
+        service, scorer, policy, settings.max_image_pixels, executor, queries.cached, model_timeout
     )
     runner = JobRunner(
         sessions=sessions,
+        queries=queries,
         analyzer=analyzer,
         writer=OutcomeWriter(sessions),
         model_id=spec.model_id,

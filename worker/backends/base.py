@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from contract.registry import ModelSpec
+from worker.tensor_input import InputSpec
 
 Scoring = Literal["cosine", "sigmoid"]
 
@@ -84,6 +85,11 @@ class ModelBackend(ABC):
             raise TypeError(f"model {self.spec.model_id} has no text encoder")
         with torch.inference_mode():
             return _normalise(self._embed_texts(list(texts)))
+
+    def input_spec(self) -> InputSpec | None:
+        """What `preprocess` does, for the batched tensor path (`worker.tensor_input`); None
+        when it cannot be reproduced there, and callers keep `preprocess`."""
+        return None
 
     @abstractmethod
     def _load(self) -> ModelInfo:

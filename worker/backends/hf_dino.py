@@ -9,6 +9,7 @@ from PIL import Image
 
 from worker.backends.base import ModelBackend, ModelInfo
 from worker.backends.hf_loading import load_pretrained
+from worker.tensor_input import InputSpec, input_spec_from_hf
 
 
 class HfDinoBackend(ModelBackend):
@@ -36,6 +37,9 @@ class HfDinoBackend(ModelBackend):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         pixels: torch.Tensor = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
         return pixels
+
+    def input_spec(self) -> InputSpec | None:
+        return input_spec_from_hf(self.processor)
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         output = self.model(pixel_values=pixels)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from worker.backends.base import ModelBackend, ModelInfo, image_text_info
 from worker.backends.hf_loading import load_pretrained, pooled
+from worker.tensor_input import InputSpec, input_spec_from_hf
 
 
 class _HfDualEncoder(ModelBackend):
@@ -39,6 +40,9 @@ class _HfDualEncoder(ModelBackend):
             "pixel_values"
         ][0]
         return pixels
+
+    def input_spec(self) -> InputSpec | None:
+        return input_spec_from_hf(self.processor.image_processor)
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return pooled(self.model.get_image_features(pixel_values=pixels))

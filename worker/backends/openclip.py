@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from worker.backends.base import ModelBackend, ModelInfo, image_text_info
+from worker.tensor_input import InputSpec, input_spec_from_open_clip
 
 _PRECISION = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}
 
@@ -36,6 +37,9 @@ class OpenClipBackend(ModelBackend):
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._preprocess(image)
+
+    def input_spec(self) -> InputSpec | None:
+        return input_spec_from_open_clip(self._preprocess)
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)

@@ -1,0 +1,138 @@
+"""On a GPU, the tensor input path (nvJPEG decode, resize and normalise on the device) gives what
+the CPU path and each backend's own `preprocess` give."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from contract.errors import ImageRejected
+from contract.registry import ModelSpec
+from tests.images import truncated_jpeg
+from tests.tiny_models import (
+    save_tiny_dinov2,
+    save_tiny_hf_clip,
+    save_tiny_hf_siglip,
+    save_tiny_open_clip,
+)
+from tests.unit.test_tensor_input import (
+    KINDS,
+    MAX_PIXELS,
+    SIZES,
+    encode,
+    one_level,
+    pil_tensor,
+    sample_blobs,
+    textured,
+    with_orientation,
+)
+from worker.backends import create_backend
+from worker.backends.base import ModelBackend
+from worker.decode import decode_image
+from worker.tensor_input import decode_batch, preprocess_batch
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelBackend]:
+    root = tmp_path_factory.mktemp("gpu-input")
+    dirs = {
+        "open_clip": save_tiny_open_clip(root / "oc"),
+        "hf_clip": save_tiny_hf_clip(root / "hf-clip"),
+        "hf_siglip": save_tiny_hf_siglip(root / "hf-siglip"),
+        "hf_dino": save_tiny_dinov2(root / "hf-dino"),
+    }
+    loaded = {}
+    for kind, path in dirs.items():
+        name = f"local-dir:{path}" if kind == "open_clip" else str(path)
+        backend = create_backend(ModelSpec("t", kind, name))  # type: ignore[arg-type]
+        backend.load()
+        loaded[kind] = backend
+    return loaded
+
+
+def jpegs() -> list[bytes]:
+    """Colour, grey and EXIF-rotated JPEGs of varied sizes: all go to nvJPEG."""
+    colour = [encode(textured(w, h, seed=i), "JPEG", quality=90) for i, (w, h) in enumerate(SIZES)]
+    grey = encode(textured(90, 60).convert("L"), "JPEG", quality=90)
+    rotated = [with_orientation(textured(64, 40), o) for o in (3, 6, 8)]
+    return [*colour, grey, *rotated]
+
+
+def test_nvjpeg_decode_matches_pillow_and_failures_stay_per_image(tmp_path: Path) -> None:
+    png = encode(textured(50, 30), "PNG")
+    truncated = truncated_jpeg(tmp_path / "cut.jpg").read_bytes()
+    blobs = [*jpegs(), png, truncated, b"\xff\xd8 not a jpeg \xff\xd9"]
+
+    on_gpu = decode_batch(blobs, CUDA, max_pixels=MAX_PIXELS)
+    on_cpu = decode_batch(blobs, "cpu", max_pixels=MAX_PIXELS)
+
+    for got, want in zip(on_gpu[:-2], on_cpu[:-2], strict=True):
+        assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)
+        assert got.device.type == "cuda" and got.dtype == torch.uint8
+        assert got.shape == want.shape  # EXIF orientation applied on the GPU too
+        difference = (got.cpu().float() - want.float()).abs()
+        assert difference.mean().item() < 2.0  # IDCT and chroma upsampling differ slightly
+    assert torch.equal(on_gpu[-3].cpu(), on_cpu[-3])  # the PNG went through Pillow
+    assert isinstance(on_gpu[-2], ImageRejected) and isinstance(on_gpu[-1], ImageRejected)
+
+
+def test_the_pixel_limit_holds_on_the_gpu_path() -> None:
+    large = encode(textured(300, 200), "JPEG")
+
+    (decoded,) = decode_batch([large], CUDA, max_pixels=50_000)
+
+    assert isinstance(decoded, ImageRejected) and "LV_MAX_IMAGE_PIXELS" in str(decoded)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_preprocess_on_cuda_equals_the_cpu(kind: str, backends: dict[str, ModelBackend]) -> None:
+    spec = backends[kind].input_spec()
+    assert spec is not None
+    images = [
+        d
+        for d in decode_batch(sample_blobs(), "cpu", max_pixels=MAX_PIXELS)
+        if isinstance(d, torch.Tensor)
+    ]
+
+    on_gpu = preprocess_batch(images, spec, CUDA)  # CPU tensors copied through pinned memory
+    on_cpu = preprocess_batch(images, spec, "cpu")
+
+    assert on_gpu.device.type == "cuda"
+    difference = (on_gpu.cpu() - on_cpu).abs()
+    assert difference.max().item() <= one_level(spec)
+    assert difference.mean().item() < 2e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_tensor_path_embeds_as_the_backends_own_preprocess(
+    kind: str, backends: dict[str, ModelBackend]
+) -> None:
+    backend = backends[kind]
+    spec = backend.input_spec()
+    assert spec is not None
+    blobs = [*jpegs(), *sample_blobs()]
+    reference = torch.stack(
+        [backend.preprocess(decode_image(b, max_pixels=MAX_PIXELS).pixels) for b in blobs]
+    )
+    decoded = decode_batch(blobs, CUDA, max_pixels=MAX_PIXELS)
+    images = [d for d in decoded if isinstance(d, torch.Tensor)]
+    assert len(images) == len(blobs)
+
+    pixels = preprocess_batch(images, spec, CUDA, backend.dtype)
+
+    assert pixels.dtype == backend.dtype
+    cosine = (backend.embed_images(pixels) * backend.embed_images(reference)).sum(-1)
+    assert cosine.min().item() >= 0.999
+
+
+def test_a_pillow_decoded_image_reaches_the_gpu_intact() -> None:
+    image = pil_tensor(textured(40, 30))
+
+    (decoded,) = decode_batch([encode(textured(40, 30), "PNG")], CUDA, max_pixels=MAX_PIXELS)
+
+    assert isinstance(decoded, torch.Tensor) and decoded.device.type == "cuda"
+    assert torch.equal(decoded.cpu(), image)
