@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,6 +15,7 @@ from worker.backends.base import ModelBackend
 from worker.batching import DynamicBatcher
 
 log = logging.getLogger(__name__)
+_TEXT_CALL_LIMIT = 256  # texts per text-tower call
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class InferenceService:
     def __init__(self, backend: ModelBackend, *, max_size: int, max_wait_s: float) -> None:
         self.backend = backend
         self.calls = ModelCalls()
-        self._chunk = max_size  # lowered for good after a CUDA out-of-memory
+        self._image_chunks = OomChunker(max_size, "image")
+        self._text_chunks = OomChunker(_TEXT_CALL_LIMIT, "text")
         self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
             self._run_batch,
             max_size=max_size,
@@ -97,37 +101,73 @@ class InferenceService:
     def _embed_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         if not pixels:
             return torch.empty(0, self.backend.info.embed_dim)
-        out = []
-        start = 0
-        while start < len(pixels):
-            chunk = pixels[start : start + self._chunk]
-            try:
-                out.append(self.backend.embed_images(torch.stack(chunk)))
-            except torch.cuda.OutOfMemoryError:
-                self._after_oom()
-                continue
+
+        def run(chunk: list[torch.Tensor]) -> torch.Tensor:
+            out = self.backend.embed_images(torch.stack(chunk))
             self.calls.image_calls += 1
             self.calls.images += len(chunk)
-            start += len(chunk)
-        return torch.cat(out)
+            return out
+
+        return self._image_chunks.run(pixels, run)
 
     def _embed_texts(self, texts: list[str]) -> torch.Tensor:
         if not texts:
             return torch.empty(0, self.backend.info.embed_dim)
-        out = []
-        for start in range(0, len(texts), 256):
-            out.append(self.backend.embed_texts(texts[start : start + 256]))
+
+        def run(chunk: list[str]) -> torch.Tensor:
+            out = self.backend.embed_texts(chunk)
             self.calls.text_calls += 1
-            self.calls.texts += len(texts[start : start + 256])
+            self.calls.texts += len(chunk)
+            return out
+
+        return self._text_chunks.run(texts, run)
+
+
+class OomChunker:
+    """How many items one model call may take: halved on CUDA out-of-memory, down to one (then
+    the error stands, and the batcher's own split leaves the failing item alone); doubled back
+    towards the configured size after `grow_after` calls in a row that fit."""
+
+    def __init__(self, limit: int, tower: str, grow_after: int = 50) -> None:
+        self.limit = max(1, limit)
+        self.size = self.limit
+        self.tower = tower
+        self.grow_after = grow_after
+        self.oom_events = 0
+        self._fits = 0
+
+    def run(self, items: list[Any], call: Callable[[list[Any]], torch.Tensor]) -> torch.Tensor:
+        out: list[torch.Tensor] = []
+        start = 0
+        while start < len(items):
+            chunk = items[start : start + self.size]
+            try:
+                out.append(call(chunk))
+            except torch.cuda.OutOfMemoryError:
+                self._after_oom(len(chunk))
+                continue
+            start += len(chunk)
+            self._after_fit()
         return torch.cat(out)
 
-    def _after_oom(self) -> None:
-        """Free the cache and halve the chunk (down to 1, then the error stands)."""
-        torch.cuda.empty_cache()
-        if self._chunk == 1:
-            raise TransientError("CUDA out of memory even for a single image")
-        self._chunk = max(1, self._chunk // 2)
-        log.warning("CUDA out of memory: image chunk lowered to %d", self._chunk)
+    def _after_oom(self, tried: int) -> None:
+        self.oom_events += 1
+        self._fits = 0
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if tried == 1:
+            raise TransientError(f"CUDA out of memory even for a single {self.tower} input")
+        self.size = max(1, min(self.size, tried) // 2)
+        log.warning("CUDA out of memory: %s calls lowered to %d items", self.tower, self.size)
+
+    def _after_fit(self) -> None:
+        if self.size >= self.limit:
+            return
+        self._fits += 1
+        if self._fits >= self.grow_after:
+            self._fits = 0
+            self.size = min(self.limit, self.size * 2)
+            log.info("%s calls back up to %d items", self.tower, self.size)
 
 
 def _unique_images(requests: list[EmbedRequest]) -> tuple[list[int], list[torch.Tensor]]:
