@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(3600, gt=0)
     batch_max_size: int = Field(64, ge=1)
     batch_max_wait_ms: int = Field(20, ge=0)
+    # Where resize, crop and normalise run: `tensor` batches them on the model's device,
+    # `pil` runs the backend's own transform per image; `auto` is tensor on CUDA, else pil.
+    input_path: Literal["auto", "pil", "tensor"] = "auto"
     worker_concurrency: int | None = Field(None, ge=1)
     run_chunk_size: int | None = Field(None, ge=1, le=10_000)
     rescore_schedule: str = "0 2 * * *"

@@ -53,7 +53,7 @@ class ListingAnalyzer:
         prepared = prepare_images(
             fetched,
             cached,
-            preprocess=self.service.backend.preprocess,
+            preprocess=self.service.preprocess,
             max_pixels=self.max_pixels,
             draft_size=max(info.image_size, 256),
             executor=self.executor,

@@ -130,7 +130,7 @@ class ChunkAnalyzer:
         prepared = prepare_images(
             fetched,
             cached | more,
-            preprocess=self.service.backend.preprocess,
+            preprocess=self.service.preprocess,
             max_pixels=self.max_pixels,
             draft_size=max(info.image_size, 256),
             executor=self.executor,

@@ -8,11 +8,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from contract.errors import TransientError
 from worker.backends.base import ModelBackend
 from worker.batching import DynamicBatcher
+from worker.tensor_input import InputSpec, preprocess_batch
 
 log = logging.getLogger(__name__)
 _TEXT_CALL_LIMIT = 256  # texts per text-tower call
@@ -53,9 +56,17 @@ class ModelCalls:
 class InferenceService:
     """Thread-safe front of one warm model; many jobs' requests share each model call."""
 
-    def __init__(self, backend: ModelBackend, *, max_size: int, max_wait_s: float) -> None:
+    def __init__(
+        self,
+        backend: ModelBackend,
+        *,
+        max_size: int,
+        max_wait_s: float,
+        input_path: str = "auto",
+    ) -> None:
         self.backend = backend
         self.calls = ModelCalls()
+        self.input_spec = tensor_input_spec(backend, input_path)
         self._image_chunks = OomChunker(max_size, "image")
         self._text_chunks = OomChunker(_TEXT_CALL_LIMIT, "text")
         self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
@@ -84,6 +95,19 @@ class InferenceService:
         """Stop the batcher thread after the batches already queued."""
         self.batcher.close()
 
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """What a job hands the batcher for one decoded image: the model's input (the backend's
+        own transform), or with the tensor input path its uint8 pixels, preprocessed in the
+        batch on the model's device."""
+        if self.input_spec is None:
+            return self.backend.preprocess(image)
+        return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+    def _model_input(self, chunk: list[torch.Tensor]) -> torch.Tensor:
+        if self.input_spec is None:
+            return torch.stack(chunk)
+        return preprocess_batch(chunk, self.input_spec, self.backend.device, self.backend.dtype)
+
     def _run_batch(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
         slots, unique = _unique_images(requests)
         images = self._embed_images(unique)
@@ -103,7 +127,7 @@ class InferenceService:
             return torch.empty(0, self.backend.info.embed_dim)
 
         def run(chunk: list[torch.Tensor]) -> torch.Tensor:
-            out = self.backend.embed_images(torch.stack(chunk))
+            out = self.backend.embed_images(self._model_input(chunk))
             self.calls.image_calls += 1
             self.calls.images += len(chunk)
             return out
@@ -121,6 +145,20 @@ class InferenceService:
             return out
 
         return self._text_chunks.run(texts, run)
+
+
+def tensor_input_spec(backend: ModelBackend, input_path: str) -> InputSpec | None:
+    """The tensor path's spec when it is asked for (or `auto` on CUDA) and the backend's
+    preprocessing can be reproduced exactly; else None (the backend's own transform)."""
+    if input_path == "pil" or (input_path == "auto" and backend.device.type != "cuda"):
+        return None
+    spec = backend.input_spec()
+    if spec is None:
+        log.info(
+            "%s: preprocessing kept on the PIL path (not reproducible as tensors)",
+            backend.spec.model_id,
+        )
+    return spec
 
 
 class OomChunker:

@@ -107,7 +107,9 @@ def start_runtime(
     with sessions.begin() as session:
         embeddings.ensure_hnsw_index(session, spec.model_id, info.embed_dim)
     max_size, max_wait = batch_limits(settings, spec)
-    service = InferenceService(backend, max_size=max_size, max_wait_s=max_wait)
+    service = InferenceService(
+        backend, max_size=max_size, max_wait_s=max_wait, input_path=settings.input_path
+    )
     categories = None
     if info.has_text:
         labels = read_categories(settings.categories_file)

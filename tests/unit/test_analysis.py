@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from contract.registry import ModelSpec
 from db.records import ListingRecord
@@ -19,10 +20,12 @@ from worker.inference import InferenceService
 from worker.scorer import ListingScorer
 
 
-def analyzer(spec: ModelSpec, root: Path, with_categories: bool) -> ListingAnalyzer:
+def analyzer(
+    spec: ModelSpec, root: Path, with_categories: bool, input_path: str = "auto"
+) -> ListingAnalyzer:
     backend = create_backend(spec, "cpu")
     backend.load()
-    service = InferenceService(backend, max_size=8, max_wait_s=0.01)
+    service = InferenceService(backend, max_size=8, max_wait_s=0.01, input_path=input_path)
     categories = (
         CategoryIndex(["mug", "lamp", "hat"], (), service.embed_texts) if with_categories else None
     )
@@ -90,3 +93,31 @@ def test_a_listing_whose_every_image_fails_is_failed_with_each_reason(
     assert result.result.error is not None
     assert result.result.error.startswith("all images failed: image 1")
     assert "image 2" in result.result.error and "no such file" in result.result.error
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "hf_dino"])
+def test_the_tensor_input_path_scores_as_the_backends_own_transform(
+    root: Path, tmp_path: Path, kind: str
+) -> None:
+    """LV_INPUT_PATH=tensor (the CUDA default) run on the CPU: resize, crop and normalise as
+    batched tensor operations give the embeddings and scores of the PIL path."""
+    if kind == "open_clip":
+        name = f"local-dir:{save_tiny_open_clip(tmp_path / 'c')}"
+    else:
+        name = str(save_tiny_dinov2(tmp_path / "dino"))
+    spec = ModelSpec("m", kind, name, threshold=0.0)  # type: ignore[arg-type]
+    text = kind == "open_clip"
+    pil = analyzer(spec, root, with_categories=text, input_path="pil")
+    tensor = analyzer(spec, root, with_categories=text, input_path="tensor")
+    assert pil.service.input_spec is None and tensor.service.input_spec is not None
+
+    wanted = listing(root, "red.jpg", "blue.jpg")
+    by_pil, by_tensor = pil.analyze(wanted), tensor.analyze(wanted)
+
+    assert by_pil.new_embeddings.keys() == by_tensor.new_embeddings.keys()
+    for sha, vector in by_pil.new_embeddings.items():
+        a, b = torch.tensor(vector), torch.tensor(by_tensor.new_embeddings[sha])
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.999
+    if text:
+        assert by_tensor.result.similarity == pytest.approx(by_pil.result.similarity, abs=2e-3)
+        assert by_tensor.result.best_image == by_pil.result.best_image
