@@ -1,27 +1,53 @@
-"""Throughput benchmarks: the model alone (images/s per batch size) and the whole pipeline
-(listings/s from enqueue to committed result, with and without dynamic batching).
+"""Throughput and latency, each as a ratio to baselines measured in the same run (the box is
+shared and noisy, so absolute numbers from different days do not compare):
 
-    python -m bench.throughput [--quick]
+1. the model alone: images/s of `embed_images` per batch size;
+2. a no-op drain: messages/s of a worker shaped like `listing-vision worker` whose task does
+   nothing (bench/noop_worker.py), the ceiling Celery and the broker allow;
+3. the peer: a plain per-listing loop (bench/peer.py), the shape of the services replaced;
+4. the pipeline: listings/s from the first enqueue to the last committed result, one message per
+   listing through a real worker, at the default batch size and at a few others;
+5. latency under a trickle: enqueue-to-commit per listing at a steady low rate, idle worker;
+6. a simulated accelerator (`backend = "sim"`): pipeline listings/s against the simulated
+   model's own images/s, for four model sizes;
+7. with --profile, a py-spy flame graph of the worker during an extra pipeline run.
 
-Writes bench/results/<date>-<device>.json. Not a test: numbers depend on the machine.
+    python -m bench.throughput [--quick] [--profile]
+
+Writes bench/results/<date>-<device>.json (`-quick` in the name with --quick) and a PNG beside
+it. Not a test: the numbers depend on the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import random
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import psutil
+import psycopg
 import torch
 
-from contract.broker import STATS_COMMAND
-from contract.registry import get_spec, load_registry
+from bench.noop_worker import NODE as NOOP_NODE
+from bench.peer import PeerListing, run_peer
+from bench.plots import plot_throughput
+from contract.broker import STATS_COMMAND, make_celery, model_queue, send_analysis
+from contract.registry import Registry, get_spec, load_registry
 from contract.settings import Settings, load_settings
 from db.engine import make_engine
 from db.migrate import upgrade
@@ -30,19 +56,66 @@ from listing_vision.embedded import EmbeddedServers
 from listing_vision.supervisor import Child, child_env, stop_children
 from producer.enqueue import Producer
 from worker.backends import create_backend
+from worker.backends.sim import SIMULATED, TEXT_COST_SHARE
 from worker.main import worker_name
 
 RESULTS = Path(__file__).with_name("results")
+TOY = "lv-toy"
+NOOP_QUEUE = model_queue("bench-noop")
+IMAGE_SIZE = 256  # px, the JPEGs every pipeline, peer and simulated run reads
+# Simulated accelerators: registry id -> (SIMULATED name, batch_max_size).
+SIM_MODELS = {
+    "sim-vit-h14-378": ("ViT-H-14-378-quickgelu", 128),
+    "sim-vit-b32": ("ViT-B-32", 256),
+    "sim-vit-l14": ("ViT-L-14", 256),
+    "sim-dinov2-large": ("DINOv2-large", 256),
+}
 REGISTRY = """
 [models.vit-b32-random]
 backend = "open_clip"
 name = "ViT-B-32"
 threshold = 0.25
-"""
+""" + "".join(
+    f'\n[models.{model_id}]\nbackend = "sim"\nname = "{name}"\nbatch_max_size = {size}\n'
+    for model_id, (name, size) in SIM_MODELS.items()
+)
+# name -> (comparison, target); a ratio without a target is reported, not judged.
+TARGETS = {
+    "pipeline_vs_noop_drain": (">=", 0.5),
+    "pipeline_vs_peer": (">=", 3.0),
+    "trickle_p95_ms": ("<=", 50.0),
+    "sim_vit_h14_378_vs_model": (">=", 0.9),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measurement a run does (--quick: enough to see it work)."""
+
+    model_ids: tuple[str, ...]
+    model_batches: tuple[int, ...]
+    model_seconds: float
+    noop_messages: int
+    pipeline_listings: int
+    batch_sweep: tuple[int, ...]  # LV_BATCH_MAX_SIZE values besides the default
+    peer_listings: int
+    trickle_events: int
+    trickle_rate: float
+    sim_batches: int  # listings per simulated run, in batches of the model's size
+    sim_seconds: float
+
+
+QUICK = Plan((TOY,), (1, 8, 32), 1.5, 1000, 400, (1, 8), 150, 60, 20.0, 4, 1.5)
+FULL = Plan(
+    (TOY, "vit-b32-random"), (1, 8, 32, 64), 5.0, 5000, 2000, (1, 8, 32), 500, 200, 20.0, 8, 5.0
+)
+
+
+# -- measurements in this process -------------------------------------------------------------
 
 
 def bench_model(
-    registry: dict[str, Any], model_id: str, batch_sizes: list[int], seconds: float
+    registry: Registry, model_id: str, batch_sizes: Sequence[int], seconds: float
 ) -> list[dict[str, Any]]:
     """Images/s of `embed_images` alone (preprocessed input, warm model)."""
     backend = create_backend(get_spec(registry, model_id))
@@ -63,112 +136,484 @@ def bench_model(
     return rows
 
 
-def bench_pipeline(
-    settings: Settings, images: list[Path], model_id: str, batch_max_size: int
-) -> dict[str, Any]:
-    """Listings/s through a real worker process, one message per listing."""
-    env = child_env(
-        settings,
-        LV_MODELS_FILE=str(settings.models_file),
-        LV_FILE_ROOTS=str(images[0].parent),
-        LV_BATCH_MAX_SIZE=str(batch_max_size),
-        LV_BATCH_MAX_WAIT_MS="20",
-        LV_LOG_LEVEL="INFO",
-        LV_HOME=str(settings.home),
-    )
-    log = settings.home / f"worker-{model_id}-{batch_max_size}.log"
-    worker = Child(
-        "bench-worker",
-        [sys.executable, "-m", "listing_vision", "worker", "--model", model_id],
-        env,
-        log_path=log,
-        restart=False,
-    )
-    worker.start()
+def bench_peer(settings: Settings, registry: Registry, listings: Sequence[PeerListing]) -> dict:
+    """The peer loop over the pipeline run's own files, in this process."""
+    backend = create_backend(get_spec(registry, TOY))
+    rate = run_peer(settings.require_database_url(), backend, TOY, listings)
+    print(f"  peer {TOY}: {rate:7.1f} listings/s ({len(listings)} listings)", flush=True)
+    return {"model": TOY, "listings": len(listings), "listings_per_s": round(rate, 1)}
+
+
+def simulated_bound(name: str, batch: int) -> float:
+    """Listings/s the simulated device itself allows when each listing brings one image and one
+    title: an image call and a text call per batch (no CPU work at all)."""
+    sim = SIMULATED[name]
+    seconds = sim.seconds(batch) + (sim.seconds(batch, TEXT_COST_SHARE) if sim.has_text else 0)
+    return batch / seconds
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def started(name: str, argv: list[str], env: dict[str, str], log: Path) -> Iterator[Child]:
+    """A child process, yielded once its log says Celery is ready; stopped on the way out."""
+    child = Child(name, argv, env, log_path=log, restart=False)
+    child.start()
     try:
         deadline = time.monotonic() + 300
         while "ready." not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline or (
-                worker.process and worker.process.poll() is not None
-            ):
-                raise RuntimeError(log.read_text(errors="replace")[-3000:])
+            if time.monotonic() > deadline or (child.process and child.process.poll() is not None):
+                raise RuntimeError(
+                    f"{name} did not start:\n{log.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.2)
-        run_id = f"{model_id}-{batch_max_size}-{time.time_ns()}"
-        events = [
-            {"listing_id": f"{run_id}-{i}", "title": f"listing {i}", "image_url": p.as_uri()}
-            for i, p in enumerate(images)
-        ]
-        with Producer(settings) as producer:
-            start = time.perf_counter()
-            report = producer.enqueue(events, model=model_id)
-            counts = producer.wait(report.job_ids, timeout=1800, poll_interval=0.1)
-            elapsed = time.perf_counter() - start
-            name = worker_name(model_id, None)
-            stats = producer.celery.control.broadcast(
-                STATS_COMMAND, reply=True, destination=[name], timeout=10
-            )
+        yield child
     finally:
-        stop_children([worker], timeout=60)
-    calls = stats[0][name]["model_calls"] if stats else {}
+        stop_children([child], timeout=60)
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    return child_env(
+        settings,
+        LV_MODELS_FILE=str(settings.models_file),
+        LV_FILE_ROOTS=":".join(str(root) for root in settings.file_roots),
+        LV_LOG_LEVEL="INFO",
+        LV_HOME=str(settings.home),
+        **extra,
+    )
+
+
+def pipeline_worker(settings: Settings, model_id: str, tag: str, **env: str) -> Any:
+    """`listing-vision worker --model MODEL_ID`, started and ready (a context manager)."""
+    argv = [sys.executable, "-m", "listing_vision", "worker", "--model", model_id]
+    log = settings.home / f"worker-{model_id}-{tag}.log"
+    return started(f"worker {model_id}", argv, worker_env(settings, **env), log)
+
+
+@contextlib.contextmanager
+def flame_graph(pid: int, out: Path, log: Path) -> Iterator[dict[str, Any]]:
+    """py-spy sampling process `pid` while the block runs; the yielded dict says how it went."""
+    report: dict[str, Any] = {"flame_graph": None}
+    argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid)]
+    argv += ["--rate", "200", "--format", "flamegraph", "--output", str(out), "--nonblocking"]
+    try:
+        with open(log, "wb") as output:
+            spy = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+    except OSError as error:  # py-spy not installed: say so and measure on
+        report["error"] = f"py-spy could not start: {error}"
+        yield report
+        return
+    deadline = time.monotonic() + 15
+    while "Sampling" not in log.read_text(errors="replace") and spy.poll() is None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    try:
+        yield report
+    finally:
+        if spy.poll() is None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        if out.is_file():
+            report["flame_graph"] = str(out)
+        else:
+            tail = log.read_text(errors="replace").strip()[-500:]
+            report["error"] = f"py-spy wrote nothing (exit {spy.returncode}): {tail}"
+
+
+# -- listings and results ----------------------------------------------------------------------
+
+
+def draw_listings(directory: Path, prefix: str, count: int, seed: int) -> list[PeerListing]:
+    """Fresh drawings per run: images a model has embedded before would be served from the
+    embeddings table, and the run would measure the cache instead of the model. Titles are
+    unique too."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    listings = []
+    for i in range(count):
+        colour, product = rng.choice(list(COLOURS)), rng.choice(PRODUCTS)
+        path = directory / f"{prefix}-{i:05d}.jpg"
+        draw_product(colour, product, rng, IMAGE_SIZE).save(path, quality=90)
+        listings.append(PeerListing(f"{prefix}-{i:05d}", f"{colour} {product}, item {i}", path))
+    return listings
+
+
+def event(listing: PeerListing) -> dict[str, str]:
+    return {
+        "listing_id": listing.listing_id,
+        "title": listing.title,
+        "image_url": listing.image.as_uri(),
+    }
+
+
+class ResultListener:
+    """LISTEN listing_results on its own connection and thread: when each listing's result row
+    was committed (PostgreSQL delivers a notification at commit), by listing id."""
+
+    def __init__(self, database_url: str) -> None:
+        self.arrivals: dict[str, float] = {}
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._connection = psycopg.connect(database_url, autocommit=True)
+        self._connection.execute("LISTEN listing_results")
+        self._thread = threading.Thread(target=self._loop, name="listener", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._connection.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for note in self._connection.notifies(timeout=0.2):
+                arrived = time.perf_counter()
+                listing_id = json.loads(note.payload)["listing_id"]
+                with self._changed:
+                    self.arrivals.setdefault(listing_id, arrived)
+                    self._changed.notify_all()
+
+    def wait_for(self, listing_ids: Collection[str], timeout: float) -> bool:
+        """Whether every listing's row was committed within `timeout` seconds."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: all(i in self.arrivals for i in listing_ids), timeout
+            )
+
+
+# -- the measurements through processes --------------------------------------------------------
+
+
+def bench_noop_drain(settings: Settings, count: int) -> dict[str, Any]:
+    """Messages/s of a do-nothing worker of lv-toy's shape, once it is ready, two ways:
+    `messages_per_s` times `count` messages from the first send until its queue and kombu's
+    `unacked` hash are both empty (the pipeline's own shape: the sender shares the machine);
+    `worker_drain_per_s` times a queue of `count` messages filled while the worker was not
+    consuming it (remote control), so only the worker side is measured."""
+    argv = [sys.executable, "-m", "bench.noop_worker", NOOP_QUEUE, "--model", TOY]
+    app = make_celery(settings)
+    with (
+        started("bench-noop", argv, worker_env(settings), settings.home / "noop.log"),
+        app.connection_for_write() as connection,
+    ):
+        client = connection.default_channel.client  # the broker's own Redis client
+        send_analysis(app, [uuid.uuid4() for _ in range(50)], "bench-noop")  # warm-up
+        drained_at(client, time.monotonic() + 60)
+        start = time.perf_counter()
+        send_analysis(app, [uuid.uuid4() for _ in range(count)], "bench-noop")
+        sent = time.perf_counter()
+        end = drained_at(client, time.monotonic() + 600)
+        app.control.cancel_consumer(NOOP_QUEUE, destination=[NOOP_NODE], reply=True)
+        send_analysis(app, [uuid.uuid4() for _ in range(count)], "bench-noop")
+        resumed = time.perf_counter()
+        app.control.add_consumer(NOOP_QUEUE, destination=[NOOP_NODE], reply=True)
+        drained = drained_at(client, time.monotonic() + 600)
     row = {
-        "model": model_id,
-        "batch_max_size": batch_max_size,
-        "listings": len(images),
-        "succeeded": counts["succeeded"],
-        "seconds": round(elapsed, 2),
-        "listings_per_s": round(len(images) / elapsed, 1),
-        "image_calls": calls.get("image_calls"),
+        "messages": count,
+        "seconds": round(end - start, 2),
+        "send_seconds": round(sent - start, 2),
+        "messages_per_s": round(count / (end - start), 1),
+        "worker_drain_seconds": round(drained - resumed, 2),
+        "worker_drain_per_s": round(count / (drained - resumed), 1),
     }
     print(
-        f"  pipeline {model_id:16} max batch {batch_max_size:3}: "
-        f"{row['listings_per_s']:7.1f} listings/s "
-        f"({row['image_calls']} image calls for {len(images)} listings)",
+        f"  no-op drain: {row['messages_per_s']:7.1f} messages/s sent and drained "
+        f"({count} messages, sending took {row['send_seconds']} s); "
+        f"{row['worker_drain_per_s']:7.1f}/s from a full queue",
         flush=True,
     )
     return row
 
 
-def draw_images(directory: Path, count: int, seed: int, size: int = 256) -> list[Path]:
-    """Fresh drawings per run: images a model has embedded before would be served from the
-    embeddings table, and the run would measure the cache instead of the model."""
-    rng = random.Random(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = directory / f"bench-{seed}-{i:05d}.jpg"
-        draw_product(rng.choice(list(COLOURS)), rng.choice(PRODUCTS), rng, size).save(
-            path, quality=90
+def drained_at(client: Any, deadline: float) -> float:
+    """When the no-op queue and kombu's `unacked` hash were first seen empty (polled every
+    10 ms, two cheap commands in one round trip)."""
+    while time.monotonic() < deadline:
+        pipe = client.pipeline(transaction=False)
+        pipe.llen(NOOP_QUEUE)
+        pipe.hlen("unacked")
+        waiting, unacked = pipe.execute()
+        if waiting == 0 and unacked == 0:
+            return time.perf_counter()
+        time.sleep(0.01)
+    raise TimeoutError("the no-op worker did not drain its queue")
+
+
+def timed_enqueue(
+    producer: Producer, listener: ResultListener, model_id: str, listings: Sequence[PeerListing]
+) -> dict[str, Any]:
+    """Listings/s from the first enqueue to the last committed result, on a ready worker."""
+    ids = [listing.listing_id for listing in listings]
+    start = time.perf_counter()
+    report = producer.enqueue([event(listing) for listing in listings], model=model_id)
+    counts = producer.wait(report.job_ids, timeout=1800, poll_interval=0.2)
+    listener.wait_for(ids, timeout=10)
+    end = max([listener.arrivals[i] for i in ids if i in listener.arrivals], default=0.0)
+    end = end or time.perf_counter()  # no notification: a listing ended without a result row
+    return {
+        "model": model_id,
+        "listings": len(listings),
+        "succeeded": counts["succeeded"],
+        "seconds": round(end - start, 2),
+        "listings_per_s": round(len(listings) / (end - start), 1),
+    }
+
+
+def model_calls(producer: Producer, name: str) -> dict[str, int]:
+    """The worker's model-call counters so far (lv_stats), or {} when it does not answer."""
+    replies = producer.celery.control.broadcast(
+        STATS_COMMAND, reply=True, destination=[name], timeout=10
+    )
+    return dict(replies[0][name]["model_calls"]) if replies else {}
+
+
+def measured_run(
+    settings: Settings, listener: ResultListener, model_id: str, listings: Sequence[PeerListing]
+) -> dict[str, Any]:
+    """`timed_enqueue` of all but the first 8 listings, which warm the worker up first (first
+    connections, first batch shapes); with the model calls the measured listings made."""
+    name = worker_name(model_id, None)
+    with Producer(settings) as producer:
+        timed_enqueue(producer, listener, model_id, listings[:8])
+        before = model_calls(producer, name)
+        row = timed_enqueue(producer, listener, model_id, listings[8:])
+        after = model_calls(producer, name)
+    calls = after.get("image_calls", 0) - before.get("image_calls", 0)
+    images = after.get("images", 0) - before.get("images", 0)
+    row["image_calls"] = calls
+    row["mean_image_batch"] = round(images / calls, 1) if calls else None
+    return row
+
+
+def trickle(
+    settings: Settings,
+    listener: ResultListener,
+    model_id: str,
+    listings: Sequence[PeerListing],
+    rate: float,
+) -> dict[str, Any]:
+    """Enqueue-to-commit latency of single listings sent one at a time at `rate` per second."""
+    sent: dict[str, float] = {}
+    enqueue_ms = []
+    with Producer(settings) as producer:
+        producer.enqueue([event(listings[0])], model=model_id)  # the producer's first-call work
+        listener.wait_for([listings[0].listing_id], timeout=30)
+        start = time.perf_counter()
+        for i, listing in enumerate(listings[1:]):
+            pause = start + i / rate - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            sent[listing.listing_id] = time.perf_counter()
+            producer.enqueue([event(listing)], model=model_id)
+            enqueue_ms.append((time.perf_counter() - sent[listing.listing_id]) * 1000)
+        achieved = len(sent) / (time.perf_counter() - start)
+        listener.wait_for(sent, timeout=60)
+    latencies = sorted(
+        (listener.arrivals[i] - at) * 1000 for i, at in sent.items() if i in listener.arrivals
+    )
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    row = {
+        "model": model_id,
+        "events": len(sent),
+        "rate_per_s": rate,
+        "achieved_rate_per_s": round(achieved, 1),
+        "missing": len(sent) - len(latencies),
+        "p50_ms": round(cuts[49], 1),
+        "p95_ms": round(cuts[94], 1),
+        "p99_ms": round(cuts[98], 1),
+        "max_ms": round(latencies[-1], 1),
+        "enqueue_call_p50_ms": round(statistics.median(enqueue_ms), 1),
+        "latencies_ms": [round(value, 2) for value in latencies],
+    }
+    print(
+        f"  trickle {rate:.0f}/s, {len(sent)} listings: p50 {row['p50_ms']} ms, "
+        f"p95 {row['p95_ms']} ms, p99 {row['p99_ms']} ms "
+        f"(the enqueue call itself: p50 {row['enqueue_call_p50_ms']} ms)",
+        flush=True,
+    )
+    return row
+
+
+def print_pipeline(row: dict[str, Any], label: str) -> None:
+    print(
+        f"  pipeline {row['model']:16} {label:>14}: {row['listings_per_s']:7.1f} listings/s "
+        f"({row['listings']} listings, {row['image_calls']} image calls, "
+        f"mean batch {row['mean_image_batch']})",
+        flush=True,
+    )
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What every measurement needs: settings, registry, listener, scratch space, a seed."""
+
+    settings: Settings
+    registry: Registry
+    listener: ResultListener
+    images: Path
+    plan: Plan
+    seed: int = 0
+
+    def listings(self, tag: str, count: int) -> list[PeerListing]:
+        self.seed += 1
+        return draw_listings(self.images, f"{tag}-{self.seed}", count, self.seed)
+
+
+def run_pipeline(bench: Bench, result: dict[str, Any]) -> None:
+    """The headline pipeline run at default settings; right after it, while its worker idles,
+    the peer over the same files (so both meet the same load on a shared box) and the trickle;
+    then the batch-size sweep, one worker each."""
+    plan, settings = bench.plan, bench.settings
+    listings = bench.listings("pipe", plan.pipeline_listings + 8)
+    trickled = bench.listings("trickle", plan.trickle_events + 1)
+    with pipeline_worker(settings, TOY, "default"):
+        headline = measured_run(settings, bench.listener, TOY, listings)
+        headline["batch_max_size"] = settings.batch_max_size
+        print_pipeline(headline, f"default ({settings.batch_max_size})")
+        print("peer (plain loop, batch 1, one commit per listing; the worker idles):", flush=True)
+        peer_listings = listings[8 : 8 + plan.peer_listings]
+        result["peer"] = bench_peer(settings, bench.registry, peer_listings)
+        time.sleep(1.0)  # idle: nothing queued, nothing batching
+        print("latency under a trickle (idle worker):", flush=True)
+        result["trickle"] = trickle(settings, bench.listener, TOY, trickled, plan.trickle_rate)
+    result["pipeline"] = headline
+    print("pipeline at other batch sizes:", flush=True)
+    sweep = [headline]
+    for size in plan.batch_sweep:
+        with pipeline_worker(settings, TOY, f"b{size}", LV_BATCH_MAX_SIZE=str(size)):
+            row = measured_run(
+                settings, bench.listener, TOY, bench.listings(f"b{size}", len(listings))
+            )
+        row["batch_max_size"] = size
+        print_pipeline(row, f"max batch {size}")
+        sweep.append(row)
+    result["pipeline_batch_sweep"] = sorted(sweep, key=lambda r: r["batch_max_size"])
+
+
+def run_profile(bench: Bench, out: Path) -> dict[str, Any]:
+    """An extra headline-shaped run with py-spy attached (its rate is not used for ratios)."""
+    settings = bench.settings
+    listings = bench.listings("prof", bench.plan.pipeline_listings + 8)
+    with pipeline_worker(settings, TOY, "profiled") as child:
+        assert child.process is not None
+        with flame_graph(child.process.pid, out, settings.home / "py-spy.log") as report:
+            row = measured_run(settings, bench.listener, TOY, listings)
+    print_pipeline(row, "under py-spy")
+    print(f"  flame graph: {report.get('flame_graph') or report.get('error')}", flush=True)
+    return {**report, "pipeline_under_profiler": row}
+
+
+def run_simulated(bench: Bench) -> list[dict[str, Any]]:
+    """Each simulated model: its images/s alone, then listings/s through a real worker."""
+    rows = []
+    for model_id, (name, batch) in SIM_MODELS.items():
+        alone = bench_model(bench.registry, model_id, [batch], bench.plan.sim_seconds)[0]
+        listings = bench.listings(model_id, batch * bench.plan.sim_batches + 8)
+        with pipeline_worker(bench.settings, model_id, "sim"):
+            row = measured_run(bench.settings, bench.listener, model_id, listings)
+        bound = simulated_bound(name, batch)
+        row.update(
+            simulated=name,
+            batch_max_size=batch,
+            model_only_images_per_s=alone["images_per_s"],
+            ratio_to_model_only=round(row["listings_per_s"] / alone["images_per_s"], 3),
+            device_bound_listings_per_s=round(bound, 1),
+            ratio_to_device_bound=round(row["listings_per_s"] / bound, 3),
         )
-        paths.append(path)
-    return paths
+        print_pipeline(row, f"sim batch {batch}")
+        print(
+            f"    ratio to model alone {row['ratio_to_model_only']:.3f}, "
+            f"to image+text device bound {row['ratio_to_device_bound']:.3f}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each ratio with its target (if any) and whether it is met."""
+    headline = result["pipeline"]["listings_per_s"]
+    values = {
+        "pipeline_vs_noop_drain": headline / result["noop_drain"]["messages_per_s"],
+        "pipeline_vs_noop_worker_drain": headline / result["noop_drain"]["worker_drain_per_s"],
+        "pipeline_vs_peer": headline / result["peer"]["listings_per_s"],
+        "trickle_p95_ms": result["trickle"]["p95_ms"],
+    }
+    for row in result["simulated"]:
+        values[f"{row['model'].replace('-', '_')}_vs_model"] = row["ratio_to_model_only"]
+    rows = []
+    for name, value in values.items():
+        op, target = TARGETS.get(name, (None, None))
+        met = None if target is None else (value >= target if op == ">=" else value <= target)
+        rows.append(
+            {"name": name, "value": round(value, 3), "op": op, "target": target, "met": met}
+        )
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu_cores": psutil.cpu_count(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    load = result["load_average_1m"]
+    print(
+        "\nsummary (ratios against baselines measured in this run; load average "
+        f"{load['start']:.1f} at the start, {load['end']:.1f} at the end, "
+        f"on {result['cpu_cores']} cores):"
+    )
+    print(f"  {'':34} {'value':>10} {'target':>10}  met")
+    noop = result["noop_drain"]
+    print(f"  {'no-op send and drain (messages/s)':34} {noop['messages_per_s']:>10}")
+    print(f"  {'no-op drain of a full queue (msg/s)':34} {noop['worker_drain_per_s']:>10}")
+    print(f"  {'peer (listings/s)':34} {result['peer']['listings_per_s']:>10}")
+    print(f"  {'pipeline, default (listings/s)':34} {result['pipeline']['listings_per_s']:>10}")
+    for row in result["checks"]:
+        target = f"{row['op']} {row['target']}" if row["target"] is not None else ""
+        met = {True: "yes", False: "NO", None: ""}[row["met"]]
+        print(f"  {row['name']:34} {row['value']:>10} {target:>10}  {met}")
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
+    quick, profile = "--quick" in sys.argv, "--profile" in sys.argv
+    plan = QUICK if quick else FULL
     device = (
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu-{platform.machine()}"
     )
-    result: dict[str, Any] = {
-        "date": date.today().isoformat(),
-        "device": device,
-        "torch": torch.__version__,
-        "cpu_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
+    today = date.today().isoformat()
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    stem = f"{today}-{slug}{'-quick' if quick else ''}"
+    result: dict[str, Any] = {"date": today, "device": device, "quick": quick, **machine()}
+    load_at_start = os.getloadavg()[0]
+    RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         models_file = scratch / "models.toml"
         models_file.write_text(REGISTRY)
         registry = load_registry(models_file)
-        sizes = [1, 8, 32] if quick or device.startswith("cpu") else [1, 32, 128, 256]
+        batches = plan.model_batches if device.startswith("cpu") else (1, 32, 128, 256)
         print("model alone:", flush=True)
         result["model"] = [
             row
-            for m in ("lv-toy", "vit-b32-random")
-            for row in bench_model(registry, m, sizes, 3 if quick else 8)
+            for m in plan.model_ids
+            for row in bench_model(registry, m, batches, plan.model_seconds)
         ]
-        count = 64 if quick else 256
-        print("pipeline (embedded PostgreSQL and Valkey, one worker process):", flush=True)
         home = scratch / "home"
         with EmbeddedServers(home) as urls:
             settings = load_settings(
@@ -177,16 +622,30 @@ def main() -> None:
             engine = make_engine(settings.require_database_url())
             upgrade(engine)
             engine.dispose()
-            runs = [(m, size) for m in ("lv-toy", "vit-b32-random") for size in (1, 64)]
-            result["pipeline"] = [
-                bench_pipeline(settings, draw_images(scratch / "images", count, seed), m, size)
-                for seed, (m, size) in enumerate(runs)
-            ]
-    RESULTS.mkdir(exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    out = RESULTS / f"{result['date']}-{slug}.json"
+            listener = ResultListener(settings.require_database_url())
+            try:
+                bench = Bench(settings, registry, listener, scratch / "images", plan)
+                print("no-op Celery drain (same worker shape, task does nothing):", flush=True)
+                result["noop_drain"] = bench_noop_drain(settings, plan.noop_messages)
+                print("pipeline (embedded PostgreSQL and Valkey, one worker process):", flush=True)
+                run_pipeline(bench, result)
+                print("simulated accelerator:", flush=True)
+                result["simulated"] = run_simulated(bench)
+                if profile:
+                    print("profile (py-spy on the worker):", flush=True)
+                    flame = RESULTS / f"{stem}-worker-flame.svg"
+                    result["profile"] = run_profile(bench, flame)
+            finally:
+                listener.close()
+    # Other work on the machine slows some measurements more than others: this says how busy
+    # it was (1-minute load average against the cores), to judge a surprising ratio by.
+    result["load_average_1m"] = {"start": load_at_start, "end": os.getloadavg()[0]}
+    result["checks"] = checks(result)
+    out = RESULTS / f"{stem}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    print_summary(result)
     print(f"wrote {out}")
+    print(f"wrote {plot_throughput(result, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
