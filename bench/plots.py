@@ -142,7 +142,7 @@ def _plot_simulated(ax: Any, rows: list[dict[str, Any]]) -> None:
         ax.text(
             bar.get_x() + bar.get_width() / 2,
             bar.get_height(),
-            f"{row['listings_per_s']:,.0f} of\n{row['model_only_images_per_s']:,.0f}/s",
+            f"{row['listings_per_s']:,.0f} of\n{row['model_only_listings_per_s']:,.0f}/s",
             ha="center",
             va="bottom",
             fontsize=7,

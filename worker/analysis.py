@@ -17,7 +17,7 @@ from worker.images import (
     fetch_images,
     prepare_images,
 )
-from worker.inference import EmbedRequest, InferenceService
+from worker.inference import EmbedRequest, InferenceService, Ticket
 from worker.scorer import ListingScorer, UsableImages, failed_result
 
 LookupCached = Callable[[Sequence[str]], dict[str, CachedImage]]
@@ -47,6 +47,10 @@ class ListingAnalyzer:
 
     def analyze(self, listing: ListingRecord) -> ListingAnalysis:
         """Score `listing`; raises `TransientError` when it is worth trying again later."""
+        with self.service.coming() as ticket:
+            return self._analyze(listing, ticket)
+
+    def _analyze(self, listing: ListingRecord, ticket: Ticket) -> ListingAnalysis:
         fetched = fetch_images(listing.image_urls, self.policy, self.executor)
         cached = self.lookup_cached([f.sha256 for f in fetched if not isinstance(f, FailedImage)])
         info = self.service.backend.info
@@ -70,7 +74,7 @@ class ListingAnalyzer:
             texts,
             tuple(p.facts.sha256 for p in fresh),
         )
-        embedded = self.service.embed(request, self.model_timeout)
+        embedded = self.service.embed(request, self.model_timeout, ticket)
         new_rows = dict(
             zip((p.facts.sha256 for p in fresh), embedded.image_embeddings, strict=True)
         )

@@ -4,7 +4,9 @@ A batch is run when `max_size` units wait or when the oldest item has waited `ma
 whichever comes first; items already queued are always taken at once. If a batch call raises,
 the batch is split in half and each half run again, so one bad item fails alone and the others
 still get their results (the complaint behind Ray #66140 and Infinity #367). Errors that no
-item can cause (`splits_on` says which) fail the whole batch at once instead.
+item can cause (`splits_on` says which) fail the whole batch at once instead. With `expecting`
+(how many items are on their way: jobs still fetching and decoding) the batcher waits only
+while more items are coming; a lone job on an idle worker runs at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+_EXPECTING_POLL = 0.001  # seconds between looks at the `expecting` count while collecting
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
@@ -54,12 +57,14 @@ class DynamicBatcher(Generic[T, R]):
         units: Callable[[T], int] = lambda _item: 1,
         name: str = "batcher",
         splits_on: Callable[[Exception], bool] = lambda _error: True,
+        expecting: Callable[[], int] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._max_size = max(1, max_size)
         self._max_wait = max(0.0, max_wait)
         self._units = units
         self._splits_on = splits_on
+        self._expecting = expecting
         self._queue: queue.Queue[_Pending[T, R] | None] = queue.Queue()
         self._carry: _Pending[T, R] | None = None
         self._busy_since: float | None = None
@@ -102,10 +107,12 @@ class DynamicBatcher(Generic[T, R]):
         batch, size = [first], first.units
         deadline = first.submitted + self._max_wait
         while size < self._max_size:
-            pending = self._next(deadline)
+            pending = self._next(self._wait_until(deadline))
             if pending is None:
                 if not self._queue.empty() or time.monotonic() >= deadline:
                     break
+                if self._expecting is not None and self._expecting() <= 0:
+                    break  # nobody else is about to submit: waiting would only add latency
                 continue
             if size + pending.units > self._max_size:
                 self._carry = pending
@@ -113,6 +120,12 @@ class DynamicBatcher(Generic[T, R]):
             batch.append(pending)
             size += pending.units
         return batch
+
+    def _wait_until(self, deadline: float) -> float:
+        """With an `expecting` count, wait in short steps so its falling to zero is seen."""
+        if self._expecting is None:
+            return deadline
+        return min(deadline, time.monotonic() + _EXPECTING_POLL)
 
     def _next(self, deadline: float) -> _Pending[T, R] | None:
         try:

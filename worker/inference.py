@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,8 @@ class InferenceService:
         self.backend = backend
         self.calls = ModelCalls()
         self.input_spec = tensor_input_spec(backend, input_path)
+        self._coming = 0
+        self._coming_lock = threading.Lock()
         self._image_chunks = OomChunker(max_size, "image")
         self._text_chunks = OomChunker(_TEXT_CALL_LIMIT, "text")
         self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
@@ -75,10 +79,29 @@ class InferenceService:
             max_wait=max_wait_s,
             units=lambda request: len(request.pixels) or 1,
             name=f"batcher-{backend.spec.model_id}",
+            expecting=lambda: self._coming,
         )
 
-    def embed(self, request: EmbedRequest, timeout: float) -> EmbedResult:
+    @contextmanager
+    def coming(self) -> Iterator[Ticket]:
+        """Announce a request while its job still fetches and decodes, so a batch waits for it
+        (and only for such jobs); `embed(..., ticket)` or leaving the block withdraws it."""
+        ticket = Ticket(self)
+        try:
+            yield ticket
+        finally:
+            ticket.withdraw()
+
+    def _count_coming(self, change: int) -> None:
+        with self._coming_lock:
+            self._coming += change
+
+    def embed(
+        self, request: EmbedRequest, timeout: float, ticket: Ticket | None = None
+    ) -> EmbedResult:
         """Embeddings for one job's request, computed in a batch with other jobs' requests."""
+        if ticket is not None:
+            ticket.withdraw()  # first: the batcher never waits for a request it already holds
         future = self.batcher.submit(request)
         try:
             return future.result(timeout=timeout)
@@ -145,6 +168,19 @@ class InferenceService:
             return out
 
         return self._text_chunks.run(texts, run)
+
+
+class Ticket:
+    """One announced request: counted as coming until submitted or given up."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self._service: InferenceService | None = service
+        service._count_coming(1)
+
+    def withdraw(self) -> None:
+        if self._service is not None:
+            self._service._count_coming(-1)
+            self._service = None
 
 
 def tensor_input_spec(backend: ModelBackend, input_path: str) -> InputSpec | None:

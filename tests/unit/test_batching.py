@@ -161,6 +161,36 @@ def test_a_lone_item_is_flushed_after_max_wait(make_batcher: Any) -> None:
     assert model.batches == [[7]]
 
 
+def test_a_lone_item_runs_at_once_when_nothing_else_is_coming(make_batcher: Any) -> None:
+    model = Model()
+    batcher = make_batcher(model, max_size=100, max_wait=5.0, expecting=lambda: 0)
+
+    started = time.monotonic()
+    future = batcher.submit(7)
+
+    assert future.result(timeout=TIMEOUT) == 70
+    assert time.monotonic() - started < 1.0  # not the 5 s max_wait
+    assert model.batches == [[7]]
+
+
+def test_the_batch_waits_for_items_announced_as_coming_and_only_for_them(
+    make_batcher: Any,
+) -> None:
+    model = Model()
+    coming = [1]
+    batcher = make_batcher(model, max_size=100, max_wait=5.0, expecting=lambda: coming[0])
+
+    started = time.monotonic()
+    first = batcher.submit(1)
+    time.sleep(0.2)  # the announced job is still fetching its images
+    second = batcher.submit(2)
+    coming[0] = 0
+
+    assert results([first, second]) == [10, 20]
+    assert model.batches == [[1, 2]]  # waited for the announced item
+    assert time.monotonic() - started < 2.0  # and not for max_wait once nothing was coming
+
+
 def test_items_arriving_within_max_wait_share_a_batch(make_batcher: Any) -> None:
     model = Model()
     batcher = make_batcher(model, max_size=100, max_wait=2.0)

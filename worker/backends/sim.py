@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from worker.backends.base import ModelBackend, ModelInfo
@@ -90,8 +89,10 @@ class SimBackend(ModelBackend):
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
-        pooled = F.adaptive_avg_pool2d(pixels.float(), 8).flatten(1)
-        out = pooled @ self._projection
+        # An 8x8 grid of pixels, not a pooled mean: this must cost next to nothing on the CPU.
+        step = max(1, pixels.shape[-1] // 8)
+        grid = pixels[:, :, ::step, ::step][:, :, :8, :8].float().flatten(1)
+        out = grid @ self._projection
         self._sleep_until(started + self.sim.seconds(len(pixels)))
         return out
 
