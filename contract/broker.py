@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery
 
+from contract.redis_transport import TRANSPORT
 from contract.settings import Settings
 
 ANALYZE_TASK = "lv.analyze"
@@ -69,7 +70,8 @@ _PUBLISH_BATCH = 500  # Redis commands per pipeline (two per task: the message, 
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app with the delivery guarantees SPEC.md promises (JSON only, late acks)."""
-    app = Celery("listing_vision", broker=settings.require_broker_url(), set_as_current=False)
+    broker_url = settings.require_broker_url()
+    app = Celery("listing_vision", broker=broker_url, set_as_current=False)
     transport = {
         # A message not acknowledged within this many seconds is delivered again; it must
         # exceed the longest an attempt may take (LV_TASK_TIME_LIMIT, checked in Settings).
@@ -98,6 +100,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_soft_shutdown_timeout=float(min(settings.task_time_limit, 60)),
         worker_enable_soft_shutdown_on_idle=True,
     )
+    if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+        app.conf.broker_transport = TRANSPORT  # kombu's, minus a new client per publish
     return app
 
 

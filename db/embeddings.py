@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Select, Text, any_, bindparam, func, select, text
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
-from db.arrays import any_ids
 from db.locks import transaction_lock
 from db.records import ImageFacts
 from db.schema import Embedding, Image, table_of
@@ -43,29 +42,43 @@ def parse_vector(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=">f4", offset=4).astype(np.float32)
 
 
+def _cached_statement() -> Select[Any]:
+    """Built once: stored facts and this model's vector for each SHA-256 among `shas`."""
+    image, embedding = table_of(Image), table_of(Embedding)
+    return (
+        select(
+            image.c.sha256,
+            image.c.width,
+            image.c.height,
+            image.c.format,
+            image.c.bytes,
+            image.c.blur,
+            image.c.brightness,
+            vector_bytes(embedding.c.embedding),
+        )
+        .join_from(image, embedding, embedding.c.sha256 == image.c.sha256)
+        .where(
+            embedding.c.model_id == bindparam("model_id", type_=Text),
+            image.c.sha256 == any_(bindparam("shas", type_=ARRAY(Text))),
+        )
+    )
+
+
+_CACHED = _cached_statement()
+
+
 def cached_images(session: Session, shas: Sequence[str], model_id: str) -> dict[str, CachedImage]:
-    """Images (by SHA-256) that already have an embedding from `model_id`."""
+    """Images (by SHA-256) that already have an embedding from `model_id` (one round trip:
+    every job of a worker asks this)."""
     if not shas:
         return {}
-    rows = session.execute(
-        select(Image, vector_bytes(Embedding.embedding))
-        .join(Embedding, Embedding.sha256 == Image.sha256)
-        .where(Embedding.model_id == model_id, Image.sha256 == any_ids(sorted(set(shas))))
-    ).all()
+    rows = session.execute(_CACHED, {"shas": sorted(set(shas)), "model_id": model_id}).all()
     return {
-        image.sha256: CachedImage(
-            ImageFacts(
-                image.sha256,
-                image.width,
-                image.height,
-                image.format,
-                image.bytes,
-                image.blur,
-                image.brightness,
-            ),
+        sha: CachedImage(
+            ImageFacts(sha, width, height, image_format, size, blur, brightness),
             parse_vector(vector),
         )
-        for image, vector in rows
+        for sha, width, height, image_format, size, blur, brightness, vector in rows
     }
 
 

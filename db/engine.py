@@ -26,13 +26,20 @@ def make_engine(
     pool_size: int = 5,
     pool_timeout: float = 30.0,
     application_name: str = "listing-vision",
+    single_statements: bool = False,
 ) -> Engine:
     """An engine that survives database restarts (pre-ping), bounds every statement and lock
     wait, and names itself in pg_stat_activity. Waiting for a pooled connection is bounded too
-    (`pool_timeout`): many task threads share few connections, each briefly."""
+    (`pool_timeout`): many task threads share few connections, each briefly.
+
+    `single_statements`: for hot paths whose every use is one self-contained statement (a
+    worker's shared claims and cache lookups). Autocommit and no pre-ping: one round trip per
+    use instead of five (ping, BEGIN, statement, COMMIT). A connection the server dropped fails
+    its statement (the caller retries) and the pool replaces it."""
     engine = create_engine(
         sqlalchemy_url(url),
-        pool_pre_ping=True,
+        pool_pre_ping=not single_statements,
+        isolation_level="AUTOCOMMIT" if single_statements else None,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=pool_timeout,

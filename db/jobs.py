@@ -7,16 +7,17 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, text, update
+from sqlalchemy import Select, any_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Integer, Text
 
 from db.arrays import any_uuids
-from db.listings import get_listings
+from db.listings import listing_columns, listing_record
 from db.records import ListingRecord
-from db.schema import Job
+from db.schema import Job, Listing, table_of
 
 ACTIVE = ("queued", "running")
 
@@ -91,40 +92,69 @@ def claim(
     return claim_many(session, [job_id], worker=worker, max_attempts=max_attempts)[job_id]
 
 
+def _claim_statement() -> Select[Any]:
+    """Built once (building a statement costs more Python than running it): lock the
+    claimable rows in job_id order, count the attempts, and read the listings, in one round
+    trip. Parameters: `ids` (uuid[]), `max_attempts`, `worker`."""
+    jobs_table, listing = table_of(Job), table_of(Listing)
+    ids = bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))
+    cap = bindparam("max_attempts", type_=Integer)
+    claimable = (
+        jobs_table.c.job_id == any_(ids),
+        jobs_table.c.status.in_(ACTIVE),
+        jobs_table.c.attempts < cap,
+    )
+    locked = (
+        select(jobs_table.c.job_id)
+        .where(*claimable)
+        .order_by(jobs_table.c.job_id)
+        .with_for_update()
+        .cte("locked")
+    )
+    claimed = (
+        update(jobs_table)
+        .where(jobs_table.c.job_id.in_(select(locked.c.job_id)), *claimable)
+        .values(
+            status="running",
+            attempts=jobs_table.c.attempts + 1,
+            started_at=func.now(),
+            updated_at=func.now(),
+            worker=bindparam("worker", type_=Text),
+        )
+        .returning(
+            jobs_table.c.job_id,
+            jobs_table.c.listing_id,
+            jobs_table.c.model_id,
+            jobs_table.c.attempts,
+        )
+        .cte("claimed")
+    )
+    return select(claimed, *listing_columns(listing)).join_from(
+        claimed, listing, listing.c.listing_id == claimed.c.listing_id, isouter=True
+    )
+
+
+_CLAIM = _claim_statement()
+
+
 def claim_many(
     session: Session, job_ids: Sequence[uuid.UUID], *, worker: str, max_attempts: int
 ) -> dict[uuid.UUID, ClaimedJob | Unclaimable]:
-    """Start an attempt of each job, in three statements whatever their number (a worker claims
-    the deliveries that arrive together at once). Each attempt is counted before any work, so a
-    job that kills its worker every time still reaches its cap and ends `dead` instead of
-    looping forever. Rows are locked in job_id order, as every multi-job writer does."""
+    """Start an attempt of each job, in one statement whatever their number (a worker claims
+    the deliveries that arrive together at once). Each attempt is counted before any work, so
+    a job that kills its worker every time still reaches its cap and ends `dead` instead of
+    looping forever. Jobs not claimed are explained by a second query."""
     ids = sorted(set(job_ids))
     if not ids:
         return {}
-    claimable = (Job.job_id == any_uuids(ids), Job.status.in_(ACTIVE), Job.attempts < max_attempts)
-    locked = (select(Job.job_id).where(*claimable).order_by(Job.job_id).with_for_update()).cte(
-        "locked"
-    )
-    claimed = session.execute(
-        update(Job)
-        .where(Job.job_id.in_(select(locked.c.job_id)), *claimable)
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            started_at=func.now(),
-            updated_at=func.now(),
-            worker=worker,
-        )
-        .returning(Job.job_id, Job.listing_id, Job.model_id, Job.attempts)
-    ).all()
-    stored = get_listings(session, sorted({row.listing_id for row in claimed}))
+    rows = session.execute(_CLAIM, {"ids": ids, "max_attempts": max_attempts, "worker": worker})
     outcome: dict[uuid.UUID, ClaimedJob | Unclaimable] = {}
-    for job_id, listing_id, model_id, attempt in claimed:
-        listing = stored.get(listing_id)
-        outcome[job_id] = (
-            Unclaimable("missing", listing_id, model_id)
-            if listing is None
-            else ClaimedJob(job_id, model_id, attempt, listing)
+    for row in rows:
+        record = listing_record(row)
+        outcome[row.job_id] = (
+            Unclaimable("missing", row.listing_id, row.model_id)
+            if record is None
+            else ClaimedJob(row.job_id, row.model_id, row.attempts, record)
         )
     outcome.update(_why_unclaimable(session, [i for i in ids if i not in outcome]))
     return outcome

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Row, Table, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -85,6 +86,31 @@ def get_listings(session: Session, listing_ids: Sequence[str]) -> dict[str, List
         return {}
     rows = session.scalars(select(Listing).where(Listing.listing_id == any_ids(listing_ids)))
     return {row.listing_id: _record(row) for row in rows}
+
+
+def listing_columns(listing: Table) -> list[ColumnElement[Any]]:
+    """The columns a `ListingRecord` is built from (`listing_record`), labelled for a join."""
+    return [
+        listing.c.title.label("l_title"),
+        listing.c.description.label("l_description"),
+        listing.c.category.label("l_category"),
+        listing.c.image_urls.label("l_image_urls"),
+        listing.c.updated_at.label("l_updated_at"),
+    ]
+
+
+def listing_record(row: Row[Any]) -> ListingRecord | None:
+    """The listing of a row joined with `listing_columns` (None when the join found none)."""
+    if row.l_updated_at is None:
+        return None
+    return ListingRecord(
+        row.listing_id,
+        row.l_title,
+        row.l_description,
+        row.l_category,
+        list(row.l_image_urls),
+        row.l_updated_at,
+    )
 
 
 def _record(row: Listing) -> ListingRecord:

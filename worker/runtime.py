@@ -121,8 +121,19 @@ def start_runtime(
         with sessions() as session:
             return embeddings.cached_images(session, shas, spec.model_id)
 
+    # Claims and cache lookups: one self-contained statement each, on connections of their own.
+    single = make_engine(
+        settings.require_database_url(),
+        pool_size=2,
+        pool_timeout=float(settings.task_time_limit),
+        application_name=worker_name,
+        single_statements=True,
+    )
     queries = SharedQueries(
-        sessions, model_id=spec.model_id, worker=worker_name, max_attempts=settings.max_attempts
+        make_sessions(single),
+        model_id=spec.model_id,
+        worker=worker_name,
+        max_attempts=settings.max_attempts,
     )
 
     policy = fetch_policy(settings)

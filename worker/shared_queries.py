@@ -34,7 +34,9 @@ def is_outage(error: Exception) -> bool:
 
 
 class SharedQueries:
-    """Thread-safe: `claim` and `cached` block until their group's query answered."""
+    """Thread-safe: `claim` and `cached` block until their group's query answered. `sessions`
+    should be bound to an autocommit engine (`make_engine(single_statements=True)`): each
+    query is one statement, one round trip."""
 
     def __init__(
         self, sessions: sessionmaker[Session], *, model_id: str, worker: str, max_attempts: int
@@ -73,7 +75,7 @@ class SharedQueries:
         self._lookups.close()
 
     def _claim_group(self, job_ids: list[uuid.UUID]) -> list[ClaimedJob | Unclaimable]:
-        with self._sessions.begin() as session:
+        with self._sessions() as session:  # autocommit: the claim is one statement
             claimed = jobs.claim_many(
                 session, job_ids, worker=self._worker, max_attempts=self._max_attempts
             )
