@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 import socket
 import ssl
@@ -39,6 +40,9 @@ class RecordingServer(ThreadingHTTPServer):
         self.server_names: list[str | None] = []
         self.stop = threading.Event()
         super().__init__(address, Handler)
+
+
+GZIP_BOMB = gzip.compress(gzip.compress(b"\0" * 50_000_000))
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -142,6 +146,34 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
         except OSError:
             return
+
+    def route_gzip_bomb(self, arg: str, query: dict[str, list[str]]) -> None:
+        """A few hundred bytes that decode (twice gunzipped) to 50 MB, despite identity asked."""
+        self.reply(200, GZIP_BOMB, Content_Type="image/jpeg", Content_Encoding="gzip, gzip")
+
+    def route_short_body(self, arg: str, query: dict[str, list[str]]) -> None:
+        """Promise 1000 bytes, send 10, hang up."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"0123456789")
+        self.wfile.flush()
+
+    def route_not_http(self, arg: str, query: dict[str, list[str]]) -> None:
+        """Whatever this is, it is not an HTTP response."""
+        self.close_connection = True
+        self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\nnot http at all\r\n")
+        self.wfile.flush()
+
+    def route_huge_headers(self, arg: str, query: dict[str, list[str]]) -> None:
+        """200 KB of headers before any body."""
+        self.close_connection = True
+        self.send_response(200)
+        for i in range(200):
+            self.send_header(f"X-Filler-{i}", "f" * 1000)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def route_stall(self, arg: str, query: dict[str, list[str]]) -> None:
         """Accept the request and answer nothing for 5 s (or until the server stops)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from contract.errors import FetchError, TransientError
@@ -689,3 +690,32 @@ def test_redirect_from_http_to_https_is_followed() -> None:
         301, headers={"location": "https://images.example.com/a.jpg"}, request=request
     )
     assert str(http._redirect_target(response, request.url)) == "https://images.example.com/a.jpg"
+
+
+# --- hostile responses (issue 14) ------------------------------------------------------------
+
+
+def test_a_compressed_response_is_refused_without_being_decompressed(server: Running) -> None:
+    before = psutil.Process().memory_info().rss
+    message = refusal(f"{server.base_url}/gzip-bomb", policy(max_bytes=10_000_000))
+    assert "compressed response (Content-Encoding: gzip, gzip)" in message
+    assert "refused" in message
+    # Decoded, the body would be 50 MB in one chunk; nothing near that was allocated.
+    assert psutil.Process().memory_info().rss - before < 30_000_000
+
+
+@pytest.mark.parametrize(
+    ("route", "says"),
+    [
+        ("short-body", "malformed HTTP response"),
+        ("not-http", "malformed HTTP response"),
+        ("huge-headers", "malformed HTTP response"),
+    ],
+)
+def test_malformed_http_fails_the_image_for_good_not_as_a_retry(
+    server: Running, route: str, says: str
+) -> None:
+    with pytest.raises(FetchError) as raised:
+        fetch_image(f"{server.base_url}/{route}", policy(max_bytes=10_000_000))
+    assert not isinstance(raised.value, TransientError)
+    assert says in str(raised.value)

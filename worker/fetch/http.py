@@ -21,6 +21,7 @@ from worker.fetch.policy import FetchedImage, FetchPolicy, NotModified, Validato
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+_DISCONNECTED = "Server disconnected without sending a response"  # httpcore's own words
 
 
 class _Unreachable(FetchError):
@@ -184,6 +185,14 @@ def _handle_response(
         raise TransientError(f"HTTP {status} from host {host} (will retry)")
     if not 200 <= status < 300:
         raise FetchError(f"HTTP {status} from host {host}")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # We asked for identity. Decoding would let a few bytes on the wire become gigabytes
+        # in memory before any size check (a "gzip, gzip" bomb); images are compressed anyway.
+        raise FetchError(
+            f"host {host} sent a compressed response (Content-Encoding: {shown(encoding)}) "
+            "although identity was asked for; refused"
+        )
     data = _read_body(response, fetch.policy.max_bytes, fetch.deadline)
     return FetchedImage(
         data=data,
@@ -218,7 +227,7 @@ def _read_body(response: httpx.Response, max_bytes: int, deadline: _Deadline) ->
     if declared is not None and declared > max_bytes:
         raise FetchError(f"{too_large(max_bytes)} (Content-Length {declared} bytes)")
     body = bytearray()
-    for chunk in response.iter_bytes():
+    for chunk in response.iter_raw():  # the bytes on the wire: never decompressed by httpx
         body += chunk
         if len(body) > max_bytes:
             raise FetchError(too_large(max_bytes))
@@ -244,7 +253,13 @@ def _translated_http_errors(host: str, deadline: _Deadline) -> Iterator[None]:
         raise deadline.expired() from None
     except httpx.ConnectError as exc:
         raise _connect_failure(host, exc) from None
-    except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+    except httpx.RemoteProtocolError as exc:
+        if _DISCONNECTED in str(exc):  # closed before answering at all: worth a retry
+            raise TransientError(f"connection to host {host} broke ({reason(exc)})") from None
+        # Not HTTP, oversized headers, a body shorter than its Content-Length: the host answers
+        # like this every time, so the listing fails now instead of burning every attempt.
+        raise FetchError(f"host {host} sent a malformed HTTP response ({reason(exc)})") from None
+    except httpx.NetworkError as exc:
         # The server accepted us and then broke off: the world's fault, worth a retry.
         raise TransientError(f"connection to host {host} broke ({reason(exc)})") from None
     except httpx.HTTPError as exc:
