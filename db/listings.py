@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, Table, func, select
+from sqlalchemy import ColumnElement, Row, Table, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -34,8 +34,13 @@ def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None
         }
         for listing in ordered
     ]
-    statement = insert(table_of(Listing))
+    table = table_of(Listing)
+    statement = insert(table)
     excluded = statement.excluded
+    # A version is a timestamp that only grows in commit order: now() is when the transaction
+    # started, so a producer that started earlier but commits later would stamp an older
+    # version over a newer one, and that newer version's result would pass for current.
+    newer = func.greatest(func.now(), table.c.updated_at + text("interval '1 microsecond'"))
     session.execute(
         statement.on_conflict_do_update(
             index_elements=["listing_id"],
@@ -44,7 +49,7 @@ def upsert_listings(session: Session, listings: Sequence[ListingRecord]) -> None
                 "description": excluded.description,
                 "category": excluded.category,
                 "image_urls": excluded.image_urls,
-                "updated_at": func.now(),
+                "updated_at": newer,
             },
         ),
         rows,
