@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,9 @@ class CategoryVerdict:
     mismatch: bool | None
 
 
+MAX_CACHED_CLAIMS = 4096  # seller claims outside the list whose embeddings are kept
+
+
 class CategoryIndex:
     """Category text embeddings computed once at worker start. The top categories come from the
     list alone; a seller's claim outside the list is embedded on first sight (and cached) and
@@ -71,7 +75,10 @@ class CategoryIndex:
         self._embed_texts = embed_texts
         self._lock = threading.Lock()
         self.embeddings = self._embed_labels(self.labels)
-        self._extra: dict[str, torch.Tensor] = {}
+        # Claims outside the list, most recently used last; bounded, since sellers may claim
+        # anything (20,000 distinct claims would otherwise be 20,000 entries kept forever).
+        self._extra: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.max_extra = MAX_CACHED_CLAIMS
 
     def judge(
         self, images: torch.Tensor, logit_scale: float, claims: Sequence[str | None]
@@ -117,10 +124,14 @@ class CategoryIndex:
             return self.labels, self.embeddings
         with self._lock:
             extra = self._extra.get(claim)
+            if extra is not None:
+                self._extra.move_to_end(claim)
         if extra is None:
             extra = self._embed_labels((claim,))
             with self._lock:
                 self._extra[claim] = extra
+                while len(self._extra) > self.max_extra:
+                    self._extra.popitem(last=False)
         return (*self.labels, claim), torch.cat([self.embeddings, extra])
 
     def _embed_labels(self, labels: Sequence[str]) -> torch.Tensor:

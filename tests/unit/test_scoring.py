@@ -270,3 +270,18 @@ def test_a_claim_outside_the_list_can_be_ranked_and_judged() -> None:
 
     assert ranking[0].label == "garden hose"
     assert category_mismatch(ranking, "Garden Hose") is False
+
+
+def test_the_cache_of_claims_outside_the_list_is_bounded_and_keeps_the_recent_ones() -> None:
+    embed = FakeEmbedder()
+    index = CategoryIndex(["handbag", "mug"], ("{}",), embed)
+    index.max_extra = 3
+
+    for claim in ["kite", "sled", "kite", "drum", "harp", "kite", "oboe"]:
+        labels, _ = index.with_claim(claim)
+        assert labels[-1] == claim
+
+    assert len(index._extra) == 3
+    assert list(index._extra) == ["harp", "kite", "oboe"]  # "kite" kept: it was used again
+    embedded = [call[0] for call in embed.calls[1:]]
+    assert embedded == ["kite", "sled", "drum", "harp", "oboe"]  # "kite" never embedded twice
