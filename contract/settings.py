@@ -101,6 +101,24 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _flower_credentials_complete(self) -> Settings:
+        # Flower reads `user:password[,user:password...]`: a half-set pair would start it
+        # unauthenticated, and a comma would cut the password into a second, shorter one.
+        user = self.flower_user
+        password = self.flower_password.get_secret_value() if self.flower_password else None
+        if bool(user) != bool(password):
+            missing = "LV_FLOWER_PASSWORD" if user else "LV_FLOWER_USER"
+            raise ValueError(
+                f"{missing} is unset: set LV_FLOWER_USER and LV_FLOWER_PASSWORD together "
+                "(or neither, for Flower on 127.0.0.1 without authentication)"
+            )
+        if user and (":" in user or "," in user):
+            raise ValueError("LV_FLOWER_USER must not contain ':' or ','")
+        if password and "," in password:
+            raise ValueError("LV_FLOWER_PASSWORD must not contain ',' (Flower splits on it)")
+        return self
+
     def with_servers(self, database_url: str | None, broker_url: str | None) -> Settings:
         """These settings with the servers' URLs resolved (the embedded stack's, when unset)."""
         return self.model_copy(update={"database_url": database_url, "broker_url": broker_url})

@@ -90,6 +90,7 @@ def test_values_are_read_from_lv_variables(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("LV_FETCH_TIMEOUT", "2.5")
     monkeypatch.setenv("LV_MAX_ATTEMPTS", "7")
     monkeypatch.setenv("LV_MODEL", "dinov2-base")
+    monkeypatch.setenv("LV_FLOWER_USER", "ops")
     monkeypatch.setenv("LV_FLOWER_PASSWORD", "s3cret")
 
     settings = load_settings()
@@ -298,3 +299,25 @@ def test_a_bad_cidr_raises_settings_error_naming_the_variable(
 
     with pytest.raises(SettingsError, match="LV_ALLOWED_PRIVATE_NETWORKS"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        ({"LV_FLOWER_USER": "ops"}, "LV_FLOWER_PASSWORD is unset"),
+        ({"LV_FLOWER_PASSWORD": "s3cret"}, "LV_FLOWER_USER is unset"),
+        ({"LV_FLOWER_USER": "ops", "LV_FLOWER_PASSWORD": "a,b"}, "must not contain ','"),
+        ({"LV_FLOWER_USER": "o:ps", "LV_FLOWER_PASSWORD": "s3cret"}, "must not contain ':'"),
+    ],
+)
+def test_flower_credentials_are_complete_or_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], complaint: str
+) -> None:
+    """Half a pair would start Flower unauthenticated under a banner that says "basic auth";
+    a comma would split the password into a second, shorter credential."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(SettingsError, match=complaint) as raised:
+        load_settings()
+    assert "s3cret" not in str(raised.value) and "a,b" not in str(raised.value)
