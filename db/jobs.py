@@ -45,8 +45,9 @@ class ClaimedJob:
 @dataclass(frozen=True)
 class Unclaimable:
     """Why a delivered job is not run: `finished` (a duplicate delivery), `duplicate` (delivered
-    twice at once: the other delivery runs it), `missing`, or `exhausted` (its attempts are used
-    up; the caller records it as dead)."""
+    twice at once: the other delivery runs it), `running` (its last attempt is live elsewhere),
+    `missing`, or `exhausted` (its attempts are used up and none is live; the caller records
+    it as dead)."""
 
     reason: str
     listing_id: str | None = None
@@ -86,10 +87,17 @@ def mark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
 
 
 def claim(
-    session: Session, job_id: uuid.UUID, *, worker: str, max_attempts: int
+    session: Session,
+    job_id: uuid.UUID,
+    *,
+    worker: str,
+    max_attempts: int,
+    live_for: timedelta = timedelta(0),
 ) -> ClaimedJob | Unclaimable:
     """Start an attempt of one job (see `claim_many`)."""
-    return claim_many(session, [job_id], worker=worker, max_attempts=max_attempts)[job_id]
+    return claim_many(
+        session, [job_id], worker=worker, max_attempts=max_attempts, live_for=live_for
+    )[job_id]
 
 
 def _claim_statement() -> Select[Any]:
@@ -138,12 +146,20 @@ _CLAIM = _claim_statement()
 
 
 def claim_many(
-    session: Session, job_ids: Sequence[uuid.UUID], *, worker: str, max_attempts: int
+    session: Session,
+    job_ids: Sequence[uuid.UUID],
+    *,
+    worker: str,
+    max_attempts: int,
+    live_for: timedelta = timedelta(0),
 ) -> dict[uuid.UUID, ClaimedJob | Unclaimable]:
     """Start an attempt of each job, in one statement whatever their number (a worker claims
     the deliveries that arrive together at once). Each attempt is counted before any work, so
     a job that kills its worker every time still reaches its cap and ends `dead` instead of
-    looping forever. Jobs not claimed are explained by a second query."""
+    looping forever. Jobs not claimed are explained by a second query: a job whose attempts
+    are used up is `exhausted` only once its last attempt has been running for `live_for` (the
+    longest an attempt may take); before that it is `running`, a live attempt that a duplicate
+    delivery must leave alone."""
     ids = sorted(set(job_ids))
     if not ids:
         return {}
@@ -156,23 +172,24 @@ def claim_many(
             if record is None
             else ClaimedJob(row.job_id, row.model_id, row.attempts, record)
         )
-    outcome.update(_why_unclaimable(session, [i for i in ids if i not in outcome]))
+    outcome.update(_why_unclaimable(session, [i for i in ids if i not in outcome], live_for))
     return outcome
 
 
 def _why_unclaimable(
-    session: Session, job_ids: Sequence[uuid.UUID]
+    session: Session, job_ids: Sequence[uuid.UUID], live_for: timedelta
 ) -> dict[uuid.UUID, Unclaimable]:
     if not job_ids:
         return {}
+    live = (Job.status == "running") & (Job.updated_at > func.now() - live_for)
     rows = session.execute(
-        select(Job.job_id, Job.status, Job.listing_id, Job.model_id, Job.error, Job.attempts).where(
-            Job.job_id == any_uuids(job_ids)
-        )
+        select(
+            Job.job_id, Job.status, Job.listing_id, Job.model_id, Job.error, Job.attempts, live
+        ).where(Job.job_id == any_uuids(job_ids))
     ).all()
     why: dict[uuid.UUID, Unclaimable] = dict.fromkeys(job_ids, Unclaimable("missing"))
-    for job_id, status, listing_id, model_id, error, attempts in rows:
-        reason = "exhausted" if status in ACTIVE else "finished"
+    for job_id, status, listing_id, model_id, error, attempts, is_live in rows:
+        reason = "finished" if status not in ACTIVE else "running" if is_live else "exhausted"
         why[job_id] = Unclaimable(reason, listing_id, model_id, error, attempts)
     return why
 

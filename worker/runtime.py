@@ -134,6 +134,7 @@ def start_runtime(
         model_id=spec.model_id,
         worker=worker_name,
         max_attempts=settings.max_attempts,
+        attempt_limit=timedelta(seconds=settings.task_time_limit),
     )
 
     policy = fetch_policy(settings)

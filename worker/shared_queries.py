@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,12 +40,19 @@ class SharedQueries:
     query is one statement, one round trip."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], *, model_id: str, worker: str, max_attempts: int
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        model_id: str,
+        worker: str,
+        max_attempts: int,
+        attempt_limit: timedelta,
     ) -> None:
         self._sessions = sessions
         self._model_id = model_id
         self._worker = worker
         self._max_attempts = max_attempts
+        self._attempt_limit = attempt_limit  # an attempt running longer than this is dead
         self._claims: DynamicBatcher[uuid.UUID, ClaimedJob | Unclaimable] = DynamicBatcher(
             self._claim_group,
             max_size=_MAX_GROUP,
@@ -77,7 +85,11 @@ class SharedQueries:
     def _claim_group(self, job_ids: list[uuid.UUID]) -> list[ClaimedJob | Unclaimable]:
         with self._sessions() as session:  # autocommit: the claim is one statement
             claimed = jobs.claim_many(
-                session, job_ids, worker=self._worker, max_attempts=self._max_attempts
+                session,
+                job_ids,
+                worker=self._worker,
+                max_attempts=self._max_attempts,
+                live_for=self._attempt_limit,
             )
         # One job delivered twice in one group: the first delivery runs; the second finds its
         # attempt already taken, as it would a moment later.

@@ -147,3 +147,37 @@ def test_reconciler_resends_jobs_whose_message_was_never_sent_and_only_once(
         c=fresh,
     )
     assert {r["job_id"] for r in sent} == {lost, stuck}
+
+
+def test_a_duplicate_delivery_during_the_last_attempt_leaves_the_live_attempt_alone(
+    stack: Stack, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14 #3: a second delivery while the last attempt still runs must not end the job
+    `dead` and fence out the live attempt's good result."""
+    job_id, _ = new_job(sessions)
+    live = claim(sessions, job_id, max_attempts=1)
+    assert isinstance(live, ClaimedJob)
+
+    with sessions.begin() as session:
+        duplicate = jobs.claim(
+            session, job_id, worker="test", max_attempts=1, live_for=timedelta(minutes=5)
+        )
+
+    assert isinstance(duplicate, Unclaimable) and duplicate.reason == "running"
+    assert record(sessions, outcome(live, 0.7))  # the live attempt still holds the job
+    row = query(stack, "SELECT status FROM jobs WHERE job_id = :j", j=job_id)[0]
+    assert row["status"] == "succeeded"
+
+
+def test_a_last_attempt_running_past_the_time_limit_is_exhausted(sessions) -> None:  # type: ignore[no-untyped-def]
+    job_id, _ = new_job(sessions)
+    assert isinstance(claim(sessions, job_id, max_attempts=1), ClaimedJob)
+    with sessions.begin() as session:
+        session.execute(
+            text("UPDATE jobs SET updated_at = now() - interval '10 minutes' WHERE job_id = :j"),
+            {"j": job_id},
+        )
+        redelivered = jobs.claim(
+            session, job_id, worker="test", max_attempts=1, live_for=timedelta(minutes=5)
+        )
+    assert isinstance(redelivered, Unclaimable) and redelivered.reason == "exhausted"
