@@ -194,6 +194,14 @@ def _why_unclaimable(
     return why
 
 
+def active_attempt(session: Session, job_id: uuid.UUID) -> tuple[str, int] | None:
+    """(listing_id, attempts) of a job still queued or running, else None."""
+    row = session.execute(
+        select(Job.listing_id, Job.attempts).where(Job.job_id == job_id, Job.status.in_(ACTIVE))
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
 @dataclass(frozen=True)
 class Finish:
     """A job's final state, to be set if `attempt` still holds it."""

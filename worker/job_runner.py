@@ -26,6 +26,7 @@ from worker.retries import backoff_seconds
 from worker.shared_queries import SharedQueries
 
 log = logging.getLogger(__name__)
+REVOKED = "revoked by an operator"
 WRITE_TIMEOUT = 120.0  # seconds; statements and lock waits have their own, shorter limits
 
 
@@ -84,6 +85,23 @@ class JobRunner:
                 jobs.mark_sent(session, [job_id])
         except SQLAlchemyError as error:
             log.warning("job %s: could not record the retry as sent: %s", job_id, one_line(error))
+
+    def revoked(self, job_id: uuid.UUID) -> None:
+        """An operator revoked the job's task (Flower, `celery control revoke`): Celery discards
+        the message, so the job would stay `queued` forever. It ends `failed` with its row."""
+        try:
+            with self.sessions() as session:
+                active = jobs.active_attempt(session, job_id)
+                if active is None:
+                    return
+                listing = listings.get_listing(session, active[0])
+            version = listing.updated_at if listing else None
+            analysis = ListingAnalysis(ResultRecord("failed", REVOKED), [])
+            self._record(_Attempt(job_id, active[0], active[1], version), "failed", analysis)
+            log.info("job %s revoked by an operator: recorded as failed", job_id)
+        except (SQLAlchemyError, FutureTimeout) as error:
+            # Left queued: the reconciler re-sends it later, and it then runs normally.
+            log.warning("job %s: could not record its revocation: %s", job_id, one_line(error))
 
     def _run(self, job_id: uuid.UUID) -> JobReport:
         claim = self.queries.claim(job_id)

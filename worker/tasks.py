@@ -6,6 +6,7 @@ from dataclasses import asdict
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import task_revoked
 from celery.worker.control import inspect_command
 
 from contract.broker import (
@@ -41,6 +42,12 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         # The chunk stays `running`; its next delivery is split, and the reconciler re-sends
         # it if this retry is never published.
         raise self.retry(countdown=report.retry_in, max_retries=None)
+
+    @task_revoked.connect(sender=analyze, weak=False)
+    def on_revoked(request: Any = None, **_: Any) -> None:
+        job_id = getattr(request, "id", None)
+        if job_id:
+            runtime.runner.revoked(AnalyzeMessage.parse(job_id).job_id)
 
     @inspect_command(name=STATS_COMMAND)
     def lv_stats(state: Any) -> dict[str, Any]:
