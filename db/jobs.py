@@ -286,9 +286,10 @@ def jobs_to_resend(
     session: Session, model_id: str, *, unsent_for: timedelta, stuck_for: timedelta, limit: int
 ) -> list[uuid.UUID]:
     """Jobs no broker message will bring back: never sent (or a failed retry publish) for
-    `unsent_for`, or `running` for longer than any delivery could take (`stuck_for`, well past
-    the visibility timeout, after which the broker itself would have redelivered). Locked rows
-    are skipped, so two reconcilers never take the same job."""
+    `unsent_for`; sent `stuck_for` ago and still never claimed; or `running` for longer than
+    any delivery could take (`stuck_for`, well past the visibility timeout, after which the
+    broker itself would have redelivered). Locked rows are skipped, so two reconcilers never
+    take the same job."""
     rows = session.scalars(
         select(Job.job_id)
         .where(Job.model_id == model_id)
@@ -297,6 +298,10 @@ def jobs_to_resend(
                 (Job.status == "queued")
                 & Job.sent_at.is_(None)
                 & (Job.updated_at < func.now() - unsent_for),
+                # Sent, but no delivery ever claimed it: the broker lost the message (restarted
+                # without persistence, a failover, the AOF `everysec` window). A duplicate of a
+                # message merely waiting in a long backlog is harmless: claims are fenced.
+                (Job.status == "queued") & (Job.sent_at < func.now() - stuck_for),
                 (Job.status == "running") & (Job.updated_at < func.now() - stuck_for),
             )
         )

@@ -181,3 +181,32 @@ def test_a_last_attempt_running_past_the_time_limit_is_exhausted(sessions) -> No
             session, job_id, worker="test", max_attempts=1, live_for=timedelta(minutes=5)
         )
     assert isinstance(redelivered, Unclaimable) and redelivered.reason == "exhausted"
+
+
+def test_reconciler_resends_a_sent_job_whose_message_the_broker_lost(
+    stack: Stack, sessions, worker_env: dict[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14 #4: sent, then lost (Valkey restarted empty): without a re-send it would stay
+    `queued` forever."""
+    from tests.integration.conftest import settings_from
+
+    app = make_celery(settings_from(worker_env))
+    queue = f"lv.{MODEL}"
+    redis.Redis.from_url(stack.broker_url).delete(queue)
+    lost, _ = new_job(sessions)
+    waiting, _ = new_job(sessions)  # sent recently: still waiting its turn in the queue
+    with sessions.begin() as session:
+        jobs.mark_sent(session, [lost, waiting])
+        session.execute(
+            text("UPDATE jobs SET sent_at = now() - interval '2 hours' WHERE job_id = :a"),
+            {"a": lost},
+        )
+
+    late = Lateness(timedelta(seconds=60), timedelta(hours=1), timedelta(hours=1))
+    reconciler = Reconciler(
+        sessions, lambda batch: send_analysis(app, batch, MODEL), lambda c, d: None, MODEL, late
+    )
+    assert reconciler.run_once() == 1
+    assert _queued_messages(stack, queue) == 1
+    assert reconciler.run_once() == 0  # sent again just now: not again
+    redis.Redis.from_url(stack.broker_url).delete(queue)
