@@ -57,7 +57,7 @@ class ChunkRunner:
     # would only contend for the GIL and the connections with the single jobs.
     slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
 
-    def run(self, chunk_id: uuid.UUID) -> ChunkReport:
+    def run(self, chunk_id: uuid.UUID, redeliveries: int = 0) -> ChunkReport:
         """Run one delivery of a chunk. Trouble outside the listings' own analyses (the database
         away, the model not answering) retries the whole chunk, whose next delivery is split."""
         try:
@@ -67,7 +67,7 @@ class ChunkRunner:
             log.warning("chunk %s: database trouble, will retry: %s", chunk_id, one_line(error))
         except Exception:
             log.exception("chunk %s: unexpected error, will retry", chunk_id)
-        return ChunkReport(retry_in=backoff_seconds(2, self.retry_backoff))
+        return ChunkReport(retry_in=backoff_seconds(redeliveries + 2, self.retry_backoff))
 
     def _run(self, chunk_id: uuid.UUID) -> ChunkReport:
         with self.sessions.begin() as session:

@@ -66,16 +66,18 @@ class JobRunner:
     max_attempts: int
     retry_backoff: float
 
-    def run(self, job_id: uuid.UUID) -> JobReport:
+    def run(self, job_id: uuid.UUID, redeliveries: int = 0) -> JobReport:
         """Run one delivery of `job_id`. Database trouble (an outage, a lock or pool timeout)
-        and anything unforeseen become a retry, never an acknowledged, forgotten job."""
+        and anything unforeseen become a retry, never an acknowledged, forgotten job; the wait
+        grows with `redeliveries` (this job's Celery retries so far), since an outage that
+        outlasts one retry tends to outlast the next."""
         try:
             return self._run(job_id)
         except (SQLAlchemyError, FutureTimeout) as error:
             log.warning("job %s: database trouble, will retry: %s", job_id, one_line(error))
         except Exception:
             log.exception("job %s: unexpected error outside the analysis, will retry", job_id)
-        return JobReport(retry_in=backoff_seconds(2, self.retry_backoff))
+        return JobReport(retry_in=backoff_seconds(redeliveries + 2, self.retry_backoff))
 
     def mark_resent(self, job_id: uuid.UUID) -> None:
         """The retry message is in the broker again (the reconciler skips the job). Best effort:

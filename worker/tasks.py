@@ -25,7 +25,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, max_retries=None)
     def analyze(self: Task, job_id: str) -> dict[str, Any]:
         job = AnalyzeMessage.parse(job_id).job_id
-        report = runtime.runner.run(job)
+        report = runtime.runner.run(job, redeliveries=self.request.retries or 0)
         if report.retry_in is None:
             return report.summary
         # Publish the retry first; if that fails Celery rejects the message and the job stays
@@ -36,7 +36,8 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
 
     @app.task(name=RUN_CHUNK_TASK, bind=True, acks_late=True, max_retries=None)
     def run_chunk(self: Task, chunk_id: str) -> dict[str, Any]:
-        report = runtime.chunks.run(ChunkMessage.parse(chunk_id).chunk_id)
+        chunk = ChunkMessage.parse(chunk_id).chunk_id
+        report = runtime.chunks.run(chunk, redeliveries=self.request.retries or 0)
         if report.retry_in is None:
             return report.summary
         # The chunk stays `running`; its next delivery is split, and the reconciler re-sends

@@ -1,0 +1,44 @@
+"""Database trouble around a job: a retry whose wait grows with each redelivery (issue 14 #9:
+it was a constant ~4 s, forever)."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from db.engine import make_engine, make_sessions
+from worker.job_runner import JobRunner
+from worker.outcomes import OutcomeWriter
+from worker.shared_queries import SharedQueries
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_retries_for_a_database_that_is_down_back_off_exponentially() -> None:
+    url = f"postgresql://lv@127.0.0.1:{closed_port()}/lv"  # nothing listens: connect refused
+    sessions = make_sessions(make_engine(url))
+    queries = SharedQueries(
+        make_sessions(make_engine(url, single_statements=True)),
+        model_id="m",
+        worker="w",
+        max_attempts=3,
+        attempt_limit=timedelta(seconds=60),
+    )
+    analyzer: Any = None  # never reached: the claim fails first
+    runner = JobRunner(sessions, queries, analyzer, OutcomeWriter(sessions), "m", "w", 3, 1.0)
+    try:
+        waits = [runner.run(uuid.uuid4(), redeliveries=n).retry_in for n in range(5)]
+    finally:
+        queries.close()
+        runner.writer.close()
+
+    assert all(wait is not None for wait in waits)
+    assert waits[0] is not None and waits[4] is not None
+    assert 1.5 <= waits[0] <= 2.5  # base 1 s x 2, with jitter
+    assert waits[4] >= 4 * waits[0] * 0.8 / 1.2  # doubling per redelivery
