@@ -103,10 +103,23 @@ class Fleet(Protocol):
     def all(self) -> list[Child]: ...
 
 
-def supervise(children: list[Child], fleet: Fleet | None = None, banner: str = "") -> int:
+def worker_stop_timeout(settings: Settings) -> float:
+    """How long a stopping worker may take: its warm shutdown waits for the jobs it runs, and
+    an attempt may take the model's time limit plus a fetch and a write. Killed sooner, those
+    jobs would wait a whole visibility timeout for their redelivery."""
+    return max(WORKER_STOP_TIMEOUT, settings.task_time_limit + settings.fetch_timeout + 60.0)
+
+
+def supervise(
+    children: list[Child],
+    fleet: Fleet | None = None,
+    banner: str = "",
+    worker_timeout: float = WORKER_STOP_TIMEOUT,
+) -> int:
     """Run `children` (and the fleet's workers) until a signal (0) or until one keeps
-    crashing (1). Workers stop first, then `children` in the order given (beat before Flower),
-    so jobs finish or return before anything they report to goes away."""
+    crashing (1). Workers stop first (each given `worker_timeout` for its warm shutdown), then
+    `children` in the order given (beat before Flower), so jobs finish or return before
+    anything they report to goes away."""
     stopping = _StopFlag()
     for child in children:
         child.start()
@@ -130,7 +143,7 @@ def supervise(children: list[Child], fleet: Fleet | None = None, banner: str = "
             time.sleep(0.5)
     finally:
         if fleet is not None:
-            stop_children(fleet.all(), timeout=WORKER_STOP_TIMEOUT)
+            stop_children(fleet.all(), timeout=worker_timeout)
         for child in children:  # in order, each given its warm shutdown
             stop_children([child], timeout=WORKER_STOP_TIMEOUT)
         stopping.restore()

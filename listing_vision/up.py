@@ -10,7 +10,6 @@ from contract.settings import Settings
 from db.engine import make_engine
 from listing_vision.fleet import WorkerFleet, models_needed, worker_plan
 from listing_vision.supervisor import (
-    WORKER_STOP_TIMEOUT,
     Child,
     banner,
     beat_child,
@@ -18,6 +17,7 @@ from listing_vision.supervisor import (
     flower_child,
     supervise,
     visible_gpus,
+    worker_stop_timeout,
 )
 
 
@@ -31,10 +31,16 @@ def run_stack(resolved: Settings) -> int:
         active, run_models = models_needed(engine, resolved)
         return worker_plan(active, run_models, gpus)
 
-    fleet = WorkerFleet(plan, lambda name, argv: Child(name, argv, env), WORKER_STOP_TIMEOUT)
+    stop_after = worker_stop_timeout(resolved)
+    fleet = WorkerFleet(plan, lambda name, argv: Child(name, argv, env), stop_after)
     active, _ = models_needed(engine, resolved)
     try:
         children = [beat_child(resolved), flower_child(resolved)]
-        return supervise(children, fleet, banner=banner(resolved, active))
+        return supervise(
+            children,
+            fleet,
+            banner=banner(resolved, active),
+            worker_timeout=stop_after,
+        )
     finally:
         engine.dispose()
