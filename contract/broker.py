@@ -76,6 +76,8 @@ def make_celery(settings: Settings) -> Celery:
         # A message not acknowledged within this many seconds is delivered again; it must
         # exceed the longest an attempt may take (LV_TASK_TIME_LIMIT, checked in Settings).
         "visibility_timeout": settings.visibility_timeout,
+        "socket_timeout": settings.broker_timeout,
+        "socket_connect_timeout": settings.broker_timeout,
     }
     app.conf.update(
         task_serializer="json",
@@ -89,6 +91,15 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.broker_timeout,
+        # A publish that times out is tried once more, then raises: the job stays unsent in
+        # the database, and the reconciler sends it when the broker answers again.
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 1,
+            "interval_max": 1,
+        },
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # Flower needs the events; "started" lets it show what a worker is doing now.

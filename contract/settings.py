@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     retry_backoff: float = Field(2.0, ge=0)
     task_time_limit: int = Field(300, gt=0)
     visibility_timeout: int = Field(3600, gt=0)
+    # Seconds a broker operation (connect, publish, ack) may take: a Redis that accepts and
+    # never answers makes `enqueue`, retries and the reconciler fail with an error, not hang.
+    broker_timeout: float = Field(10.0, gt=0)
     batch_max_size: int = Field(64, ge=1)
     batch_max_wait_ms: int = Field(20, ge=0)
     # Where resize, crop and normalise run: `tensor` batches them on the model's device,
