@@ -64,3 +64,45 @@ def test_64_single_listing_messages_are_served_in_few_model_calls(
         stack, "SELECT batch_size FROM jobs WHERE model_id = 'tiny-batch' AND status = 'succeeded'"
     )
     assert max(s["batch_size"] for s in sizes) > 1
+
+
+def test_images_already_embedded_are_not_embedded_again_and_score_the_same(
+    stack: Stack, worker: Any, producer: Any, image_root: Path
+) -> None:
+    """Issue 14's mutation probe (E) and (F): the embedding cache must really be used (counted
+    image calls, not rows that ON CONFLICT keeps constant), and what it serves must score
+    exactly as a fresh embedding did."""
+    name = worker_name("tiny", None)
+    paths = [
+        images.save(
+            images.product_image(colour, "circle", (70, 66)), image_root / f"c-{colour}.jpg"
+        )
+        for colour in ("red", "blue", "green")
+    ]
+    first = [
+        {"listing_id": f"cache-{i}", "title": f"a {c} thing", "image_url": p.as_uri()}
+        for i, (c, p) in enumerate(zip(("red", "blue", "green"), paths, strict=True))
+    ]
+    report = producer.enqueue(first, model="tiny")
+    assert producer.wait(report.job_ids, timeout=120)["succeeded"] == 3, worker.log()[-2000:]
+    before = _stats(producer, name)["model_calls"]
+    scored = {
+        r["listing_id"]: r["similarity"]
+        for r in query(stack, "SELECT * FROM model_results WHERE listing_id LIKE 'cache-%'")
+    }
+
+    # New listings, same images (one more text each): no image may be embedded again.
+    again = [{**event, "listing_id": f"again-{event['listing_id']}"} for event in first]
+    report = producer.enqueue(again, model="tiny")
+    assert producer.wait(report.job_ids, timeout=120)["succeeded"] == 3, worker.log()[-2000:]
+    after = _stats(producer, name)["model_calls"]
+
+    assert after["images"] == before["images"]
+    assert after["texts"] > before["texts"]
+    rescored = {
+        r["listing_id"].removeprefix("again-"): r["similarity"]
+        for r in query(stack, "SELECT * FROM model_results WHERE listing_id LIKE 'again-cache-%'")
+    }
+    assert rescored.keys() == scored.keys()
+    for listing_id, similarity in scored.items():
+        assert rescored[listing_id] == pytest.approx(similarity, abs=1e-5)
