@@ -175,6 +175,21 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
+    def route_drip_headers(self, arg: str, query: dict[str, list[str]]) -> None:
+        """The status line, then one header byte every 0.25 s: every read succeeds, the
+        headers never end (until the server stops, or after 6 s)."""
+        self.close_connection = True
+        try:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            self.wfile.flush()
+            for _ in range(24):
+                if self.server.stop.wait(0.25):
+                    return
+                self.wfile.write(b"a")
+                self.wfile.flush()
+        except OSError:
+            return
+
     def route_stall(self, arg: str, query: dict[str, list[str]]) -> None:
         """Accept the request and answer nothing for 5 s (or until the server stops)."""
         self.server.stop.wait(5)

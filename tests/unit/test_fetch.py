@@ -473,6 +473,14 @@ def test_slow_drip_body_fails_at_the_deadline(server: Running) -> None:
     assert 0.9 < elapsed < 3
 
 
+def test_headers_dripped_a_byte_at_a_time_fail_at_the_deadline(server: Running) -> None:
+    """Issue 14 #2: the deadline was checked only while reading the body."""
+    started = time.monotonic()
+    message = refusal(f"{server.base_url}/drip-headers", policy(timeout=1.0))
+    assert message.endswith("timed out after 1s")
+    assert time.monotonic() - started < 3
+
+
 def test_server_that_never_answers_fails_at_the_deadline(server: Running) -> None:
     started = time.monotonic()
     assert refusal(f"{server.base_url}/stall", policy(timeout=1.0)).endswith("timed out after 1s")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import httpcore
 import httpx
 
 from contract.errors import FetchError, TransientError, reason, shown
@@ -44,6 +46,88 @@ class _Deadline:
 
     def expired(self) -> FetchError:
         return FetchError(f"timed out after {self.seconds:g}s")
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read, write and TLS handshake waits at most until the fetch's
+    deadline: a server that drips its response headers a byte at a time (each read succeeding)
+    can no longer stretch a fetch past `LV_FETCH_TIMEOUT`."""
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: _Deadline) -> None:
+        self._inner = inner
+        self._deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _bounded(timeout, self._deadline))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _bounded(timeout, self._deadline))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        inner = self._inner.start_tls(
+            ssl_context, server_hostname, _bounded(timeout, self._deadline)
+        )
+        return _DeadlineStream(inner, self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's own sockets, wrapped in `_DeadlineStream`."""
+
+    def __init__(self, deadline: _Deadline) -> None:
+        self._inner = httpcore.SyncBackend()
+        self._deadline = deadline
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        stream = self._inner.connect_tcp(
+            host, port, _bounded(timeout, self._deadline), local_address, socket_options
+        )
+        return _DeadlineStream(stream, self._deadline)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        raise FetchError("unix sockets are never fetched")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(min(seconds, self._deadline.remaining()))
+
+
+def _bounded(timeout: float | None, deadline: _Deadline) -> float:
+    """The operation's own timeout, cut to what is left of the fetch's deadline; a socket
+    timeout of a hair above zero, once nothing is left, times the operation out at once."""
+    try:
+        left = deadline.remaining()
+    except FetchError:
+        left = 1e-3
+    return left if timeout is None else min(timeout, left)
+
+
+def _transport(fetch: _Fetch) -> httpx.HTTPTransport:
+    """httpx's transport, on a connection pool whose sockets obey the fetch's deadline (httpx
+    takes no network backend, so its pool is replaced: the same constructor httpx calls)."""
+    transport = httpx.HTTPTransport(verify=fetch.tls, trust_env=False)
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=fetch.tls, network_backend=_DeadlineBackend(fetch.deadline)
+    )
+    return transport
 
 
 @dataclass(frozen=True)
@@ -114,7 +198,7 @@ def _fetch_from(
     with (
         _translated_http_errors(host, fetch.deadline),
         httpx.Client(
-            verify=fetch.tls,
+            transport=_transport(fetch),
             trust_env=False,  # a proxy from the environment would connect to the name, not the IP
             follow_redirects=False,
             timeout=httpx.Timeout(fetch.deadline.remaining()),
