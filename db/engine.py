@@ -47,6 +47,14 @@ def make_engine(
             "application_name": application_name,
             "connect_timeout": 10,
             "options": SESSION_LIMITS,
+            # A silent network loss (a dead NAT entry, a failed-over host) is noticed within
+            # about a minute instead of the kernel's two hours: idle probes, and unacknowledged
+            # data fails the connection after 60 s.
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 60_000,
         },
     )
     # Bulk inserts (a chunk's results, images, embeddings) as multi-row statements of up to

@@ -54,8 +54,20 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     width, height = image.size
     image_format = image.format or "unknown"
     _check_pixels(width, height, max_pixels)
+    if _orientation(image) in _QUARTER_TURNS:
+        width, height = height, width  # the size as displayed, like the pixels
     pixels = _load_rgb(image, draft_size)
     return DecodedImage(pixels, width, height, image_format, len(data))
+
+
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a malformed EXIF block: the image is shown as stored
+        return 1
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:

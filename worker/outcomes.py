@@ -9,6 +9,8 @@ like any batch, so one bad outcome fails alone; a database outage fails the grou
 
 from __future__ import annotations
 
+from concurrent.futures import TimeoutError as FutureTimeout
+
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.records import JobOutcome
@@ -35,7 +37,14 @@ class OutcomeWriter:
 
     def write(self, outcome: JobOutcome, timeout: float) -> bool:
         """Commit `outcome`; False when its attempt no longer held the job (nothing written)."""
-        return self._batcher.submit(outcome).result(timeout=timeout)
+        future = self._batcher.submit(outcome)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            # Not yet taken by a group: it never will be (the job is retried instead). Already
+            # in a running group, it may still commit: the retry's claim is fenced by attempt.
+            future.cancel()
+            raise
 
     def close(self) -> None:
         """Stop after the outcomes already queued are written."""

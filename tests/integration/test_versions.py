@@ -49,3 +49,13 @@ def test_a_producer_that_started_first_but_commits_last_stamps_the_newest_versio
         assert version > late_version  # and the newest version
         # So a result of the "late" content (stamped late_version) is seen as superseded.
         assert superseded(session, {listing_id: late_version}) == {listing_id}
+
+
+def test_database_connections_probe_a_silent_network_loss(stack: Stack) -> None:
+    """Keepalives and a TCP user timeout: a dead peer is noticed in about a minute."""
+    with stack.engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        params = raw.info.get_parameters()  # type: ignore[attr-defined]
+    assert params.get("keepalives") == "1"
+    assert params.get("tcp_user_timeout") == "60000"

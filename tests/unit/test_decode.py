@@ -167,7 +167,7 @@ def test_cmyk_jpeg_becomes_rgb() -> None:
     assert red > 240 and green < 15 and blue < 15
 
 
-def test_exif_orientation_is_applied_to_the_pixels_but_not_to_the_reported_size() -> None:
+def test_exif_orientation_is_applied_to_the_pixels_and_to_the_reported_size() -> None:
     image = Image.new("RGB", (40, 20), (255, 0, 0))
     image.paste((0, 0, 255), (0, 0, 10, 20))  # the left quarter is blue
     exif = Image.Exif()
@@ -176,7 +176,7 @@ def test_exif_orientation_is_applied_to_the_pixels_but_not_to_the_reported_size(
     decoded = decode_image(encode(image, "JPEG", exif=exif.tobytes()), max_pixels=MAX_PIXELS)
 
     assert decoded.pixels.size == (20, 40)
-    assert (decoded.width, decoded.height) == (40, 20)  # as stored in the file's header
+    assert (decoded.width, decoded.height) == (20, 40)  # as displayed (issue 14)
     assert rgb(decoded.pixels, 10, 2)[2] > 200  # the blue edge is now on top
     assert rgb(decoded.pixels, 10, 37)[0] > 200
 
