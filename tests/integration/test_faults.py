@@ -96,3 +96,28 @@ def test_jobs_lost_by_a_broker_restarted_empty_are_sent_again(
         stop_worker(worker)
     assert counts["succeeded"] == 12, (counts, worker.log()[-3000:])
     assert_each_job_ended_once(stack, report.job_ids, prefix)
+
+
+def test_a_worker_stopped_mid_run_finishes_or_returns_its_jobs(
+    stack: Stack, worker_env: dict[str, str], producer: Any, image_root: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (a deploy, Ctrl-C in `up`): warm shutdown finishes what runs and returns what
+    it had reserved; a replacement finishes the rest at once, not after a visibility timeout."""
+    prefix = f"term-{uuid.uuid4().hex[:6]}"
+    env = {**worker_env, "LV_VISIBILITY_TIMEOUT": "3600", "LV_TASK_TIME_LIMIT": "60"}
+    stopping = start_worker(stack, env, tmp_path / "stopping.log", model=MODEL)
+    report = producer.enqueue(catalogue(image_root, prefix, 48), model=MODEL)
+    deadline = time.monotonic() + 60
+    while producer.wait(report.job_ids, timeout=0)["succeeded"] < 4:
+        assert time.monotonic() < deadline, stopping.log()[-2000:]
+        time.sleep(0.02)
+    stopping.process.send_signal(signal.SIGTERM)
+    assert stopping.process.wait(60) == 0, stopping.log()[-3000:]
+
+    replacement = start_worker(stack, env, tmp_path / "replacement.log", model=MODEL)
+    try:
+        counts = producer.wait(report.job_ids, timeout=60, poll_interval=0.5)
+    finally:
+        stop_worker(replacement)
+    assert counts["succeeded"] == 48, (counts, replacement.log()[-3000:])
+    assert_each_job_ended_once(stack, report.job_ids, prefix)
