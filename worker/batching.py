@@ -20,10 +20,16 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-_EXPECTING_POLL = 0.001  # seconds between looks at the `expecting` count while collecting
 T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
+
+
+class _Wake:
+    """Queued by `wake`: look at `expecting` again."""
+
+
+_WAKE = _Wake()
 
 
 @dataclass
@@ -65,7 +71,7 @@ class DynamicBatcher(Generic[T, R]):
         self._units = units
         self._splits_on = splits_on
         self._expecting = expecting
-        self._queue: queue.Queue[_Pending[T, R] | None] = queue.Queue()
+        self._queue: queue.Queue[_Pending[T, R] | _Wake | None] = queue.Queue()
         self._carry: _Pending[T, R] | None = None
         self._busy_since: float | None = None
         self.stats = BatchStats()
@@ -77,6 +83,11 @@ class DynamicBatcher(Generic[T, R]):
         future: Future[R] = Future()
         self._queue.put(_Pending(item, future, max(1, self._units(item))))
         return future
+
+    def wake(self) -> None:
+        """The `expecting` count fell to zero: a batch waiting for company runs now (without
+        this, the batcher would have to poll the count while it waits)."""
+        self._queue.put(_WAKE)
 
     def busy_for(self) -> float:
         """Seconds the current batch call has been running (0 when idle): for a stall watchdog."""
@@ -101,18 +112,20 @@ class DynamicBatcher(Generic[T, R]):
 
     def _collect(self) -> list[_Pending[T, R]] | None:
         first = self._carry or self._queue.get()
+        while isinstance(first, _Wake):  # nothing was waiting for company
+            first = self._queue.get()
         self._carry = None
         if first is None:
             return None
         batch, size = [first], first.units
         deadline = first.submitted + self._max_wait
         while size < self._max_size:
-            pending = self._next(self._wait_until(deadline))
+            if self._expecting is not None and self._expecting() <= 0 and self._queue.empty():
+                break  # nobody else is about to submit: waiting would only add latency
+            pending = self._next(deadline)
             if pending is None:
                 if not self._queue.empty() or time.monotonic() >= deadline:
                     break
-                if self._expecting is not None and self._expecting() <= 0:
-                    break  # nobody else is about to submit: waiting would only add latency
                 continue
             if size + pending.units > self._max_size:
                 self._carry = pending
@@ -120,12 +133,6 @@ class DynamicBatcher(Generic[T, R]):
             batch.append(pending)
             size += pending.units
         return batch
-
-    def _wait_until(self, deadline: float) -> float:
-        """With an `expecting` count, wait in short steps so its falling to zero is seen."""
-        if self._expecting is None:
-            return deadline
-        return min(deadline, time.monotonic() + _EXPECTING_POLL)
 
     def _next(self, deadline: float) -> _Pending[T, R] | None:
         try:
@@ -138,6 +145,8 @@ class DynamicBatcher(Generic[T, R]):
                 pending = self._queue.get(timeout=remaining)
             except queue.Empty:
                 return None
+        if isinstance(pending, _Wake):
+            return None  # the caller looks at the queue, the deadline and `expecting` again
         if pending is None:  # close() while collecting: run what we have, then stop
             self._queue.put(None)
         return pending

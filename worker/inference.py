@@ -95,6 +95,9 @@ class InferenceService:
     def _count_coming(self, change: int) -> None:
         with self._coming_lock:
             self._coming += change
+            none_left = self._coming == 0
+        if none_left and change < 0:
+            self.batcher.wake()
 
     def embed(
         self, request: EmbedRequest, timeout: float, ticket: Ticket | None = None

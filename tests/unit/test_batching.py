@@ -185,6 +185,7 @@ def test_the_batch_waits_for_items_announced_as_coming_and_only_for_them(
     time.sleep(0.2)  # the announced job is still fetching its images
     second = batcher.submit(2)
     coming[0] = 0
+    batcher.wake()  # as InferenceService does when the count falls to zero
 
     assert results([first, second]) == [10, 20]
     assert model.batches == [[1, 2]]  # waited for the announced item
