@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -166,3 +167,24 @@ def save_tiny_dinov2(directory: Path, seed: int = 0) -> Path:
         size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}, do_center_crop=True
     ).save_pretrained(directory)
     return directory
+
+
+def load_tiny_backends(root: Path) -> dict[str, Any]:
+    """One loaded tiny model per backend kind (open_clip, hf_clip, hf_siglip, hf_dino), saved
+    under `root` and loaded through the real loading code, on the default device."""
+    from contract.registry import ModelSpec
+    from worker.backends import create_backend
+
+    dirs = {
+        "open_clip": save_tiny_open_clip(root / "oc"),
+        "hf_clip": save_tiny_hf_clip(root / "hf-clip"),
+        "hf_siglip": save_tiny_hf_siglip(root / "hf-siglip"),
+        "hf_dino": save_tiny_dinov2(root / "hf-dino"),
+    }
+    loaded = {}
+    for kind, path in dirs.items():
+        name = f"local-dir:{path}" if kind == "open_clip" else str(path)
+        backend = create_backend(ModelSpec("t", kind, name))  # type: ignore[arg-type]
+        backend.load()
+        loaded[kind] = backend
+    return loaded

@@ -16,7 +16,7 @@ import redis
 
 from contract.broker import model_queue
 from tests import images
-from tests.integration.conftest import Stack, query, start_worker, stop_worker
+from tests.integration.conftest import Stack, WorkerProcess, query, start_worker, stop_worker
 
 pytestmark = pytest.mark.slow
 MODEL = "tiny-batch"  # its own queue: the session's worker (model "tiny") never sees these
@@ -33,6 +33,28 @@ def catalogue(image_root: Path, prefix: str, count: int) -> list[dict[str, Any]]
             {"listing_id": f"{prefix}-{i}", "title": f"item {i}", "image_url": path.as_uri()}
         )
     return events
+
+
+def wait_until_some_succeeded(
+    producer: Any, job_ids: Sequence[uuid.UUID], worker: WorkerProcess, some: int = 4
+) -> None:
+    """Until the run is under way: a few jobs finished, most still to come."""
+    deadline = time.monotonic() + 60
+    while producer.wait(job_ids, timeout=0)["succeeded"] < some:
+        assert time.monotonic() < deadline, worker.log()[-2000:]
+        time.sleep(0.02)
+
+
+def finish_with_a_replacement(
+    stack: Stack, env: dict[str, str], producer: Any, job_ids: Sequence[uuid.UUID], log: Path
+) -> None:
+    """A fresh worker must finish every job (each exactly once)."""
+    replacement = start_worker(stack, env, log, model=MODEL)
+    try:
+        counts = producer.wait(job_ids, timeout=90, poll_interval=0.5)
+    finally:
+        stop_worker(replacement)
+    assert counts["succeeded"] == len(job_ids), (counts, replacement.log()[-3000:])
 
 
 def assert_each_job_ended_once(stack: Stack, job_ids: Sequence[uuid.UUID], prefix: str) -> None:
@@ -60,10 +82,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     doomed = start_worker(stack, env, tmp_path / "doomed.log", model=MODEL)
     report = producer.enqueue(catalogue(image_root, prefix, 48), model=MODEL)
     try:
-        deadline = time.monotonic() + 60
-        while producer.wait(report.job_ids, timeout=0)["succeeded"] < 4:
-            assert time.monotonic() < deadline, doomed.log()[-2000:]
-            time.sleep(0.02)
+        wait_until_some_succeeded(producer, report.job_ids, doomed)
         doomed.process.send_signal(signal.SIGKILL)  # mid-run: messages unacked, jobs running
         doomed.process.wait()
     finally:
@@ -72,12 +91,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     counts = producer.wait(report.job_ids, timeout=0)
     assert counts["succeeded"] < 48, "the worker finished before it was killed"
 
-    replacement = start_worker(stack, env, tmp_path / "replacement.log", model=MODEL)
-    try:
-        counts = producer.wait(report.job_ids, timeout=90, poll_interval=0.5)
-    finally:
-        stop_worker(replacement)
-    assert counts["succeeded"] == 48, (counts, replacement.log()[-3000:])
+    finish_with_a_replacement(stack, env, producer, report.job_ids, tmp_path / "replacement.log")
     assert_each_job_ended_once(stack, report.job_ids, prefix)
 
 
@@ -89,12 +103,8 @@ def test_jobs_lost_by_a_broker_restarted_empty_are_sent_again(
     # Valkey restarted without persistence: every queued message is gone, the jobs remain.
     redis.Redis.from_url(stack.broker_url).delete(model_queue(MODEL))
 
-    worker = start_worker(stack, {**worker_env, **SHORT}, tmp_path / "worker.log", model=MODEL)
-    try:
-        counts = producer.wait(report.job_ids, timeout=90, poll_interval=0.5)
-    finally:
-        stop_worker(worker)
-    assert counts["succeeded"] == 12, (counts, worker.log()[-3000:])
+    env = {**worker_env, **SHORT}
+    finish_with_a_replacement(stack, env, producer, report.job_ids, tmp_path / "worker.log")
     assert_each_job_ended_once(stack, report.job_ids, prefix)
 
 
@@ -107,17 +117,9 @@ def test_a_worker_stopped_mid_run_finishes_or_returns_its_jobs(
     env = {**worker_env, "LV_VISIBILITY_TIMEOUT": "3600", "LV_TASK_TIME_LIMIT": "60"}
     stopping = start_worker(stack, env, tmp_path / "stopping.log", model=MODEL)
     report = producer.enqueue(catalogue(image_root, prefix, 48), model=MODEL)
-    deadline = time.monotonic() + 60
-    while producer.wait(report.job_ids, timeout=0)["succeeded"] < 4:
-        assert time.monotonic() < deadline, stopping.log()[-2000:]
-        time.sleep(0.02)
+    wait_until_some_succeeded(producer, report.job_ids, stopping)
     stopping.process.send_signal(signal.SIGTERM)
     assert stopping.process.wait(60) == 0, stopping.log()[-3000:]
 
-    replacement = start_worker(stack, env, tmp_path / "replacement.log", model=MODEL)
-    try:
-        counts = producer.wait(report.job_ids, timeout=60, poll_interval=0.5)
-    finally:
-        stop_worker(replacement)
-    assert counts["succeeded"] == 48, (counts, replacement.log()[-3000:])
+    finish_with_a_replacement(stack, env, producer, report.job_ids, tmp_path / "replacement.log")
     assert_each_job_ended_once(stack, report.job_ids, prefix)

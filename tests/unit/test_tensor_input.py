@@ -17,12 +17,7 @@ import worker.tensor_input as tensor_input
 from contract.errors import ImageRejected
 from contract.registry import ModelSpec
 from tests.images import png_claiming_size, truncated_jpeg
-from tests.tiny_models import (
-    save_tiny_dinov2,
-    save_tiny_hf_clip,
-    save_tiny_hf_siglip,
-    save_tiny_open_clip,
-)
+from tests.tiny_models import load_tiny_backends
 from worker.backends import create_backend
 from worker.backends.base import ModelBackend
 from worker.decode import decode_image
@@ -76,20 +71,7 @@ def with_orientation(image: Image.Image, orientation: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelBackend]:
-    root = tmp_path_factory.mktemp("tensor-input")
-    dirs = {
-        "open_clip": save_tiny_open_clip(root / "oc"),
-        "hf_clip": save_tiny_hf_clip(root / "hf-clip"),
-        "hf_siglip": save_tiny_hf_siglip(root / "hf-siglip"),
-        "hf_dino": save_tiny_dinov2(root / "hf-dino"),
-    }
-    loaded = {}
-    for kind, path in dirs.items():
-        name = f"local-dir:{path}" if kind == "open_clip" else str(path)
-        backend = create_backend(ModelSpec("t", kind, name))  # type: ignore[arg-type]
-        backend.load()
-        loaded[kind] = backend
-    return loaded
+    return load_tiny_backends(tmp_path_factory.mktemp("tensor-input"))
 
 
 @pytest.fixture(params=["uint8 kernel", "float passes"])
