@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import torch
 
+from contract.errors import TransientError
 from db.embeddings import CachedImage
 from db.records import ListingImageRecord, ListingRecord, ResultRecord
 from worker.fetch import FetchPolicy
@@ -45,12 +47,27 @@ class ListingAnalyzer:
     lookup_cached: LookupCached
     model_timeout: float
 
-    def analyze(self, listing: ListingRecord) -> ListingAnalysis:
-        """Score `listing`; raises `TransientError` when it is worth trying again later."""
+    def analyze(self, listing: ListingRecord, deadline: float | None = None) -> ListingAnalysis:
+        """Score `listing`; raises `TransientError` when it is worth trying again later, and
+        when the attempt's `deadline` (monotonic seconds: LV_TASK_TIME_LIMIT from its claim)
+        passes before the model has answered."""
         with self.service.coming() as ticket:
-            return self._analyze(listing, ticket)
+            return self._analyze(listing, ticket, deadline)
 
-    def _analyze(self, listing: ListingRecord, ticket: Ticket) -> ListingAnalysis:
+    def _model_wait(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.model_timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransientError(
+                f"the attempt ran past LV_TASK_TIME_LIMIT ({self.model_timeout:g}s) before "
+                "its images reached the model"
+            )
+        return left
+
+    def _analyze(
+        self, listing: ListingRecord, ticket: Ticket, deadline: float | None
+    ) -> ListingAnalysis:
         fetched = fetch_images(listing.image_urls, self.policy, self.executor)
         cached = self.lookup_cached([f.sha256 for f in fetched if not isinstance(f, FailedImage)])
         info = self.service.backend.info
@@ -74,7 +91,7 @@ class ListingAnalyzer:
             texts,
             tuple(p.facts.sha256 for p in fresh),
         )
-        embedded = self.service.embed(request, self.model_timeout, ticket)
+        embedded = self.service.embed(request, self._model_wait(deadline), ticket)
         new_rows = dict(
             zip((p.facts.sha256 for p in fresh), embedded.image_embeddings, strict=True)
         )

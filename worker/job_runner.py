@@ -7,6 +7,7 @@ retry. Every path ends in one committed outcome or a scheduled retry, never in s
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class JobRunner:
     worker_name: str
     max_attempts: int
     retry_backoff: float
+    time_limit: float = 300.0  # LV_TASK_TIME_LIMIT: one attempt, from its claim to its commit
 
     def run(self, job_id: uuid.UUID, redeliveries: int = 0) -> JobReport:
         """Run one delivery of `job_id`. Database trouble (an outage, a lock or pool timeout)
@@ -109,14 +111,15 @@ class JobRunner:
         claim = self.queries.claim(job_id)
         if isinstance(claim, Unclaimable):
             return self._unclaimable(job_id, claim)
+        deadline = time.monotonic() + self.time_limit
         try:
-            analysis = self.analyzer.analyze(claim.listing)
+            analysis = self.analyzer.analyze(claim.listing, deadline)
         except ListingError as error:
             analysis = ListingAnalysis(ResultRecord("failed", one_line(error)), [])
         except Exception as error:  # transient, or a bug: retried, then dead, never silent
             return self._after_transient(claim, error)
         status = "succeeded" if analysis.result.status == "ok" else "failed"
-        self._record(_Attempt.of(claim), status, analysis)
+        self._record(_Attempt.of(claim), status, analysis, deadline)
         return JobReport(_summary(claim.listing.listing_id, analysis.result))
 
     def _after_transient(self, claim: ClaimedJob, error: Exception) -> JobReport:
@@ -155,7 +158,13 @@ class JobRunner:
         self._record(_Attempt(job_id, why.listing_id, why.attempts, version), "dead", analysis)
         return JobReport(_summary(why.listing_id, analysis.result))
 
-    def _record(self, attempt: _Attempt, status: str, analysis: ListingAnalysis) -> None:
+    def _record(
+        self,
+        attempt: _Attempt,
+        status: str,
+        analysis: ListingAnalysis,
+        deadline: float | None = None,
+    ) -> None:
         listing = ListingOutcome(
             listing_id=attempt.listing_id,
             model_id=self.model_id,
@@ -166,7 +175,10 @@ class JobRunner:
             job_id=attempt.job_id,
         )
         outcome = JobOutcome(attempt.job_id, attempt.number, status, listing, analysis.batch_size)
-        if not self.writer.write(outcome, timeout=WRITE_TIMEOUT):
+        # The commit too must come within the attempt's time (at least a moment to try): past
+        # it, the job is retried, and a write that still commits later is fenced by attempt.
+        wait = WRITE_TIMEOUT if deadline is None else max(1.0, deadline - time.monotonic())
+        if not self.writer.write(outcome, timeout=min(WRITE_TIMEOUT, wait)):
             log.info(
                 "job %s attempt %d superseded: nothing written", attempt.job_id, attempt.number
             )

@@ -151,6 +151,7 @@ def start_runtime(
         worker_name=worker_name,
         max_attempts=settings.max_attempts,
         retry_backoff=settings.retry_backoff,
+        time_limit=float(settings.task_time_limit),
     )
     chunk_analyzer = ChunkAnalyzer(
         service,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from contract.errors import TransientError
 from contract.registry import ModelSpec
 from db.records import ListingRecord
 from tests import images
@@ -121,3 +123,16 @@ def test_the_tensor_input_path_scores_as_the_backends_own_transform(
     if text:
         assert by_tensor.result.similarity == pytest.approx(by_pil.result.similarity, abs=2e-3)
         assert by_tensor.result.best_image == by_pil.result.best_image
+
+
+def test_an_attempt_past_its_time_limit_is_a_transient_failure(root: Path) -> None:
+    """SPEC: LV_TASK_TIME_LIMIT bounds one attempt from claim to commit; past it, the attempt
+    ends as a transient failure (retried), whether before the model call or waiting for it."""
+    slow = ModelSpec("slow", "sim", "PE-Core-bigG-14-448", threshold=0.0)  # ~0.12 s a call
+    analysis = analyzer(slow, root, with_categories=False)
+
+    with pytest.raises(TransientError, match="LV_TASK_TIME_LIMIT"):
+        analysis.analyze(listing(root, "red.jpg"), deadline=time.monotonic() - 1)
+    with pytest.raises(TransientError, match="did not answer"):
+        analysis.analyze(listing(root, "blue.jpg"), deadline=time.monotonic() + 0.03)
+    assert analysis.analyze(listing(root, "red.jpg"), deadline=time.monotonic() + 30).result
