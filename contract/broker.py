@@ -111,7 +111,9 @@ def make_celery(settings: Settings) -> Celery:
         worker_soft_shutdown_timeout=float(min(settings.task_time_limit, 60)),
         worker_enable_soft_shutdown_on_idle=True,
     )
-    if broker_url.split("://", 1)[0] in ("redis", "rediss"):
+    # Plain redis:// only: an explicit transport makes kombu skip the `rediss` branch that
+    # turns TLS on, so TLS brokers keep kombu's own transport.
+    if broker_url.split("://", 1)[0] == "redis":
         app.conf.broker_transport = TRANSPORT  # kombu's, minus a new client per publish
     return app
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Select, any_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import Integer, Text
 
@@ -45,15 +46,17 @@ class ClaimedJob:
 @dataclass(frozen=True)
 class Unclaimable:
     """Why a delivered job is not run: `finished` (a duplicate delivery), `duplicate` (delivered
-    twice at once: the other delivery runs it), `running` (its last attempt is live elsewhere),
-    `missing`, or `exhausted` (its attempts are used up and none is live; the caller records
-    it as dead)."""
+    twice at once: the other delivery runs it), `running` (its last attempt is live elsewhere:
+    the delivery is kept, retried once that attempt would have ended), `unknown` (asked again
+    later), `missing`, or `exhausted` (its attempts are used up and none is live; the caller
+    records it as dead)."""
 
     reason: str
     listing_id: str | None = None
     model_id: str | None = None
     last_error: str | None = None
     attempts: int = 0
+    live_for_more: float = 0.0  # `running`: seconds until its live attempt counts as dead
 
 
 def create_jobs(session: Session, jobs: Sequence[NewJob]) -> None:
@@ -172,25 +175,45 @@ def claim_many(
             if record is None
             else ClaimedJob(row.job_id, row.model_id, row.attempts, record)
         )
-    outcome.update(_why_unclaimable(session, [i for i in ids if i not in outcome], live_for))
+    unclaimed = [i for i in ids if i not in outcome]
+    try:
+        outcome.update(_why_unclaimable(session, unclaimed, live_for))
+    except SQLAlchemyError:
+        # The claims above are committed (autocommit) and must reach their jobs; the others
+        # are asked again later.
+        outcome.update(dict.fromkeys(unclaimed, Unclaimable("unknown")))
     return outcome
 
 
 def _why_unclaimable(
     session: Session, job_ids: Sequence[uuid.UUID], live_for: timedelta
 ) -> dict[uuid.UUID, Unclaimable]:
+    """Liveness is measured from `started_at`, which only a claim sets (a re-send's `sent_at`
+    and `updated_at` must not make a dead attempt look alive)."""
     if not job_ids:
         return {}
-    live = (Job.status == "running") & (Job.updated_at > func.now() - live_for)
+    live_left = func.extract("epoch", Job.started_at + live_for - func.now())
     rows = session.execute(
         select(
-            Job.job_id, Job.status, Job.listing_id, Job.model_id, Job.error, Job.attempts, live
+            Job.job_id,
+            Job.status,
+            Job.listing_id,
+            Job.model_id,
+            Job.error,
+            Job.attempts,
+            live_left,
         ).where(Job.job_id == any_uuids(job_ids))
     ).all()
     why: dict[uuid.UUID, Unclaimable] = dict.fromkeys(job_ids, Unclaimable("missing"))
-    for job_id, status, listing_id, model_id, error, attempts, is_live in rows:
-        reason = "finished" if status not in ACTIVE else "running" if is_live else "exhausted"
-        why[job_id] = Unclaimable(reason, listing_id, model_id, error, attempts)
+    for job_id, status, listing_id, model_id, error, attempts, left in rows:
+        if status not in ACTIVE:
+            why[job_id] = Unclaimable("finished", listing_id, model_id, error, attempts)
+        elif status == "running" and left is not None and left > 0:
+            why[job_id] = Unclaimable(
+                "running", listing_id, model_id, error, attempts, live_for_more=float(left)
+            )
+        else:
+            why[job_id] = Unclaimable("exhausted", listing_id, model_id, error, attempts)
     return why
 
 

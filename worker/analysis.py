@@ -47,12 +47,17 @@ class ListingAnalyzer:
     lookup_cached: LookupCached
     model_timeout: float
 
-    def analyze(self, listing: ListingRecord, deadline: float | None = None) -> ListingAnalysis:
+    def analyze(
+        self, listing: ListingRecord, deadline: float | None = None, ticket: Ticket | None = None
+    ) -> ListingAnalysis:
         """Score `listing`; raises `TransientError` when it is worth trying again later, and
         when the attempt's `deadline` (monotonic seconds: LV_TASK_TIME_LIMIT from its claim)
-        passes before the model has answered."""
-        with self.service.coming() as ticket:
+        passes before the model has answered. `ticket`: the job announced itself to the
+        batcher already (from its delivery on); else it is announced here."""
+        if ticket is not None:
             return self._analyze(listing, ticket, deadline)
+        with self.service.coming() as own:
+            return self._analyze(listing, own, deadline)
 
     def _model_wait(self, deadline: float | None) -> float:
         if deadline is None:

@@ -37,6 +37,7 @@ class _Pending(Generic[T, R]):
     item: T
     future: Future[R]
     units: int
+    eager: bool = False
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -78,10 +79,12 @@ class DynamicBatcher(Generic[T, R]):
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, item: T) -> Future[R]:
-        """Queue `item`; the future gets its result, or the exception its batch raised alone."""
+    def submit(self, item: T, eager: bool = False) -> Future[R]:
+        """Queue `item`; the future gets its result, or the exception its batch raised alone.
+        `eager`: its submitter announced itself in `expecting`, so a batch holding it runs as
+        soon as nobody else is expected (others wait up to `max_wait`, as before)."""
         future: Future[R] = Future()
-        self._queue.put(_Pending(item, future, max(1, self._units(item))))
+        self._queue.put(_Pending(item, future, max(1, self._units(item)), eager))
         return future
 
     def wake(self) -> None:
@@ -120,8 +123,8 @@ class DynamicBatcher(Generic[T, R]):
         batch, size = [first], first.units
         deadline = first.submitted + self._max_wait
         while size < self._max_size:
-            if self._expecting is not None and self._expecting() <= 0 and self._queue.empty():
-                break  # nobody else is about to submit: waiting would only add latency
+            if self._nobody_else_coming(batch):
+                break  # waiting would only add latency
             pending = self._next(deadline)
             if pending is None:
                 if not self._queue.empty() or time.monotonic() >= deadline:
@@ -133,6 +136,11 @@ class DynamicBatcher(Generic[T, R]):
             batch.append(pending)
             size += pending.units
         return batch
+
+    def _nobody_else_coming(self, batch: list[_Pending[T, R]]) -> bool:
+        if self._expecting is None or not any(pending.eager for pending in batch):
+            return False
+        return self._expecting() <= 0 and self._queue.empty()
 
     def _next(self, deadline: float) -> _Pending[T, R] | None:
         try:

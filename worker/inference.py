@@ -105,7 +105,7 @@ class InferenceService:
         """Embeddings for one job's request, computed in a batch with other jobs' requests."""
         if ticket is not None:
             ticket.withdraw()  # first: the batcher never waits for a request it already holds
-        future = self.batcher.submit(request)
+        future = self.batcher.submit(request, eager=ticket is not None)
         try:
             return future.result(timeout=timeout)
         except FutureTimeout:
@@ -127,6 +127,12 @@ class InferenceService:
         batch on the model's device."""
         if self.input_spec is None:
             return self.backend.preprocess(image)
+        # Held until the batch runs: a huge PNG (JPEGs are drafted already) is first reduced by
+        # a whole factor (box filter) to at most about four times the model's input.
+        side = max(self.input_spec.output_size)
+        factor = min(image.size) // (4 * side)
+        if factor >= 2:
+            image = image.reduce(factor)
         return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
 
     def _model_input(self, chunk: list[torch.Tensor]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from db import jobs, listings
 from db.jobs import ClaimedJob, Unclaimable
 from db.records import JobOutcome, ListingOutcome, ResultRecord
 from worker.analysis import ListingAnalysis, ListingAnalyzer
+from worker.inference import Ticket
 from worker.outcomes import OutcomeWriter
 from worker.retries import backoff_seconds
 from worker.shared_queries import SharedQueries
@@ -108,12 +109,18 @@ class JobRunner:
             log.warning("job %s: could not record its revocation: %s", job_id, one_line(error))
 
     def _run(self, job_id: uuid.UUID) -> JobReport:
+        # Announced from its delivery on: a batch waits for the jobs still claiming, fetching
+        # and decoding, and for no one else.
+        with self.analyzer.service.coming() as ticket:
+            return self._attempt(job_id, ticket)
+
+    def _attempt(self, job_id: uuid.UUID, ticket: Ticket) -> JobReport:
         claim = self.queries.claim(job_id)
         if isinstance(claim, Unclaimable):
             return self._unclaimable(job_id, claim)
         deadline = time.monotonic() + self.time_limit
         try:
-            analysis = self.analyzer.analyze(claim.listing, deadline)
+            analysis = self.analyzer.analyze(claim.listing, deadline, ticket)
         except ListingError as error:
             analysis = ListingAnalysis(ResultRecord("failed", one_line(error)), [])
         except Exception as error:  # transient, or a bug: retried, then dead, never silent
@@ -145,6 +152,13 @@ class JobRunner:
         return JobReport(retry_in=delay)
 
     def _unclaimable(self, job_id: uuid.UUID, why: Unclaimable) -> JobReport:
+        if why.reason == "running":
+            # Its last attempt is live elsewhere, or it was stranded (a worker died, its write
+            # failed): keep this delivery until that attempt must have ended, then look again
+            # (finished, or exhausted and recorded dead). Never acknowledged and dropped.
+            return JobReport(retry_in=why.live_for_more + 1.0)
+        if why.reason == "unknown":
+            return JobReport(retry_in=backoff_seconds(2, self.retry_backoff))
         if why.reason != "exhausted" or why.listing_id is None:
             log.info("job %s not run: %s", job_id, why.reason)
             return JobReport({"skipped": why.reason})

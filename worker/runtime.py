@@ -134,7 +134,9 @@ def start_runtime(
         model_id=spec.model_id,
         worker=worker_name,
         max_attempts=settings.max_attempts,
-        attempt_limit=timedelta(seconds=settings.task_time_limit),
+        # An attempt ends by its time limit; a fetch started just before may overrun by its
+        # own deadline, and the commit is given a moment: past all that it cannot be alive.
+        attempt_limit=timedelta(seconds=settings.task_time_limit + settings.fetch_timeout + 10),
     )
 
     policy = fetch_policy(settings)

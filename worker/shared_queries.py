@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -70,7 +71,12 @@ class SharedQueries:
 
     def claim(self, job_id: uuid.UUID) -> ClaimedJob | Unclaimable:
         """Start an attempt of `job_id` (counted before any work); see `db.jobs.claim_many`."""
-        return self._claims.submit(job_id).result(timeout=QUERY_TIMEOUT)
+        future = self._claims.submit(job_id)
+        try:
+            return future.result(timeout=QUERY_TIMEOUT)
+        except FutureTimeout:
+            future.cancel()  # not yet in a group: never claimed (no attempt counted for it)
+            raise
 
     def cached(self, shas: Sequence[str]) -> dict[str, CachedImage]:
         """The images among `shas` this model has embedded already, with their embeddings."""
@@ -81,6 +87,13 @@ class SharedQueries:
     def close(self) -> None:
         self._claims.close()
         self._lookups.close()
+        engine = self._sessions.kw.get("bind")
+        if engine is not None:
+            engine.dispose()
+
+    def _lookup(self, shas: list[str]) -> dict[str, CachedImage]:
+        with self._sessions() as session:
+            return embeddings.cached_images(session, shas, self._model_id)
 
     def _claim_group(self, job_ids: list[uuid.UUID]) -> list[ClaimedJob | Unclaimable]:
         with self._sessions() as session:  # autocommit: the claim is one statement
@@ -105,6 +118,12 @@ class SharedQueries:
 
     def _lookup_group(self, groups: list[tuple[str, ...]]) -> list[dict[str, CachedImage]]:
         wanted = sorted({sha for shas in groups for sha in shas})
-        with self._sessions() as session:
-            found = embeddings.cached_images(session, wanted, self._model_id)
+        try:
+            found = self._lookup(wanted)
+        except DBAPIError as error:
+            if not error.connection_invalidated:
+                raise
+            # A pooled connection the server dropped (no pre-ping on this engine): the pool
+            # has replaced it; a read is safe to ask again.
+            found = self._lookup(wanted)
         return [{sha: found[sha] for sha in shas if sha in found} for shas in groups]

@@ -48,7 +48,8 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     def on_revoked(request: Any = None, **_: Any) -> None:
         job_id = getattr(request, "id", None)
         if job_id:
-            runtime.runner.revoked(AnalyzeMessage.parse(job_id).job_id)
+            # Sent from the consumer's event loop: the database work goes to a pool thread.
+            runtime.executor.submit(runtime.runner.revoked, AnalyzeMessage.parse(job_id).job_id)
 
     @inspect_command(name=STATS_COMMAND)
     def lv_stats(state: Any) -> dict[str, Any]:

@@ -164,6 +164,7 @@ def test_a_duplicate_delivery_during_the_last_attempt_leaves_the_live_attempt_al
         )
 
     assert isinstance(duplicate, Unclaimable) and duplicate.reason == "running"
+    assert 200 < duplicate.live_for_more <= 300  # kept until the live attempt must have ended
     assert record(sessions, outcome(live, 0.7))  # the live attempt still holds the job
     row = query(stack, "SELECT status FROM jobs WHERE job_id = :j", j=job_id)[0]
     assert row["status"] == "succeeded"
@@ -174,7 +175,12 @@ def test_a_last_attempt_running_past_the_time_limit_is_exhausted(sessions) -> No
     assert isinstance(claim(sessions, job_id, max_attempts=1), ClaimedJob)
     with sessions.begin() as session:
         session.execute(
-            text("UPDATE jobs SET updated_at = now() - interval '10 minutes' WHERE job_id = :j"),
+            # Its worker died long ago; a re-send just now refreshed updated_at and sent_at,
+            # which must not make the dead attempt look alive.
+            text(
+                "UPDATE jobs SET started_at = now() - interval '10 minutes', "
+                "updated_at = now(), sent_at = now() WHERE job_id = :j"
+            ),
             {"j": job_id},
         )
         redelivered = jobs.claim(
@@ -210,3 +216,38 @@ def test_reconciler_resends_a_sent_job_whose_message_the_broker_lost(
     assert _queued_messages(stack, queue) == 1
     assert reconciler.run_once() == 0  # sent again just now: not again
     redis.Redis.from_url(stack.broker_url).delete(queue)
+
+
+def test_a_delivery_of_a_job_whose_last_attempt_looks_alive_is_kept_not_dropped(
+    stack: Stack, sessions, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """The review's H2: a last attempt whose write met a database outage retries itself; its
+    retry finds the job `running` (its own stranded attempt). Acknowledged and dropped, the
+    job would stay `running` forever; it must come back once that attempt has to be over."""
+    from contract.registry import get_spec, load_registry
+    from db.engine import make_engine
+    from tests.unit.test_analysis import analyzer as listing_analyzer
+    from worker.job_runner import JobRunner
+    from worker.outcomes import OutcomeWriter
+    from worker.shared_queries import SharedQueries
+
+    job_id, _ = new_job(sessions)
+    for _ in range(3):  # three claims: the last attempt is the one stranded
+        claim(sessions, job_id, max_attempts=3)
+    single = make_sessions(make_engine(stack.database_url, single_statements=True))
+    queries = SharedQueries(
+        single, model_id=MODEL, worker="w", max_attempts=3, attempt_limit=timedelta(minutes=5)
+    )
+    analyzer = listing_analyzer(get_spec(load_registry(), "lv-toy"), tmp_path, False)
+    runner = JobRunner(sessions, queries, analyzer, OutcomeWriter(sessions), MODEL, "w", 3, 1.0)
+    try:
+        report = runner.run(job_id, redeliveries=1)
+    finally:
+        queries.close()
+        runner.writer.close()
+        analyzer.service.close()
+
+    assert report.retry_in is not None and 250 < report.retry_in <= 301  # kept, comes back
+    assert query(stack, "SELECT status FROM jobs WHERE job_id = :j", j=job_id)[0] == {
+        "status": "running"
+    }

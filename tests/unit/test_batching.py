@@ -166,7 +166,7 @@ def test_a_lone_item_runs_at_once_when_nothing_else_is_coming(make_batcher: Any)
     batcher = make_batcher(model, max_size=100, max_wait=5.0, expecting=lambda: 0)
 
     started = time.monotonic()
-    future = batcher.submit(7)
+    future = batcher.submit(7, eager=True)
 
     assert future.result(timeout=TIMEOUT) == 70
     assert time.monotonic() - started < 1.0  # not the 5 s max_wait
@@ -181,9 +181,9 @@ def test_the_batch_waits_for_items_announced_as_coming_and_only_for_them(
     batcher = make_batcher(model, max_size=100, max_wait=5.0, expecting=lambda: coming[0])
 
     started = time.monotonic()
-    first = batcher.submit(1)
+    first = batcher.submit(1, eager=True)
     time.sleep(0.2)  # the announced job is still fetching its images
-    second = batcher.submit(2)
+    second = batcher.submit(2, eager=True)
     coming[0] = 0
     batcher.wake()  # as InferenceService does when the count falls to zero
 

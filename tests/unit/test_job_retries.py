@@ -6,9 +6,11 @@ from __future__ import annotations
 import socket
 import uuid
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
 
+from contract.registry import get_spec, load_registry
 from db.engine import make_engine, make_sessions
+from tests.unit.test_analysis import analyzer as listing_analyzer
 from worker.job_runner import JobRunner
 from worker.outcomes import OutcomeWriter
 from worker.shared_queries import SharedQueries
@@ -20,7 +22,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_retries_for_a_database_that_is_down_back_off_exponentially() -> None:
+def test_retries_for_a_database_that_is_down_back_off_exponentially(tmp_path: Path) -> None:
     url = f"postgresql://lv@127.0.0.1:{closed_port()}/lv"  # nothing listens: connect refused
     sessions = make_sessions(make_engine(url))
     queries = SharedQueries(
@@ -30,7 +32,8 @@ def test_retries_for_a_database_that_is_down_back_off_exponentially() -> None:
         max_attempts=3,
         attempt_limit=timedelta(seconds=60),
     )
-    analyzer: Any = None  # never reached: the claim fails first
+    toy = get_spec(load_registry(), "lv-toy")
+    analyzer = listing_analyzer(toy, tmp_path, with_categories=False)  # the claim fails first
     runner = JobRunner(sessions, queries, analyzer, OutcomeWriter(sessions), "m", "w", 3, 1.0)
     try:
         waits = [runner.run(uuid.uuid4(), redeliveries=n).retry_in for n in range(5)]
@@ -38,6 +41,7 @@ def test_retries_for_a_database_that_is_down_back_off_exponentially() -> None:
         queries.close()
         runner.writer.close()
 
+    analyzer.service.close()
     assert all(wait is not None for wait in waits)
     assert waits[0] is not None and waits[4] is not None
     assert 1.5 <= waits[0] <= 2.5  # base 1 s x 2, with jitter
