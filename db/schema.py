@@ -268,6 +268,9 @@ class Job(Base):
             "status IN ('queued', 'running', 'succeeded', 'failed', 'dead')", name="jobs_status"
         ),
         Index("jobs_unsent", "model_id", "updated_at", postgresql_where=text("sent_at IS NULL")),
+        Index(
+            "jobs_queued_sent", "model_id", "sent_at", postgresql_where=text("status = 'queued'")
+        ),
         Index("jobs_listing", "listing_id"),
         Index("jobs_status_created", "status", "created_at"),
         Index("jobs_run", "run_id"),
