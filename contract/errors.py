@@ -9,6 +9,7 @@ retried with backoff until `LV_MAX_ATTEMPTS`, then it is `dead`.
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit, urlunsplit
 
 _MAX_SHOWN_CHARS = 200
 
@@ -42,6 +43,25 @@ def shown(text: str) -> str:
     if len(text) > _MAX_SHOWN_CHARS:
         return text[: _MAX_SHOWN_CHARS - 1] + "…"
     return text
+
+
+def redacted(url: str) -> str:
+    """A URL as it may be shown or logged: no userinfo, query values and fragment hidden.
+    Signed image URLs carry their credentials there (`X-Amz-Signature=…`, `token=…`); the
+    parameter names stay, so a reader still sees which kind of URL it was."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}=…" if "=" in pair else pair
+        for pair in parts.query.split("&")
+        if pair
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, "…" if parts.fragment else ""))
 
 
 def reason(error: BaseException) -> str:

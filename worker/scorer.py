@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from contract.errors import redacted
 from db.records import ListingRecord, ResultRecord
 from worker.backends.base import ModelInfo
 from worker.categories import CategoryIndex
@@ -154,4 +155,5 @@ def failure_summary(failed: list[FailedImage], total: int) -> str:
 
 
 def _short(url: str, limit: int = 80) -> str:
+    url = redacted(url)
     return url if len(url) <= limit else url[: limit - 1] + "…"

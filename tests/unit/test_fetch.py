@@ -26,7 +26,7 @@ import httpx
 import psutil
 import pytest
 
-from contract.errors import FetchError, TransientError
+from contract.errors import FetchError, TransientError, redacted
 from tests.unit.fetch_servers import (
     IMAGE_BYTES,
     OVERSIZE,
@@ -727,3 +727,28 @@ def test_malformed_http_fails_the_image_for_good_not_as_a_retry(
         fetch_image(f"{server.base_url}/{route}", policy(max_bytes=10_000_000))
     assert not isinstance(raised.value, TransientError)
     assert says in str(raised.value)
+
+
+# --- secrets in URLs (issue 15) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown_as"),
+    [
+        (
+            "https://cdn.test/a.jpg?X-Amz-Signature=abc123&X-Amz-Expires=60",
+            "https://cdn.test/a.jpg?X-Amz-Signature=…&X-Amz-Expires=…",
+        ),
+        ("https://user:hunter2@cdn.test/a.jpg", "https://***@cdn.test/a.jpg"),
+        ("https://cdn.test/a.jpg#token=zzz", "https://cdn.test/a.jpg#…"),
+        ("https://cdn.test/a.jpg", "https://cdn.test/a.jpg"),
+    ],
+)
+def test_urls_are_redacted_before_they_are_shown(url: str, shown_as: str) -> None:
+    assert redacted(url) == shown_as
+
+
+def test_a_failed_signed_url_keeps_its_signature_out_of_the_error(server: Running) -> None:
+    message = refusal(f"{server.base_url}/status/404?token=s3cr3t&sig=abc", policy())
+    assert "s3cr3t" not in message and "abc" not in message
+    assert "token=…" in message and "404" in message

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from contract.errors import FetchError, TransientError, shown
+from contract.errors import FetchError, TransientError, redacted, shown
 from worker.fetch.files import read_file_url
 from worker.fetch.http import fetch_http_url
 from worker.fetch.policy import FetchedImage, FetchPolicy, NotModified, Validators
@@ -25,9 +25,9 @@ def fetch_image(
     try:
         return _fetch(url, policy, validators)
     except FetchError as error:
-        raise FetchError(f"image URL {shown(url)}: {error}") from None
+        raise FetchError(f"image URL {shown(redacted(url))}: {error}") from None
     except TransientError as error:
-        raise TransientError(f"image URL {shown(url)}: {error}") from None
+        raise TransientError(f"image URL {shown(redacted(url))}: {error}") from None
 
 
 def _fetch(

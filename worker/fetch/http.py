@@ -17,7 +17,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from contract.errors import FetchError, TransientError, reason, shown
+from contract.errors import FetchError, TransientError, reason, redacted, shown
 from worker.fetch.addresses import IPAddress, resolve_checked
 from worker.fetch.policy import FetchedImage, FetchPolicy, NotModified, Validators, too_large
 
@@ -168,7 +168,7 @@ def _fetch_http(url: httpx.URL, fetch: _Fetch) -> FetchedImage | NotModified:
         except FetchError as exc:
             if hop == 0:
                 raise
-            raise FetchError(f"redirected to {shown(str(current))}: {exc}") from None
+            raise FetchError(f"redirected to {shown(redacted(str(current)))}: {exc}") from None
         if not isinstance(outcome, httpx.URL):
             return outcome
         current = outcome
@@ -296,12 +296,13 @@ def _redirect_target(response: httpx.Response, url: httpx.URL) -> httpx.URL:
         raise FetchError(f"redirect to an invalid URL ({reason(exc)})") from None
     if target.scheme not in ("http", "https"):
         raise FetchError(
-            f"redirect to {shown(location)} refused (only http and https may be redirected to)"
+            f"redirect to {shown(redacted(location))} refused "
+            "(only http and https may be redirected to)"
         )
     if url.scheme == "https" and target.scheme == "http":
-        raise FetchError(f"redirect from https to plain http ({shown(location)}) refused")
+        raise FetchError(f"redirect from https to plain http ({shown(redacted(location))}) refused")
     if not target.raw_host:
-        raise FetchError(f"redirect to {shown(location)} has no host")
+        raise FetchError(f"redirect to {shown(redacted(location))} has no host")
     return target.copy_with(fragment=None)
 
 
