@@ -19,14 +19,24 @@ from contract.broker import (
 from worker.runtime import WorkerRuntime
 
 
+class ListingFailed(Exception):
+    """The listing ended `failed` (or its job `dead`); the message is the row's error."""
+
+
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Bind the analysis task and the `lv_stats` command to this process's warm runtime."""
 
-    @app.task(name=ANALYZE_TASK, bind=True, acks_late=True, max_retries=None)
+    @app.task(
+        name=ANALYZE_TASK, bind=True, acks_late=True, max_retries=None, throws=(ListingFailed,)
+    )
     def analyze(self: Task, job_id: str) -> dict[str, Any]:
         job = AnalyzeMessage.parse(job_id).job_id
         report = runtime.runner.run(job, redeliveries=self.request.retries or 0)
         if report.retry_in is None:
+            if report.summary.get("status") == "failed":
+                # Its row is committed; the task fails too, so Flower counts and shows it with
+                # its readable error (`throws`: logged in one line, no traceback).
+                raise ListingFailed(report.summary.get("error") or "failed")
             return report.summary
         # Publish the retry first; if that fails Celery rejects the message and the job stays
         # "not in the broker" for the reconciler. Only a published retry is marked as sent.

@@ -1,0 +1,73 @@
+"""What Flower sees (issue 15): a listing that ends `failed` is a failed task in Celery's
+events, with its readable error; a listing that succeeds is a succeeded task."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import images
+from tests.integration.conftest import WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_failed_listing_is_a_failed_task_with_its_error(
+    worker: WorkerProcess, producer: Any, image_root: Path
+) -> None:
+    bad = images.truncated_jpeg(image_root / f"events-bad-{uuid.uuid4().hex[:6]}.jpg")
+    good = images.save(images.product_image("gold"), image_root / "events-good.jpg")
+    seen: dict[str, dict[str, Any]] = {}
+    ready, stop = threading.Event(), threading.Event()
+    app = producer.celery
+
+    def listen() -> None:
+        with app.connection_for_read() as connection:
+
+            def record(event: dict[str, Any]) -> None:
+                seen[event["uuid"]] = event
+
+            receiver = app.events.Receiver(
+                connection, handlers={"task-failed": record, "task-succeeded": record}
+            )
+            ready.set()
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError, OSError):
+                    receiver.capture(limit=None, timeout=0.5, wakeup=False)
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    report = producer.enqueue(
+        [
+            {
+                "listing_id": f"events-bad-{uuid.uuid4().hex[:6]}",
+                "title": "t",
+                "image_url": bad.as_uri(),
+            },
+            {
+                "listing_id": f"events-ok-{uuid.uuid4().hex[:6]}",
+                "title": "t",
+                "image_url": good.as_uri(),
+            },
+        ],
+        model="tiny",
+    )
+    counts = producer.wait(report.job_ids, timeout=60, poll_interval=0.2)
+    assert counts["failed"] == 1 and counts["succeeded"] == 1, worker.log()[-2000:]
+    failed_id, ok_id = (str(job_id) for job_id in report.job_ids)
+    for _ in range(100):
+        if failed_id in seen and ok_id in seen:
+            break
+        threading.Event().wait(0.1)
+
+    stop.set()
+    thread.join(10)
+    assert seen[failed_id]["type"] == "task-failed"
+    assert "corrupt or truncated" in seen[failed_id]["exception"]
+    assert seen[ok_id]["type"] == "task-succeeded"
