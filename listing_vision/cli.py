@@ -231,7 +231,10 @@ def up() -> None:
 
 def main() -> None:
     """Console entry point: user errors are one clear line and exit status 2."""
-    from listing_vision import run_commands  # noqa: F401  (registers rescore, reindex, runs, run)
+    from listing_vision import (  # noqa: F401  (they register their commands)
+        health_command,
+        run_commands,
+    )
 
     try:
         app()

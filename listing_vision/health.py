@@ -1,0 +1,103 @@
+"""`listing-vision health`: broker, database, schema, and workers that are alive and making
+progress. A worker answering ping is not enough: a model with work waiting longer than
+`stall` and no job finished in that time is unhealthy, whoever answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+
+from contract.errors import one_line
+from contract.settings import Settings
+
+
+@dataclass
+class Health:
+    """What was checked (for `--json`) and one line per problem."""
+
+    checks: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+def check_health(settings: Settings, app: Celery, stall: timedelta) -> Health:
+    """Every check, each independent of the others' failures."""
+    health = Health()
+    workers = _check_broker(app, health)
+    _check_database(settings, health, workers, stall)
+    return health
+
+
+def _check_broker(app: Celery, health: Health) -> dict[str, str]:
+    """The broker answers, and which workers answer ping (node name -> model)."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1)
+        replies = app.control.ping(timeout=2.0) or []
+    except Exception as error:
+        health.checks["broker"] = "unreachable"
+        health.problems.append(f"broker: cannot connect ({one_line(error, 200)})")
+        return {}
+    health.checks["broker"] = "ok"
+    workers = {name: name.split(".", 1)[0] for reply in replies for name in reply}
+    health.checks["workers"] = sorted(workers)
+    return workers
+
+
+def _check_database(
+    settings: Settings, health: Health, workers: dict[str, str], stall: timedelta
+) -> None:
+    from db.engine import make_engine, make_sessions
+    from db.health import database_now, work_by_model
+    from db.migrate import is_current
+    from db.registered_models import active_model_id
+
+    engine = make_engine(settings.require_database_url(), pool_size=1)
+    try:
+        current = is_current(engine)
+        health.checks["database"] = "ok"
+        health.checks["schema"] = "current" if current else "behind"
+        if not current:
+            health.problems.append("schema: not up to date (run `listing-vision migrate`)")
+            return
+        active = active_model_id(engine, settings.model)
+        with make_sessions(engine)() as session:
+            now = database_now(session)
+            work = work_by_model(session)
+    except Exception as error:
+        health.checks.setdefault("database", "unreachable")
+        health.problems.append(f"database: {one_line(error, 200)}")
+        return
+    finally:
+        engine.dispose()
+    alive = set(workers.values())
+    health.checks["active_model"] = active
+    if health.checks.get("broker") == "ok" and active not in alive:
+        health.problems.append(f"workers: no live worker holds the active model {active}")
+    per_model = {}
+    for model in work:
+        per_model[model.model_id] = {
+            "queued": model.queued,
+            "running": model.running,
+            "last_finished": model.last_finished.isoformat() if model.last_finished else None,
+        }
+        waiting = model.queued + model.running
+        if not waiting or model.oldest_waiting is None:
+            continue
+        if now - model.oldest_waiting < stall:
+            continue
+        if model.last_finished is not None and now - model.last_finished < stall:
+            continue
+        minutes = stall.total_seconds() / 60
+        who = "no live worker holds it" if model.model_id not in alive else "its workers answer"
+        health.problems.append(
+            f"progress: model {model.model_id} has {waiting} jobs waiting and none finished "
+            f"in the last {minutes:g} min ({who})"
+        )
+    health.checks["models"] = per_model

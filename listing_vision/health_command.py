@@ -1,0 +1,52 @@
+"""`listing-vision health` on the command line (for people, probes and compose checks)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Annotated
+
+import typer
+
+from contract.broker import make_celery
+from listing_vision.command_context import app, command_settings, console
+from listing_vision.health import check_health
+from listing_vision.servers import connected
+
+
+@app.command()
+def health(
+    json_output: Annotated[
+        bool, typer.Option("--json", help="one JSON object (for probes) instead of lines")
+    ] = False,
+    stall: Annotated[
+        float,
+        typer.Option(
+            help="seconds a model's work may wait with no job finished before it is stalled"
+        ),
+    ] = 300.0,
+) -> None:
+    """Broker, database, schema, and workers alive and making progress: exit 0 when healthy,
+    1 with one line per problem."""
+    settings = command_settings()
+    with connected(settings) as resolved:
+        result = check_health(resolved, make_celery(resolved), timedelta(seconds=stall))
+    if json_output:
+        payload = {"healthy": result.healthy, "problems": result.problems, **result.checks}
+        console.print_json(json.dumps(payload, default=str))
+    elif result.healthy:
+        console.print("healthy: " + ", ".join(f"{k} {v}" for k, v in _summary(result.checks)))
+    else:
+        for problem in result.problems:
+            console.print(problem, markup=False, highlight=False)
+    raise typer.Exit(0 if result.healthy else 1)
+
+
+def _summary(checks: dict[str, object]) -> list[tuple[str, object]]:
+    workers = checks.get("workers") or []
+    return [
+        ("broker", checks.get("broker")),
+        ("database", checks.get("database")),
+        ("schema", checks.get("schema")),
+        ("workers", len(workers) if isinstance(workers, list) else workers),
+    ]

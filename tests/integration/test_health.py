@@ -1,0 +1,66 @@
+"""`listing-vision health` against the real stack: what it checks, and that it names a stalled
+model and an unreachable broker (exit 1), not just a worker that answers ping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from contract.registry import get_spec, load_registry
+from db import jobs, listings, registered_models
+from db.engine import make_sessions
+from db.jobs import NewJob
+from db.records import ListingRecord
+from tests.integration.conftest import Stack, WorkerProcess, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "listing_vision", "health", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_health_reports_each_part_and_names_a_stalled_model(
+    stack: Stack, worker: WorkerProcess, worker_env: dict[str, str]
+) -> None:
+    answer = health(worker_env, "--json", "--stall", "3600")
+    report = json.loads(answer.stdout)
+    assert report["broker"] == "ok" and report["database"] == "ok"
+    assert report["schema"] == "current" and report["active_model"] == "tiny"
+    assert any(name.startswith("tiny.cpu@") for name in report["workers"])
+    assert not any("tiny " in problem for problem in report["problems"])
+
+    # Work for a model no worker holds, waiting: with a short stall window it is named.
+    sessions = make_sessions(stack.engine)
+    listing_id = f"health-{uuid.uuid4().hex[:8]}"
+    with sessions.begin() as session:
+        registered_models.ensure_model(session, get_spec(load_registry(), "lv-toy"))
+        listings.upsert_listings(
+            session, [ListingRecord(listing_id, "t", None, None, ["http://x/a.jpg"])]
+        )
+        jobs.create_jobs(session, [NewJob(uuid.uuid4(), listing_id, "lv-toy")])
+    try:
+        stalled = health(worker_env, "--stall", "0")
+    finally:
+        with stack.engine.begin() as connection:
+            connection.exec_driver_sql("DELETE FROM listings WHERE listing_id = %s", (listing_id,))
+    assert stalled.returncode == 1, stalled.stdout + stalled.stderr
+    assert "progress: model lv-toy" in stalled.stdout
+    assert "no live worker holds it" in stalled.stdout
+
+
+def test_health_names_an_unreachable_broker(worker_env: dict[str, str]) -> None:
+    env = {**worker_env, "LV_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    answer = health(env)
+    assert answer.returncode == 1
+    assert "broker: cannot connect" in answer.stdout
