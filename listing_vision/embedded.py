@@ -93,6 +93,23 @@ class EmbeddedServers:
             tmp.replace(self._state_path)
 
 
+def running_urls(home: Path) -> ServerUrls:
+    """The URLs of the embedded servers already running under `home` (None where one is not),
+    without starting anything: for operator tools that must not bring up a stack of their own."""
+    home = home.expanduser().resolve()
+    state = _read_json(home / "embedded.json")
+    database_url = state.get("database_url")
+    if database_url is not None:
+        from pgserver.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(home / "postgres")
+        if info is None or not info.is_running():
+            database_url = None
+    known = state.get("valkey", {})
+    broker_url = str(known["url"]) if known and _valkey_alive(known) else None
+    return ServerUrls(database_url, broker_url)
+
+
 def _quiet_platformdirs() -> None:
     """pgserver asks platformdirs for a runtime dir, which warns when XDG_RUNTIME_DIR is unset."""
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")

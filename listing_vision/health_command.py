@@ -42,6 +42,22 @@ def health(
     raise typer.Exit(0 if result.healthy else 1)
 
 
+@app.command()
+def urls() -> None:
+    """Where the stack is: the database, the broker, Flower, and how Celery's tools reach it
+    (the embedded servers' URLs hold their passwords: this prints them for you, the owner)."""
+    from listing_vision.embedded import running_urls
+
+    settings = command_settings()
+    running = running_urls(settings.home)
+    database = settings.database_url or running.database_url
+    broker = settings.broker_url or running.broker_url
+    console.print(f"database  {database or '(not running: listing-vision up)'}", markup=False)
+    console.print(f"broker    {broker or '(not running: listing-vision up)'}", markup=False)
+    console.print(f"flower    http://127.0.0.1:{settings.flower_port}", markup=False)
+    console.print("celery    celery -A listing_vision.celery_app inspect ping", markup=False)
+
+
 def _summary(checks: dict[str, object]) -> list[tuple[str, object]]:
     workers = checks.get("workers") or []
     return [

@@ -1,0 +1,46 @@
+"""A Celery app for Celery's own tools, configured from the `LV_` settings as the workers' is:
+
+    celery -A listing_vision.celery_app inspect ping
+    celery -A listing_vision.celery_app inspect lv_stats
+    celery -A listing_vision.celery_app control revoke JOB_ID
+    celery -A listing_vision.celery_app events
+    celery -A listing_vision.celery_app flower
+
+With `LV_BROKER_URL` unset it uses the embedded broker of the running stack (`listing-vision
+up`, under `LV_HOME`); it never starts one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.worker.control import inspect_command
+
+from contract.broker import STATS_COMMAND, make_celery
+from contract.settings import Settings, SettingsError, load_settings
+from listing_vision.embedded import running_urls
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    if settings.broker_url and settings.database_url:
+        return settings
+    running = running_urls(settings.home)
+    broker = settings.broker_url or running.broker_url
+    if broker is None:
+        raise SettingsError(
+            "no broker: set LV_BROKER_URL, or start the stack with `listing-vision up` "
+            f"(LV_HOME {settings.home})"
+        )
+    return settings.with_servers(settings.database_url or running.database_url, broker)
+
+
+@inspect_command(name=STATS_COMMAND)
+def lv_stats(state: Any) -> dict[str, Any]:  # pragma: no cover - answered by the workers
+    """Declared here so `celery inspect lv_stats` knows the command; workers answer it with
+    their batches and model calls (`worker/tasks.py`)."""
+    return {}
+
+
+app = make_celery(_settings())
+celery = app  # what `celery -A listing_vision.celery_app` looks for first
