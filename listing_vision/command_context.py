@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from contract.settings import Settings, SettingsError, load_settings
+from listing_vision.log_format import configure_logging
 from listing_vision.servers import connected
 
 app = typer.Typer(
@@ -36,7 +37,7 @@ def command_settings(*, service: bool = False) -> Settings:
         if service
         else max(logging.WARNING, logging.getLevelName(settings.log_level))
     )
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, settings.log_format)
     for noisy in ("pgserver", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     return settings

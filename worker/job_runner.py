@@ -115,18 +115,40 @@ class JobRunner:
             return self._attempt(job_id, ticket)
 
     def _attempt(self, job_id: uuid.UUID, ticket: Ticket) -> JobReport:
+        started = time.monotonic()
         claim = self.queries.claim(job_id)
         if isinstance(claim, Unclaimable):
             return self._unclaimable(job_id, claim)
-        deadline = time.monotonic() + self.time_limit
+        claimed = time.monotonic()
+        deadline = claimed + self.time_limit
         try:
             analysis = self.analyzer.analyze(claim.listing, deadline, ticket)
         except ListingError as error:
             analysis = ListingAnalysis(ResultRecord("failed", one_line(error)), [])
         except Exception as error:  # transient, or a bug: retried, then dead, never silent
             return self._after_transient(claim, error)
+        analysed = time.monotonic()
         status = "succeeded" if analysis.result.status == "ok" else "failed"
         self._record(_Attempt.of(claim), status, analysis, deadline)
+        done = time.monotonic()
+        log.info(
+            "job %s %s",
+            job_id,
+            status,
+            extra={
+                "fields": {
+                    "job_id": str(job_id),
+                    "listing_id": claim.listing.listing_id,
+                    "model_id": self.model_id,
+                    "outcome": status,
+                    "attempt": claim.attempt,
+                    "claim_ms": round(1000 * (claimed - started), 1),
+                    "analysis_ms": round(1000 * (analysed - claimed), 1),
+                    "write_ms": round(1000 * (done - analysed), 1),
+                    "batch_size": analysis.batch_size,
+                }
+            },
+        )
         return JobReport(_summary(claim.listing.listing_id, analysis.result))
 
     def _after_transient(self, claim: ClaimedJob, error: Exception) -> JobReport:

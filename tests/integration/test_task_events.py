@@ -43,15 +43,16 @@ def test_a_failed_listing_is_a_failed_task_with_its_error(
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
     assert ready.wait(10)
+    tag = uuid.uuid4().hex[:6]
     report = producer.enqueue(
         [
             {
-                "listing_id": f"events-bad-{uuid.uuid4().hex[:6]}",
+                "listing_id": f"events-bad-{tag}",
                 "title": "t",
                 "image_url": bad.as_uri(),
             },
             {
-                "listing_id": f"events-ok-{uuid.uuid4().hex[:6]}",
+                "listing_id": f"events-ok-{tag}",
                 "title": "t",
                 "image_url": good.as_uri(),
             },
@@ -68,6 +69,11 @@ def test_a_failed_listing_is_a_failed_task_with_its_error(
 
     stop.set()
     thread.join(10)
+    # One log line per job, with its listing, model, outcome and timings (issue 15).
+    log = worker.log()
+    assert f"listing_id=events-bad-{tag} model_id=tiny outcome=failed" in log
+    assert f"listing_id=events-ok-{tag} model_id=tiny outcome=succeeded" in log
+    assert "claim_ms=" in log and "write_ms=" in log
     assert seen[failed_id]["type"] == "task-failed"
     assert "corrupt or truncated" in seen[failed_id]["exception"]
     assert seen[ok_id]["type"] == "task-succeeded"
