@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     run_chunk_size: int | None = Field(None, ge=1, le=10_000)
     rescore_schedule: str = "0 2 * * *"
     log_level: str = "INFO"
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     log_format: Literal["text", "json"] = "text"
 
     @field_validator("home", "models_file", "categories_file", mode="after")

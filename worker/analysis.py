@@ -33,6 +33,7 @@ class ListingAnalysis:
     images: list[ListingImageRecord]
     new_embeddings: dict[str, list[float]] = field(default_factory=dict)
     batch_size: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage: fetch, decode, infer
 
 
 @dataclass
@@ -73,8 +74,10 @@ class ListingAnalyzer:
     def _analyze(
         self, listing: ListingRecord, ticket: Ticket, deadline: float | None
     ) -> ListingAnalysis:
+        started = time.monotonic()
         fetched = fetch_images(listing.image_urls, self.policy, self.executor)
         cached = self.lookup_cached([f.sha256 for f in fetched if not isinstance(f, FailedImage)])
+        got = time.monotonic()
         info = self.service.backend.info
         prepared = prepare_images(
             fetched,
@@ -84,11 +87,13 @@ class ListingAnalyzer:
             draft_size=max(info.image_size, 256),
             executor=self.executor,
         )
+        decoded = time.monotonic()
+        seconds = {"fetch": got - started, "decode": decoded - got}
         usable = [p for p in prepared if isinstance(p, PreparedImage)]
         failed = [p for p in prepared if isinstance(p, FailedImage)]
         records = image_records(prepared)
         if not usable:
-            return ListingAnalysis(failed_result(failed, len(prepared)), records)
+            return ListingAnalysis(failed_result(failed, len(prepared)), records, seconds=seconds)
         fresh = [p for p in usable if p.pixels is not None]
         texts = (listing.text,) if self.scorer.scores_text else ()
         request = EmbedRequest(
@@ -97,6 +102,7 @@ class ListingAnalyzer:
             tuple(p.facts.sha256 for p in fresh),
         )
         embedded = self.service.embed(request, self._model_wait(deadline), ticket)
+        seconds["infer"] = time.monotonic() - decoded  # the batch's wait and its model calls
         new_rows = dict(
             zip((p.facts.sha256 for p in fresh), embedded.image_embeddings, strict=True)
         )
@@ -108,7 +114,7 @@ class ListingAnalyzer:
         similarity = self.scorer.similarity(images, embedded.text_embeddings[0]) if texts else None
         result = self.scorer.result(listing, images, failed, similarity)
         new_embeddings = {sha: row.tolist() for sha, row in new_rows.items()}
-        return ListingAnalysis(result, records, new_embeddings, embedded.batch_units)
+        return ListingAnalysis(result, records, new_embeddings, embedded.batch_units, seconds)
 
 
 def _vector(image: PreparedImage, new_rows: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -65,8 +65,10 @@ class InferenceService:
         max_size: int,
         max_wait_s: float,
         input_path: str = "auto",
+        observe: Callable[[str, int], None] | None = None,
     ) -> None:
         self.backend = backend
+        self._observe = observe  # (tower, items) per model call, for metrics
         self.calls = ModelCalls()
         self.input_spec = tensor_input_spec(backend, input_path)
         self._coming = 0
@@ -162,6 +164,8 @@ class InferenceService:
             out = self.backend.embed_images(self._model_input(chunk))
             self.calls.image_calls += 1
             self.calls.images += len(chunk)
+            if self._observe is not None:
+                self._observe("image", len(chunk))
             return out
 
         return self._image_chunks.run(pixels, run)
@@ -174,6 +178,8 @@ class InferenceService:
             out = self.backend.embed_texts(chunk)
             self.calls.text_calls += 1
             self.calls.texts += len(chunk)
+            if self._observe is not None:
+                self._observe("text", len(chunk))
             return out
 
         return self._text_chunks.run(texts, run)

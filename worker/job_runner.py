@@ -23,6 +23,7 @@ from db.jobs import ClaimedJob, Unclaimable
 from db.records import JobOutcome, ListingOutcome, ResultRecord
 from worker.analysis import ListingAnalysis, ListingAnalyzer
 from worker.inference import Ticket
+from worker.metrics import WorkerMetrics
 from worker.outcomes import OutcomeWriter
 from worker.retries import backoff_seconds
 from worker.shared_queries import SharedQueries
@@ -68,6 +69,7 @@ class JobRunner:
     max_attempts: int
     retry_backoff: float
     time_limit: float = 300.0  # LV_TASK_TIME_LIMIT: one attempt, from its claim to its commit
+    metrics: WorkerMetrics | None = None
 
     def run(self, job_id: uuid.UUID, redeliveries: int = 0) -> JobReport:
         """Run one delivery of `job_id`. Database trouble (an outage, a lock or pool timeout)
@@ -131,6 +133,9 @@ class JobRunner:
         status = "succeeded" if analysis.result.status == "ok" else "failed"
         self._record(_Attempt.of(claim), status, analysis, deadline)
         done = time.monotonic()
+        if self.metrics is not None:
+            stages = {"claim": claimed - started, **analysis.seconds, "write": done - analysed}
+            self.metrics.job(status, stages)
         log.info(
             "job %s %s",
             job_id,
@@ -156,6 +161,8 @@ class JobRunner:
         if not isinstance(error, TransientError):
             log.exception("job %s: unexpected error", claim.job_id)
             message = f"internal error: {type(error).__name__}: {message}"
+        if self.metrics is not None:
+            self.metrics.job("dead" if claim.attempt >= self.max_attempts else "retried", {})
         if claim.attempt >= self.max_attempts:
             reason = f"gave up after {claim.attempt} attempts: {message}"
             analysis = ListingAnalysis(ResultRecord("failed", reason), [])

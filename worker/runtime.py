@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from worker.chunk_runner import ChunkRunner
 from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
 from worker.job_runner import JobRunner
+from worker.metrics import WorkerMetrics
 from worker.outcomes import OutcomeWriter
 from worker.reconciler import Lateness, Reconciler, SendChunks, SendJobs
 from worker.scorer import ListingScorer
@@ -83,11 +85,19 @@ def lateness(settings: Settings) -> Lateness:
 
 
 def start_runtime(
-    settings: Settings, registry: Registry, spec: ModelSpec, worker_name: str, send: Senders
+    settings: Settings,
+    registry: Registry,
+    spec: ModelSpec,
+    worker_name: str,
+    send: Senders,
+    metrics: WorkerMetrics | None = None,
 ) -> WorkerRuntime:
     """Load the model once, warm it, register it, and build the runners around it."""
     backend = create_backend(spec)
+    loading = time.monotonic()
     info = backend.load()
+    if metrics is not None:
+        metrics.load_seconds.labels(spec.model_id).set(time.monotonic() - loading)
     log.info("loaded %s on %s (%s): %s", spec.model_id, backend.device, backend.dtype, info)
     concurrency = worker_concurrency(settings, spec)
     # Many task threads share a few connections, each briefly; waiting for one is bounded.
@@ -108,7 +118,11 @@ def start_runtime(
         embeddings.ensure_hnsw_index(session, spec.model_id, info.embed_dim)
     max_size, max_wait = batch_limits(settings, spec)
     service = InferenceService(
-        backend, max_size=max_size, max_wait_s=max_wait, input_path=settings.input_path
+        backend,
+        max_size=max_size,
+        max_wait_s=max_wait,
+        input_path=settings.input_path,
+        observe=metrics.model_call if metrics is not None else None,
     )
     categories = None
     if info.has_text:
@@ -154,6 +168,7 @@ def start_runtime(
         max_attempts=settings.max_attempts,
         retry_backoff=settings.retry_backoff,
         time_limit=float(settings.task_time_limit),
+        metrics=metrics,
     )
     chunk_analyzer = ChunkAnalyzer(
         service,
