@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from contract.settings import Settings, load_settings
 from db.engine import make_engine, make_sessions
@@ -206,3 +207,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def sessions_with_model(stack: Stack, model_id: str) -> sessionmaker[Session]:
+    """A session factory on the stack, with `model_id` registered (jobs need their model)."""
+    from contract.registry import ModelSpec
+    from db import registered_models
+    from db.engine import make_sessions
+
+    factory = make_sessions(stack.engine)
+    with factory.begin() as session:
+        registered_models.ensure_model(
+            session, ModelSpec(model_id, "open_clip", "x", threshold=0.5)
+        )
+    return factory

@@ -11,12 +11,11 @@ import redis
 from sqlalchemy import text
 
 from contract.broker import make_celery, send_analysis
-from contract.registry import ModelSpec
-from db import jobs, listings, registered_models, results
+from db import jobs, listings, results
 from db.engine import make_sessions
 from db.jobs import ClaimedJob, NewJob, Unclaimable
 from db.records import JobOutcome, ListingOutcome, ListingRecord, ResultRecord
-from tests.integration.conftest import Stack, query
+from tests.integration.conftest import Stack, query, sessions_with_model
 from worker.reconciler import Lateness, Reconciler
 
 pytestmark = pytest.mark.slow
@@ -25,10 +24,7 @@ MODEL = "states-model"
 
 @pytest.fixture
 def sessions(stack: Stack):  # type: ignore[no-untyped-def]
-    factory = make_sessions(stack.engine)
-    with factory.begin() as session:
-        registered_models.ensure_model(session, ModelSpec(MODEL, "open_clip", "x", threshold=0.5))
-    return factory
+    return sessions_with_model(stack, MODEL)
 
 
 def new_job(sessions, title: str = "a title") -> tuple[uuid.UUID, str]:  # type: ignore[no-untyped-def]

@@ -12,12 +12,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from contract.registry import ModelSpec
-from db import jobs, listings, registered_models, results
-from db.engine import make_sessions
+from db import jobs, listings, results
 from db.jobs import ClaimedJob, NewJob
 from db.records import JobOutcome, ListingOutcome, ListingRecord, ResultRecord
-from tests.integration.conftest import Stack, query
+from tests.integration.conftest import Stack, query, sessions_with_model
 from worker.outcomes import OutcomeWriter
 
 pytestmark = pytest.mark.slow
@@ -27,10 +25,7 @@ CHANGE_SEQ_LOCK = 7526319372016103793  # the key the change_seq triggers lock (m
 
 @pytest.fixture
 def sessions(stack: Stack):  # type: ignore[no-untyped-def]
-    factory = make_sessions(stack.engine)
-    with factory.begin() as session:
-        registered_models.ensure_model(session, ModelSpec(MODEL, "open_clip", "x", threshold=0.5))
-    return factory
+    return sessions_with_model(stack, MODEL)
 
 
 def new_listing(sessions) -> ListingRecord:  # type: ignore[no-untyped-def]
