@@ -281,20 +281,6 @@ def finish_many(session: Session, finishes: Sequence[Finish]) -> set[tuple[uuid.
     return {(job_id, attempt) for job_id, attempt in rows}
 
 
-def finish(
-    session: Session,
-    job_id: uuid.UUID,
-    *,
-    attempt: int,
-    status: str,
-    error: str | None,
-    batch_size: int | None,
-) -> bool:
-    """Set one job's final state if `attempt` still holds it (see `finish_many`)."""
-    finished = finish_many(session, [Finish(job_id, attempt, status, error, batch_size)])
-    return (job_id, attempt) in finished
-
-
 def note_retry(session: Session, job_id: uuid.UUID, attempt: int, error: str) -> None:
     """A transient failure: back to queued, the error kept, and not yet known to be in the
     broker (`sent_at` NULL) until the retry message is published."""

@@ -132,28 +132,24 @@ class JobRunner:
         analysed = time.monotonic()
         status = "succeeded" if analysis.result.status == "ok" else "failed"
         self._record(_Attempt.of(claim), status, analysis, deadline)
-        done = time.monotonic()
+        seconds = {
+            "claim": claimed - started,
+            "analysis": analysed - claimed,
+            "write": time.monotonic() - analysed,
+        }
         if self.metrics is not None:
-            stages = {"claim": claimed - started, **analysis.seconds, "write": done - analysed}
+            stages = {"claim": seconds["claim"], **analysis.seconds, "write": seconds["write"]}
             self.metrics.job(status, stages)
-        log.info(
-            "job %s %s",
-            job_id,
-            status,
-            extra={
-                "fields": {
-                    "job_id": str(job_id),
-                    "listing_id": claim.listing.listing_id,
-                    "model_id": self.model_id,
-                    "outcome": status,
-                    "attempt": claim.attempt,
-                    "claim_ms": round(1000 * (claimed - started), 1),
-                    "analysis_ms": round(1000 * (analysed - claimed), 1),
-                    "write_ms": round(1000 * (done - analysed), 1),
-                    "batch_size": analysis.batch_size,
-                }
-            },
-        )
+        fields = {
+            "job_id": str(job_id),
+            "listing_id": claim.listing.listing_id,
+            "model_id": self.model_id,
+            "outcome": status,
+            "attempt": claim.attempt,
+            **{f"{stage}_ms": round(1000 * value, 1) for stage, value in seconds.items()},
+            "batch_size": analysis.batch_size,
+        }
+        log.info("job %s %s", job_id, status, extra={"fields": fields})
         return JobReport(_summary(claim.listing.listing_id, analysis.result))
 
     def _after_transient(self, claim: ClaimedJob, error: Exception) -> JobReport:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -14,7 +13,6 @@ from datetime import timedelta
 from contract.registry import ModelSpec, Registry, get_spec
 from contract.settings import Settings
 from db import embeddings, registered_models
-from db.embeddings import CachedImage
 from db.engine import make_engine, make_sessions
 from worker.analysis import ListingAnalyzer
 from worker.backends import create_backend
@@ -131,10 +129,6 @@ def start_runtime(
     scorer = ListingScorer(info, categories, spec.threshold)
     executor = ThreadPoolExecutor(max_workers=min(64, concurrency * 2), thread_name_prefix="fetch")
 
-    def lookup_cached(shas: Sequence[str]) -> dict[str, CachedImage]:
-        with sessions() as session:
-            return embeddings.cached_images(session, shas, spec.model_id)
-
     # Claims and cache lookups: one self-contained statement each, on connections of their own.
     single = make_engine(
         settings.require_database_url(),
@@ -176,7 +170,7 @@ def start_runtime(
         policy,
         settings.max_image_pixels,
         executor,
-        lookup_cached,
+        queries.cached,
         spec.model_id,
         model_timeout,
         group_size=max_size,
