@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     # Where resize, crop and normalise run: `tensor` batches them on the model's device,
     # `pil` runs the backend's own transform per image; `auto` is tensor on CUDA, else pil.
     input_path: Literal["auto", "pil", "tensor"] = "auto"
+    # Where JPEGs are decoded: `device` leaves them encoded for the model's batch to decode
+    # together on its device (nvJPEG on CUDA) and measure there; `pil` decodes each in its job's
+    # thread; `auto` is device on CUDA with the tensor input path, else pil.
+    decode: Literal["auto", "pil", "device"] = "auto"
     worker_concurrency: int | None = Field(None, ge=1)
     run_chunk_size: int | None = Field(None, ge=1, le=10_000)
     rescore_schedule: str = "0 2 * * *"

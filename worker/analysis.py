@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,7 +19,7 @@ from worker.images import (
     fetch_images,
     prepare_images,
 )
-from worker.inference import EmbedRequest, InferenceService, Ticket
+from worker.inference import EmbedRequest, EmbedResult, InferenceService, Ticket
 from worker.scorer import ListingScorer, UsableImages, failed_result
 
 LookupCached = Callable[[Sequence[str]], dict[str, CachedImage]]
@@ -86,14 +86,13 @@ class ListingAnalyzer:
             max_pixels=self.max_pixels,
             draft_size=max(info.image_size, 256),
             executor=self.executor,
+            encode=self.service.encoded,
         )
         decoded = time.monotonic()
         seconds = {"fetch": got - started, "decode": decoded - got}
         usable = [p for p in prepared if isinstance(p, PreparedImage)]
-        failed = [p for p in prepared if isinstance(p, FailedImage)]
-        records = image_records(prepared)
         if not usable:
-            return ListingAnalysis(failed_result(failed, len(prepared)), records, seconds=seconds)
+            return _all_failed(prepared, seconds)
         fresh = [p for p in usable if p.pixels is not None]
         texts = (listing.text,) if self.scorer.scores_text else ()
         request = EmbedRequest(
@@ -103,9 +102,19 @@ class ListingAnalyzer:
         )
         embedded = self.service.embed(request, self._model_wait(deadline), ticket)
         seconds["infer"] = time.monotonic() - decoded  # the batch's wait and its model calls
-        new_rows = dict(
-            zip((p.facts.sha256 for p in fresh), embedded.image_embeddings, strict=True)
-        )
+        errors = embedded.errors or (None,) * len(fresh)
+        new_rows = {
+            p.facts.sha256: row
+            for p, row, error in zip(fresh, embedded.image_embeddings, errors, strict=True)
+            if error is None
+        }
+        if embedded.errors:  # JPEGs decoded in the batch: their measures, or why they failed
+            prepared = settle_device_decoded(prepared, fresh, embedded)
+            usable = [p for p in prepared if isinstance(p, PreparedImage)]
+            if not usable:
+                return _all_failed(prepared, seconds)
+        failed = [p for p in prepared if isinstance(p, FailedImage)]
+        records = image_records(prepared)
         images = UsableImages(
             [p.position for p in usable],
             [p.facts.sha256 for p in usable],
@@ -115,6 +124,31 @@ class ListingAnalyzer:
         result = self.scorer.result(listing, images, failed, similarity)
         new_embeddings = {sha: row.tolist() for sha, row in new_rows.items()}
         return ListingAnalysis(result, records, new_embeddings, embedded.batch_units, seconds)
+
+
+def _all_failed(
+    prepared: Sequence[PreparedImage | FailedImage], seconds: dict[str, float]
+) -> ListingAnalysis:
+    failed = [p for p in prepared if isinstance(p, FailedImage)]
+    result = failed_result(failed, len(prepared))
+    return ListingAnalysis(result, image_records(prepared), seconds=seconds)
+
+
+def settle_device_decoded(
+    prepared: Sequence[PreparedImage | FailedImage],
+    sent: Sequence[PreparedImage],
+    embedded: EmbedResult,
+) -> list[PreparedImage | FailedImage]:
+    """`prepared` after the batch decoded the JPEGs in `sent` on the device: each one's blur
+    and brightness in its facts, or a `FailedImage` with the decoder's reason."""
+    settled: dict[int, PreparedImage | FailedImage] = {}
+    for image, quality, error in zip(sent, embedded.qualities, embedded.errors, strict=True):
+        if error is not None:
+            settled[image.position] = FailedImage(image.position, image.url, error)
+        elif quality is not None:
+            facts = replace(image.facts, blur=quality.blur, brightness=quality.brightness)
+            settled[image.position] = replace(image, facts=facts)
+    return [settled.get(p.position, p) for p in prepared]
 
 
 def _vector(image: PreparedImage, new_rows: dict[str, torch.Tensor]) -> torch.Tensor:

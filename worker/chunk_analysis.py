@@ -174,7 +174,7 @@ class ChunkAnalyzer:
         fresh: dict[str, torch.Tensor] = {}
         for images in group.values():
             for image in images.usable:
-                if image.pixels is not None:
+                if isinstance(image.pixels, torch.Tensor):  # runs decode with Pillow
                     fresh.setdefault(image.facts.sha256, image.pixels)
         if not fresh:
             return group

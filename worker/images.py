@@ -24,6 +24,10 @@ from db.records import ImageFacts
 from worker.decode import decode_image
 from worker.fetch import FetchPolicy, NotModified, Validators, fetch_image
 from worker.quality import measure_quality
+from worker.tensor_input import EncodedJpeg
+
+# Stands in for blur and brightness until the model's batch has decoded the image on the device.
+UNMEASURED = float("nan")
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -68,12 +72,14 @@ class Unchanged:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """A usable image: its facts, and either model input (`pixels`) or a cached embedding."""
+    """A usable image: its facts, and either model input (`pixels`: a tensor, or a JPEG the
+    model's batch decodes on the device, whose blur and brightness it measures there) or a cached
+    embedding."""
 
     position: int
     url: str
     facts: ImageFacts
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | EncodedJpeg | None = None
     cached_embedding: np.ndarray | None = None
     validators: Validators | None = None
 
@@ -133,8 +139,11 @@ def prepare_images(
     max_pixels: int,
     draft_size: int,
     executor: Executor,
+    encode: Callable[[bytes], EncodedJpeg | None] | None = None,
 ) -> list[PreparedImage | FailedImage]:
-    """Decode, measure and preprocess what the model has not embedded yet, in position order."""
+    """Decode, measure and preprocess what the model has not embedded yet, in position order.
+    With `encode` (JPEGs decoded on the model's device), a JPEG it accepts is passed on
+    encoded, its header read here and nothing decoded."""
 
     def prepare(image: Fetched) -> PreparedImage | FailedImage:
         if isinstance(image, FailedImage):
@@ -147,6 +156,9 @@ def prepare_images(
         if isinstance(image, Unchanged):  # asked conditionally only for a cached content
             return FailedImage(image.position, image.url, "content unknown to this model")
         try:
+            jpeg = encode(image.data) if encode is not None else None
+            if jpeg is not None:
+                return _left_encoded(image, jpeg)
             with _DECODE_SLOTS:
                 return _decode_and_prepare(image, preprocess, max_pixels, draft_size)
         except ListingError as error:
@@ -178,6 +190,13 @@ def _decode_and_prepare(
     )
     pixels = preprocess(decoded.pixels)
     return PreparedImage(image.position, image.url, facts, pixels, None, image.validators)
+
+
+def _left_encoded(image: FetchedBytes, jpeg: EncodedJpeg) -> PreparedImage:
+    facts = ImageFacts(
+        image.sha256, jpeg.width, jpeg.height, "JPEG", len(image.data), UNMEASURED, UNMEASURED
+    )
+    return PreparedImage(image.position, image.url, facts, jpeg, None, image.validators)
 
 
 def _map(work: Callable[[A], B], items: Sequence[A], executor: Executor) -> list[B]:

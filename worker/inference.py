@@ -17,7 +17,9 @@ from PIL import Image
 from contract.errors import TransientError
 from worker.backends.base import ModelBackend
 from worker.batching import DynamicBatcher
-from worker.tensor_input import InputSpec, preprocess_batch
+from worker.device_quality import measure_quality_batch
+from worker.quality import ImageQuality
+from worker.tensor_input import EncodedJpeg, InputSpec, decode_jpegs, encoded_jpeg, preprocess_batch
 
 log = logging.getLogger(__name__)
 _TEXT_CALL_LIMIT = 256  # texts per text-tower call
@@ -31,7 +33,7 @@ class EmbedRequest:
     listings once, e.g. variants of one product arriving together.
     """
 
-    pixels: tuple[torch.Tensor, ...] = ()
+    pixels: tuple[torch.Tensor | EncodedJpeg, ...] = ()
     texts: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
 
@@ -40,9 +42,13 @@ class EmbedRequest:
 class EmbedResult:
     """One request's rows of a batch's embeddings, and how big that batch was."""
 
-    image_embeddings: torch.Tensor  # (len(pixels), dim)
+    image_embeddings: torch.Tensor  # (len(pixels), dim); a zero row where `errors` says why
     text_embeddings: torch.Tensor  # (len(texts), dim)
     batch_units: int  # images (or 1 for a text-only job) in the model batch that served it
+    # Per image, for JPEGs the batch decoded on the device: their blur and brightness, or why
+    # they could not be decoded (None for images that came as pixels). Empty: none did.
+    qualities: tuple[ImageQuality | None, ...] = ()
+    errors: tuple[str | None, ...] = ()
 
 
 @dataclass
@@ -65,12 +71,16 @@ class InferenceService:
         max_size: int,
         max_wait_s: float,
         input_path: str = "auto",
+        decode: str = "auto",
+        max_pixels: int = 40_000_000,
         observe: Callable[[str, int], None] | None = None,
     ) -> None:
         self.backend = backend
         self._observe = observe  # (tower, items) per model call, for metrics
         self.calls = ModelCalls()
         self.input_spec = tensor_input_spec(backend, input_path)
+        self.decodes_on_device = decodes_on_device(backend, self.input_spec, decode)
+        self._max_pixels = max_pixels
         self._coming = 0
         self._coming_lock = threading.Lock()
         self._image_chunks = OomChunker(max_size, "image")
@@ -137,6 +147,13 @@ class InferenceService:
             image = image.reduce(factor)
         return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
 
+    def encoded(self, data: bytes) -> EncodedJpeg | None:
+        """`data` left encoded for the batch to decode on the device (`LV_DECODE`), or None:
+        the job decodes it with Pillow."""
+        if not self.decodes_on_device:
+            return None
+        return encoded_jpeg(data, self._max_pixels)
+
     def _model_input(self, chunk: list[torch.Tensor]) -> torch.Tensor:
         if self.input_spec is None:
             return torch.stack(chunk)
@@ -144,17 +161,45 @@ class InferenceService:
 
     def _run_batch(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
         slots, unique = _unique_images(requests)
-        images = self._embed_images(unique)
+        decoded = self._decode(unique)
+        usable = [(i, d.pixels) for i, d in enumerate(decoded) if not isinstance(d.pixels, str)]
+        images = self._embed_images([pixels for _, pixels in usable])
+        if len(usable) < len(unique):  # a zero row for each image that could not be decoded
+            rows, images = images, images.new_zeros((len(unique), images.shape[1]))
+            images[[i for i, _ in usable]] = rows
         texts = [t for request in requests for t in request.texts]
         words = self._embed_texts(texts)
         units = len(unique) or len(requests)
+        on_device = any(d.quality is not None or d.error is not None for d in decoded)
         results, i, j = [], 0, 0
         for request in requests:
             n, m = len(request.pixels), len(request.texts)
-            rows = images[slots[i : i + n]] if n else images[:0]
-            results.append(EmbedResult(rows, words[j : j + m], units))
+            mine = slots[i : i + n]
+            rows = images[mine] if n else images[:0]
+            qualities = tuple(decoded[k].quality for k in mine) if on_device else ()
+            errors = tuple(decoded[k].error for k in mine) if on_device else ()
+            results.append(EmbedResult(rows, words[j : j + m], units, qualities, errors))
             i, j = i + n, j + m
         return results
+
+    def _decode(self, items: list[torch.Tensor | EncodedJpeg]) -> list[_Decoded]:
+        """The batch's JPEGs decoded together on the model's device and measured there; an
+        image that cannot be decoded carries its reason instead of pixels."""
+        out = [_Decoded(item if isinstance(item, torch.Tensor) else "") for item in items]
+        jpegs = [i for i, item in enumerate(items) if isinstance(item, EncodedJpeg)]
+        if not jpegs:
+            return out
+        encoded = [item for item in items if isinstance(item, EncodedJpeg)]
+        pixels = decode_jpegs(encoded, self.backend.device, max_pixels=self._max_pixels)
+        good = [(i, p) for i, p in zip(jpegs, pixels, strict=True) if isinstance(p, torch.Tensor)]
+        qualities = measure_quality_batch([p for _, p in good])
+        for (i, image), quality in zip(good, qualities, strict=True):
+            out[i] = _Decoded(image, quality)
+        for i, failure in zip(jpegs, pixels, strict=True):
+            if isinstance(failure, Exception):
+                reason = str(failure) or type(failure).__name__
+                out[i] = _Decoded(reason, error=reason)
+        return out
 
     def _embed_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         if not pixels:
@@ -185,6 +230,15 @@ class InferenceService:
         return self._text_chunks.run(texts, run)
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    """One distinct image of a batch, ready for the model: its tensor, or (a `str`) why not."""
+
+    pixels: torch.Tensor | str
+    quality: ImageQuality | None = None
+    error: str | None = None
+
+
 class Ticket:
     """One announced request: counted as coming until submitted or given up."""
 
@@ -196,6 +250,17 @@ class Ticket:
         if self._service is not None:
             self._service._count_coming(-1)
             self._service = None
+
+
+def decodes_on_device(backend: ModelBackend, spec: InputSpec | None, decode: str) -> bool:
+    """Whether JPEGs reach the batch encoded, to be decoded on the model's device: `device`,
+    or `auto` on CUDA; only with the tensor input path (its preprocessing takes tensors)."""
+    if decode == "pil" or (decode == "auto" and backend.device.type != "cuda"):
+        return False
+    if spec is None:
+        log.info("%s: JPEGs decoded by Pillow (no tensor input path)", backend.spec.model_id)
+        return False
+    return True
 
 
 def tensor_input_spec(backend: ModelBackend, input_path: str) -> InputSpec | None:
@@ -259,11 +324,13 @@ class OomChunker:
             log.info("%s calls back up to %d items", self.tower, self.size)
 
 
-def _unique_images(requests: list[EmbedRequest]) -> tuple[list[int], list[torch.Tensor]]:
+def _unique_images(
+    requests: list[EmbedRequest],
+) -> tuple[list[int], list[torch.Tensor | EncodedJpeg]]:
     """Each request image's row in the list of distinct images (same key: same row)."""
     rows: dict[str, int] = {}
     slots: list[int] = []
-    unique: list[torch.Tensor] = []
+    unique: list[torch.Tensor | EncodedJpeg] = []
     for request in requests:
         keys = (
             request.keys

@@ -120,6 +120,8 @@ def start_runtime(
         max_size=max_size,
         max_wait_s=max_wait,
         input_path=settings.input_path,
+        decode=settings.decode,
+        max_pixels=settings.max_image_pixels,
         observe=metrics.model_call if metrics is not None else None,
     )
     categories = None

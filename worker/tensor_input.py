@@ -365,14 +365,14 @@ def decode_batch(
     if device.type == "cuda":
         for index, data in enumerate(blobs):
             try:
-                orientation = _nvjpeg_candidate(data, max_pixels)
+                header = _nvjpeg_candidate(data, max_pixels)
             except ImageRejected as error:
                 results[index] = error
                 continue
-            if orientation is not None:
-                on_gpu.append((index, orientation))
+            if header is not None:
+                on_gpu.append((index, header[0]))
     for index, decoded in zip(
-        [i for i, _ in on_gpu], _decode_jpegs_cuda(blobs, on_gpu, device), strict=True
+        [i for i, _ in on_gpu], _decode_jpegs_on(device, blobs, on_gpu), strict=True
     ):
         results[index] = decoded
     return [
@@ -396,9 +396,48 @@ def _decode_with_pillow(
     return to_device(pixels, device).permute(2, 0, 1)
 
 
-def _nvjpeg_candidate(data: bytes, max_pixels: int) -> int | None:
-    """The EXIF orientation of a JPEG nvJPEG decodes as Pillow would, else None; raises
-    `ImageRejected` for a header over the pixel limit (never decoded)."""
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG left encoded for the model's batch to decode on the device (`LV_DECODE`): only
+    its header was read, for the facts stored per image and the pixel limit."""
+
+    data: bytes
+    orientation: int  # EXIF, applied after decoding
+    width: int  # as displayed: after the EXIF rotation
+    height: int
+
+
+def encoded_jpeg(data: bytes, max_pixels: int) -> EncodedJpeg | None:
+    """`data` as an `EncodedJpeg` when nvJPEG decodes it as Pillow would (a whole RGB or
+    greyscale JPEG), else None (Pillow decodes it); raises `ImageRejected` for a header over
+    the pixel limit, which is never decoded."""
+    header = _nvjpeg_candidate(data, max_pixels)
+    if header is None:
+        return None
+    orientation, width, height = header
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return EncodedJpeg(data, orientation, width, height)
+
+
+def decode_jpegs(
+    jpegs: Sequence[EncodedJpeg], device: torch.device | str, *, max_pixels: int
+) -> list[torch.Tensor | Exception]:
+    """Each JPEG to uint8 RGB (3, H, W) on `device`, upright, in one decoder call (nvJPEG on
+    CUDA, libjpeg on the CPU: the same code path, tested there); one the decoder refuses goes
+    through Pillow, which words why it cannot be read."""
+    device = torch.device(device)
+    chosen = [(i, jpeg.orientation) for i, jpeg in enumerate(jpegs)]
+    decoded = _decode_jpegs_on(device, [jpeg.data for jpeg in jpegs], chosen)
+    return [
+        _decode_with_pillow(jpeg.data, device, max_pixels, None) if image is None else image
+        for jpeg, image in zip(jpegs, decoded, strict=True)
+    ]
+
+
+def _nvjpeg_candidate(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
+    """(EXIF orientation, stored width, stored height) of a JPEG nvJPEG decodes as Pillow
+    would, else None; raises `ImageRejected` for a header over the pixel limit."""
     # A JPEG not ending in its EOI marker may be truncated: nvJPEG would pad it, Pillow refuses.
     if not data.startswith(b"\xff\xd8") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
         return None
@@ -413,13 +452,14 @@ def _nvjpeg_candidate(data: bytes, max_pixels: int) -> int | None:
         orientation = int(image.getexif().get(_ORIENTATION_TAG, 1))
     except Exception:
         return None
-    return orientation if 1 <= orientation <= 8 else 1
+    return (orientation if 1 <= orientation <= 8 else 1), image.width, image.height
 
 
-def _decode_jpegs_cuda(
-    blobs: Sequence[bytes], chosen: list[tuple[int, int]], device: torch.device
+def _decode_jpegs_on(
+    device: torch.device, blobs: Sequence[bytes], chosen: list[tuple[int, int]]
 ) -> list[torch.Tensor | None]:
-    """nvJPEG in one call; on an error each image is tried alone, and None leaves it to Pillow."""
+    """The chosen (index, orientation) blobs decoded in one call on `device` (nvJPEG on CUDA);
+    on an error each image is tried alone, and None leaves it to Pillow."""
     if not chosen:
         return []
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -430,14 +470,14 @@ def _decode_jpegs_cuda(
             decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         )
     except Exception:  # nvJPEG returns nothing when any image fails
-        decoded = [_decode_one_cuda(data, device) for data in encoded]
+        decoded = [_decode_one(data, device) for data in encoded]
     return [
         None if image is None else apply_orientation(image, orientation)
         for image, (_, orientation) in zip(decoded, chosen, strict=True)
     ]
 
 
-def _decode_one_cuda(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:

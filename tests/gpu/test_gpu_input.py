@@ -116,3 +116,35 @@ def test_a_pillow_decoded_image_reaches_the_gpu_intact() -> None:
 
     assert isinstance(decoded, torch.Tensor) and decoded.device.type == "cuda"
     assert torch.equal(decoded.cpu(), image)
+
+
+def test_jpegs_decoded_in_a_cuda_batch_measure_and_embed_as_the_pillow_path(
+    backends: dict[str, ModelBackend],
+) -> None:
+    """LV_DECODE on CUDA (its default there): a batch of encoded JPEGs is decoded by nvJPEG,
+    measured and embedded on the GPU as the Pillow path does on the CPU."""
+    from tests.unit.test_device_decode import broken_jpeg, jpeg, photo
+    from worker.inference import EmbedRequest, InferenceService
+    from worker.quality import measure_quality
+
+    backend = backends["open_clip"]
+    assert backend.device.type == "cuda"
+    blobs = [jpeg(photo(w, h, seed=w)) for w, h in [(640, 480), (64, 64), (90, 400)]]
+    blobs.append(broken_jpeg())
+    on_gpu = InferenceService(backend, max_size=16, max_wait_s=0.0)  # auto: device on CUDA
+    try:
+        assert on_gpu.decodes_on_device
+        items = [on_gpu.encoded(b) for b in blobs]
+        assert all(item is not None for item in items)
+        request = EmbedRequest(tuple(i for i in items if i is not None), (), ("a", "b", "c", "d"))
+        got = on_gpu.embed(request, timeout=120)
+    finally:
+        on_gpu.close()
+
+    assert got.errors[:3] == (None, None, None) and got.errors[3] is not None
+    for blob, quality in zip(blobs[:3], got.qualities, strict=False):
+        expected = measure_quality(decode_image(blob, max_pixels=MAX_PIXELS).pixels)
+        assert quality is not None
+        assert quality.blur == pytest.approx(expected.blur, rel=1e-2)
+        assert quality.brightness == pytest.approx(expected.brightness, abs=2e-3)
+    assert got.image_embeddings[3].abs().sum().item() == 0.0

@@ -23,11 +23,17 @@ from worker.scorer import ListingScorer
 
 
 def analyzer(
-    spec: ModelSpec, root: Path, with_categories: bool, input_path: str = "auto"
+    spec: ModelSpec,
+    root: Path,
+    with_categories: bool,
+    input_path: str = "auto",
+    decode: str = "auto",
 ) -> ListingAnalyzer:
     backend = create_backend(spec, "cpu")
     backend.load()
-    service = InferenceService(backend, max_size=8, max_wait_s=0.01, input_path=input_path)
+    service = InferenceService(
+        backend, max_size=8, max_wait_s=0.01, input_path=input_path, decode=decode
+    )
     categories = (
         CategoryIndex(["mug", "lamp", "hat"], (), service.embed_texts) if with_categories else None
     )
@@ -48,6 +54,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images.save(images.product_image("red"), folder / "red.jpg")
     images.save(images.product_image("blue", "square"), folder / "blue.jpg")
     images.truncated_jpeg(folder / "broken.jpg")
+    good = (folder / "red.jpg").read_bytes()
+    scan = good.index(b"\xff\xda") + 100  # a stray frame marker mid-scan: a whole-looking JPEG
+    (folder / "damaged.jpg").write_bytes(good[:scan] + b"\xff\xc0\xff\xff" + good[scan + 4 :])
+    images.save(images.product_image("green"), folder / "green.png")
     return folder
 
 
@@ -123,6 +133,52 @@ def test_the_tensor_input_path_scores_as_the_backends_own_transform(
     if text:
         assert by_tensor.result.similarity == pytest.approx(by_pil.result.similarity, abs=2e-3)
         assert by_tensor.result.best_image == by_pil.result.best_image
+
+
+def test_jpegs_decoded_in_the_batch_give_the_pillow_paths_facts_scores_and_errors(
+    root: Path, tmp_path: Path
+) -> None:
+    """LV_DECODE=device run on the CPU (libjpeg where CUDA has nvJPEG): JPEGs reach the batch
+    encoded; their stored facts (size, blur, brightness), embeddings, score and errors equal
+    the Pillow path's. The PNG and the truncated JPEG are decoded by Pillow in the job."""
+    name = f"local-dir:{save_tiny_open_clip(tmp_path / 'c')}"
+    spec = ModelSpec("m", "open_clip", name, threshold=0.0)
+    pil = analyzer(spec, root, with_categories=True, input_path="tensor", decode="pil")
+    device = analyzer(spec, root, with_categories=True, input_path="tensor", decode="device")
+    assert device.service.decodes_on_device and not pil.service.decodes_on_device
+    names = ("red.jpg", "damaged.jpg", "green.png", "broken.jpg", "blue.jpg")
+
+    by_pil, by_device = pil.analyze(listing(root, *names)), device.analyze(listing(root, *names))
+
+    assert [i.error is None for i in by_device.images] == [True, False, True, False, True]
+    assert "corrupt or truncated" in (by_device.images[1].error or "")
+    for want, got in zip(by_pil.images, by_device.images, strict=True):
+        assert (got.error is None) == (want.error is None)
+        if want.facts is None or got.facts is None:
+            continue
+        assert (got.facts.width, got.facts.height) == (want.facts.width, want.facts.height)
+        assert (got.facts.format, got.facts.bytes) == (want.facts.format, want.facts.bytes)
+        assert got.facts.blur == pytest.approx(want.facts.blur, rel=2e-3)
+        assert got.facts.brightness == pytest.approx(want.facts.brightness, abs=1e-4)
+    assert by_device.result.images_failed == by_pil.result.images_failed == 2
+    assert by_device.new_embeddings.keys() == by_pil.new_embeddings.keys()
+    for sha, vector in by_pil.new_embeddings.items():
+        a, b = torch.tensor(vector), torch.tensor(by_device.new_embeddings[sha])
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) >= 0.999
+    assert by_device.result.similarity == pytest.approx(by_pil.result.similarity, abs=2e-3)
+    assert by_device.result.error == by_pil.result.error
+
+
+def test_a_listing_whose_only_jpeg_fails_in_the_batch_is_failed(root: Path, tmp_path: Path) -> None:
+    name = f"local-dir:{save_tiny_open_clip(tmp_path / 'c')}"
+    spec = ModelSpec("m", "open_clip", name, threshold=0.0)
+    device = analyzer(spec, root, with_categories=False, input_path="tensor", decode="device")
+
+    result = device.analyze(listing(root, "damaged.jpg"))
+
+    assert result.result.status == "failed"
+    assert "corrupt or truncated" in (result.result.error or "")
+    assert result.new_embeddings == {} and result.images[0].facts is None
 
 
 def test_an_attempt_past_its_time_limit_is_a_transient_failure(root: Path) -> None:

@@ -357,16 +357,19 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path: Path
     assert all(isinstance(d, ImageRejected) for d in decoded)
     assert "LV_MAX_IMAGE_PIXELS" in str(decoded[0]) and "LV_MAX_IMAGE_PIXELS" in str(decoded[1])
     with pytest.raises(ImageRejected, match="LV_MAX_IMAGE_PIXELS"):
-        tensor_input._nvjpeg_candidate(large_jpeg, max_pixels=50_000)  # the GPU path's guard
+        tensor_input.encoded_jpeg(large_jpeg, max_pixels=50_000)  # the device path's guard
 
 
 def test_only_complete_rgb_or_grey_jpegs_are_sent_to_nvjpeg(tmp_path: Path) -> None:
     image = textured(40, 30)
-    candidate = tensor_input._nvjpeg_candidate
 
-    assert candidate(encode(image, "JPEG"), MAX_PIXELS) == 1
-    assert candidate(encode(image.convert("L"), "JPEG"), MAX_PIXELS) == 1
-    assert candidate(with_orientation(image, 6), MAX_PIXELS) == 6
+    def candidate(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
+        jpeg = tensor_input.encoded_jpeg(data, max_pixels)
+        return None if jpeg is None else (jpeg.orientation, jpeg.width, jpeg.height)
+
+    assert candidate(encode(image, "JPEG"), MAX_PIXELS) == (1, 40, 30)
+    assert candidate(encode(image.convert("L"), "JPEG"), MAX_PIXELS) == (1, 40, 30)
+    assert candidate(with_orientation(image, 6), MAX_PIXELS) == (6, 30, 40)  # as displayed
     assert candidate(encode(image.convert("CMYK"), "JPEG"), MAX_PIXELS) is None
     assert candidate(encode(image, "PNG"), MAX_PIXELS) is None
     assert candidate(truncated_jpeg(tmp_path / "cut.jpg").read_bytes(), MAX_PIXELS) is None
