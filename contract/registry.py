@@ -28,8 +28,11 @@ _KNOWN_KEYS = {
     "prompt_templates",
     "pooling",
     "precision",
+    "compile",
     "description",
 }
+# torch.compile modes a registry entry may ask for its image tower ("off": eager, the default).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class RegistryError(ValueError):
@@ -50,6 +53,7 @@ class ModelSpec:
     prompt_templates: tuple[str, ...] = ()
     pooling: str = "cls"
     precision: str = "auto"
+    compile: str = "off"
     description: str = ""
     source: str = field(default="built-in", compare=False)
 
@@ -112,6 +116,7 @@ def _parse_entry(model_id: str, entry: Any, source: str, base: Path) -> ModelSpe
     precision = entry.get("precision", "auto")
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise RegistryError(f"{where}: precision must be auto, fp32, bf16 or fp16")
+    compile_mode = _compile_mode(entry.get("compile", "off"), where)
     pretrained = entry.get("pretrained")
     if pretrained is not None and not isinstance(pretrained, str):
         raise RegistryError(f"{where}: pretrained must be a tag or a checkpoint path (a string)")
@@ -129,9 +134,19 @@ def _parse_entry(model_id: str, entry: Any, source: str, base: Path) -> ModelSpe
         prompt_templates=tuple(templates),
         pooling=pooling,
         precision=precision,
+        compile=compile_mode,
         description=str(entry.get("description", "")),
         source=source,
     )
+
+
+def _compile_mode(value: Any, where: str) -> str:
+    """`compile = true` is torch.compile's default mode, `false` none; or a mode by name."""
+    if isinstance(value, bool):
+        return "default" if value else "off"
+    if value not in COMPILE_MODES:
+        raise RegistryError(f"{where}: compile must be true, false or one of {COMPILE_MODES}")
+    return str(value)
 
 
 def _optional_number(entry: dict[str, Any], key: str, where: str, kind: type) -> Any:

@@ -158,8 +158,27 @@ def test_an_entry_gets_the_documented_defaults(tmp_path: Path) -> None:
 
     assert spec.pooling == "cls"
     assert spec.precision == "auto"
+    assert spec.compile == "off"
     assert spec.prompt_templates == ()
     assert (spec.threshold, spec.batch_max_size, spec.batch_max_wait_ms) == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [("true", "default"), ("false", "off"), ('"reduce-overhead"', "reduce-overhead")],
+)
+def test_compile_is_a_switch_or_a_torch_compile_mode(tmp_path: Path, value: str, mode: str) -> None:
+    entry = f'[models.m]\nbackend = "hf_dino"\nname = "dino"\ncompile = {value}\n'
+
+    assert get_spec(load_registry(write_models(tmp_path, entry)), "m").compile == mode
+
+
+def test_an_unknown_compile_mode_is_refused_with_the_modes(tmp_path: Path) -> None:
+    message = registry_error(
+        tmp_path, '[models.m]\nbackend = "hf_dino"\nname = "dino"\ncompile = "fast"\n'
+    )
+
+    assert "[models.m]" in message and "compile must be" in message and "max-autotune" in message
 
 
 def test_an_integer_threshold_becomes_a_float(tmp_path: Path) -> None:
