@@ -7,6 +7,7 @@ so a guard that let a request through would fail loudly instead of reaching the 
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import os
 import shutil
@@ -752,3 +753,19 @@ def test_a_failed_signed_url_keeps_its_signature_out_of_the_error(server: Runnin
     message = refusal(f"{server.base_url}/status/404?token=s3cr3t&sig=abc", policy())
     assert "s3cr3t" not in message and "abc" not in message
     assert "token=…" in message and "404" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "size_at_open", "expected"),
+    [(500, 500, 500), (500, 100, 500), (3000, 100, 1001), (3000, 3000, 1001), (0, 0, 0)],
+)
+def test_a_file_is_read_up_to_the_limit_even_if_it_grew_after_its_size_was_asked(
+    content: int, size_at_open: int, expected: int
+) -> None:
+    """Reads ask for the file's size plus one byte (not LV_MAX_IMAGE_BYTES for every image);
+    a file that grew in between is still read on to the limit, so its size check holds."""
+    from worker.fetch.files import _read_up_to
+
+    data = _read_up_to(io.BytesIO(b"x" * content), size_at_open, limit=1001)
+
+    assert len(data) == expected

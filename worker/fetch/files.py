@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 from contract.errors import FetchError, reason
 from contract.urls import allowed_file_path, file_url_path
@@ -22,15 +23,26 @@ def read_file_url(
         raise FetchError(f"{path} is not a regular file")
     try:
         with real.open("rb") as file:
-            version = _version(os.fstat(file.fileno()))
+            stat = os.fstat(file.fileno())
+            version = _version(stat)
             if validators is not None and validators.etag == version.etag:
                 return NotModified(url)
-            data = file.read(policy.max_bytes + 1)
+            data = _read_up_to(file, stat.st_size, policy.max_bytes + 1)
     except OSError as error:
         raise FetchError(f"cannot read {path} ({reason(error)})") from None
     if len(data) > policy.max_bytes:
         raise FetchError(too_large(policy.max_bytes))
     return FetchedImage(data=data, url=url, content_type=None, validators=version)
+
+
+def _read_up_to(file: BinaryIO, size: int, limit: int) -> bytes:
+    """At most `limit` bytes. `read(limit)` would allocate `limit` bytes (LV_MAX_IMAGE_BYTES)
+    for every small image; the file's size is asked for first, and a file that grew since is
+    read on up to the limit."""
+    data = file.read(min(size + 1, limit))
+    if len(data) > size and len(data) < limit:
+        data += file.read(limit - len(data))
+    return data
 
 
 def _version(stat: os.stat_result) -> Validators:
