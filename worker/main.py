@@ -24,6 +24,17 @@ def worker_name(model_id: str, gpu: str | None) -> str:
     return f"{model_id}.{where}@{socket.gethostname()}"
 
 
+def quiet_celery_task_lines(level: str) -> None:
+    """One log line per job is the job runner's (listing, model, outcome, timings): Celery's
+    own "received" and "succeeded" lines per task would triple it (and cost the GIL a
+    formatted repr of each result). Unexpected task errors still log at ERROR; LV_LOG_LEVEL=DEBUG
+    keeps Celery's lines."""
+    if logging.getLevelName(level.upper()) == logging.DEBUG:
+        return
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_worker(resolved: Settings, model_id: str, gpu: str | None) -> None:
     """Load the model, then consume its queue with a thread pool that feeds the batcher.
 
@@ -65,6 +76,7 @@ def run_worker(resolved: Settings, model_id: str, gpu: str | None) -> None:
         "--task-events",
         f"--loglevel={resolved.log_level}",
     ]
+    quiet_celery_task_lines(resolved.log_level)
     log.info("worker %s consuming %s", name, queue)
     try:
         app.worker_main(argv)

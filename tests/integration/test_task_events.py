@@ -74,6 +74,9 @@ def test_a_failed_listing_is_a_failed_task_with_its_error(
     assert f"listing_id=events-bad-{tag} model_id=tiny outcome=failed" in log
     assert f"listing_id=events-ok-{tag} model_id=tiny outcome=succeeded" in log
     assert "claim_ms=" in log and "write_ms=" in log
+    for job_id in (failed_id, ok_id):  # only that line: Celery's own per-task lines are quiet
+        lines = [line for line in log.splitlines() if job_id in line]
+        assert len(lines) == 1, lines
     assert seen[failed_id]["type"] == "task-failed"
     assert "corrupt or truncated" in seen[failed_id]["exception"]
     assert seen[ok_id]["type"] == "task-succeeded"
