@@ -6,7 +6,9 @@ the batch is split in half and each half run again, so one bad item fails alone 
 still get their results (the complaint behind Ray #66140 and Infinity #367). Errors that no
 item can cause (`splits_on` says which) fail the whole batch at once instead. With `expecting`
 (how many items are on their way: jobs still fetching and decoding) the batcher waits only
-while more items are coming; a lone job on an idle worker runs at once.
+while more items are coming; a lone job on an idle worker runs at once. With `prepare`, a
+second thread runs it on each collected batch (JPEGs decoded on the device) while the previous
+batch is still in `run_batch`: batch k+1 is made ready while batch k runs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -65,8 +67,10 @@ class DynamicBatcher(Generic[T, R]):
         name: str = "batcher",
         splits_on: Callable[[Exception], bool] = lambda _error: True,
         expecting: Callable[[], int] | None = None,
+        prepare: Callable[[list[T]], list[T]] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._prepare = prepare
         self._max_size = max(1, max_size)
         self._max_wait = max(0.0, max_wait)
         self._units = units
@@ -76,8 +80,16 @@ class DynamicBatcher(Generic[T, R]):
         self._carry: _Pending[T, R] | None = None
         self._busy_since: float | None = None
         self.stats = BatchStats()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        # Prepared batches wait here for the model thread: one at most, so preparing runs one
+        # batch ahead and never piles decoded pixels up.
+        self._ready: queue.Queue[list[_Pending[T, R]] | None] = queue.Queue(maxsize=1)
+        self._threads = [threading.Thread(target=self._loop, name=name, daemon=True)]
+        if prepare is not None:
+            self._threads.append(
+                threading.Thread(target=self._run_ready, name=f"{name}-run", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, item: T, eager: bool = False) -> Future[R]:
         """Queue `item`; the future gets its result, or the exception its batch raised alone.
@@ -100,18 +112,52 @@ class DynamicBatcher(Generic[T, R]):
     def close(self) -> None:
         """Stop after the batches already queued; later submissions are never run."""
         self._queue.put(None)
-        self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def _loop(self) -> None:
         while True:
             batch = self._collect()
             if batch is None:
+                if self._prepare is not None:
+                    self._ready.put(None)
                 return
-            self._busy_since = time.monotonic()
-            try:
-                self._run(batch)
-            finally:
-                self._busy_since = None
+            if self._prepare is None:
+                self._run_timed(batch)
+                continue
+            prepared = self._prepared(batch)
+            if prepared:
+                self._ready.put(prepared)
+
+    def _prepared(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
+        """The batch with each item as `prepare` made it; a `prepare` that raises fails the
+        whole batch (it is not an item's fault: per-item trouble belongs in the items)."""
+        live = [pending for pending in batch if not pending.future.cancelled()]
+        if not live:
+            return []
+        assert self._prepare is not None
+        try:
+            items = self._prepare([pending.item for pending in live])
+            if len(items) != len(live):
+                raise RuntimeError(f"prepare returned {len(items)} items for {len(live)}")
+        except Exception as error:
+            self._after_failure(live, error, split=False)
+            return []
+        return [replace(pending, item=item) for pending, item in zip(live, items, strict=True)]
+
+    def _run_ready(self) -> None:
+        while True:
+            batch = self._ready.get()
+            if batch is None:
+                return
+            self._run_timed(batch)
+
+    def _run_timed(self, batch: list[_Pending[T, R]]) -> None:
+        self._busy_since = time.monotonic()
+        try:
+            self._run(batch)
+        finally:
+            self._busy_since = None
 
     def _collect(self) -> list[_Pending[T, R]] | None:
         first = self._carry or self._queue.get()
@@ -175,8 +221,10 @@ class DynamicBatcher(Generic[T, R]):
         for pending, result in zip(live, results, strict=True):
             _resolve(pending.future, result=result)
 
-    def _after_failure(self, batch: list[_Pending[T, R]], error: Exception) -> None:
-        if len(batch) == 1 or not self._splits_on(error):
+    def _after_failure(
+        self, batch: list[_Pending[T, R]], error: Exception, split: bool = True
+    ) -> None:
+        if len(batch) == 1 or not split or not self._splits_on(error):
             # One item, or an error no item caused (a database outage): all share it at once.
             self._count(batch)
             for pending in batch:

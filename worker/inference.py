@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,16 @@ class EmbedRequest:
     pixels: tuple[torch.Tensor | EncodedJpeg, ...] = ()
     texts: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
+    # Set by the batch's prepare step for JPEGs it decoded on the device, one per image.
+    decoded: tuple[DeviceDecoded | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceDecoded:
+    """What decoding one JPEG on the device gave: its blur and brightness, or why not."""
+
+    quality: ImageQuality | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ class InferenceService:
             units=lambda request: len(request.pixels) or 1,
             name=f"batcher-{backend.spec.model_id}",
             expecting=lambda: self._coming,
+            prepare=self._decode_on_device if self.decodes_on_device else None,
         )
 
     @contextmanager
@@ -160,9 +171,14 @@ class InferenceService:
         return preprocess_batch(chunk, self.input_spec, self.backend.device, self.backend.dtype)
 
     def _run_batch(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
-        slots, unique = _unique_images(requests)
-        decoded = self._decode(unique)
-        usable = [(i, d.pixels) for i, d in enumerate(decoded) if not isinstance(d.pixels, str)]
+        slots, unique, decoded = _unique_images(requests)
+        usable = [
+            (i, pixels)
+            for i, (pixels, d) in enumerate(zip(unique, decoded, strict=True))
+            if isinstance(pixels, torch.Tensor) and (d is None or d.error is None)
+        ]
+        if len(usable) + sum(d is not None and d.error is not None for d in decoded) != len(unique):
+            raise RuntimeError("an encoded JPEG reached the model undecoded")
         images = self._embed_images([pixels for _, pixels in usable])
         if len(usable) < len(unique):  # a zero row for each image that could not be decoded
             rows, images = images, images.new_zeros((len(unique), images.shape[1]))
@@ -170,35 +186,58 @@ class InferenceService:
         texts = [t for request in requests for t in request.texts]
         words = self._embed_texts(texts)
         units = len(unique) or len(requests)
-        on_device = any(d.quality is not None or d.error is not None for d in decoded)
         results, i, j = [], 0, 0
         for request in requests:
             n, m = len(request.pixels), len(request.texts)
             mine = slots[i : i + n]
             rows = images[mine] if n else images[:0]
-            qualities = tuple(decoded[k].quality for k in mine) if on_device else ()
-            errors = tuple(decoded[k].error for k in mine) if on_device else ()
+            on_device = [decoded[k] for k in mine]
+            qualities: tuple[ImageQuality | None, ...] = ()
+            errors: tuple[str | None, ...] = ()
+            if any(d is not None for d in on_device):
+                qualities = tuple(d.quality if d else None for d in on_device)
+                errors = tuple(d.error if d else None for d in on_device)
             results.append(EmbedResult(rows, words[j : j + m], units, qualities, errors))
             i, j = i + n, j + m
         return results
 
-    def _decode(self, items: list[torch.Tensor | EncodedJpeg]) -> list[_Decoded]:
-        """The batch's JPEGs decoded together on the model's device and measured there; an
-        image that cannot be decoded carries its reason instead of pixels."""
-        out = [_Decoded(item if isinstance(item, torch.Tensor) else "") for item in items]
-        jpegs = [i for i, item in enumerate(items) if isinstance(item, EncodedJpeg)]
+    def _decode_on_device(self, requests: list[EmbedRequest]) -> list[EmbedRequest]:
+        """The batch's prepare step (run while the previous batch is on the model): every
+        JPEG of every request decoded in one call on the model's device and measured there;
+        each request gets its pixels, and per image its measures or why it failed."""
+        jpegs: dict[int, EncodedJpeg] = {}  # by id: a JPEG shared by requests decodes once
+        for request in requests:
+            for item in request.pixels:
+                if isinstance(item, EncodedJpeg):
+                    jpegs.setdefault(id(item), item)
         if not jpegs:
-            return out
-        encoded = [item for item in items if isinstance(item, EncodedJpeg)]
-        pixels = decode_jpegs(encoded, self.backend.device, max_pixels=self._max_pixels)
-        good = [(i, p) for i, p in zip(jpegs, pixels, strict=True) if isinstance(p, torch.Tensor)]
+            return requests
+        pixels = decode_jpegs(
+            list(jpegs.values()), self.backend.device, max_pixels=self._max_pixels
+        )
+        good = [
+            (key, p) for key, p in zip(jpegs, pixels, strict=True) if isinstance(p, torch.Tensor)
+        ]
         qualities = measure_quality_batch([p for _, p in good])
-        for (i, image), quality in zip(good, qualities, strict=True):
-            out[i] = _Decoded(image, quality)
-        for i, failure in zip(jpegs, pixels, strict=True):
+        done: dict[int, tuple[torch.Tensor | EncodedJpeg, DeviceDecoded]] = {}
+        for (key, image), quality in zip(good, qualities, strict=True):
+            done[key] = (image, DeviceDecoded(quality=quality))
+        for key, failure in zip(jpegs, pixels, strict=True):
             if isinstance(failure, Exception):
-                reason = str(failure) or type(failure).__name__
-                out[i] = _Decoded(reason, error=reason)
+                done[key] = (
+                    jpegs[key],
+                    DeviceDecoded(error=str(failure) or type(failure).__name__),
+                )
+        out = []
+        for request in requests:
+            ready = [done.get(id(item), (item, None)) for item in request.pixels]
+            out.append(
+                replace(
+                    request,
+                    pixels=tuple(image for image, _ in ready),
+                    decoded=tuple(decoded for _, decoded in ready),
+                )
+            )
         return out
 
     def _embed_images(self, pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -228,15 +267,6 @@ class InferenceService:
             return out
 
         return self._text_chunks.run(texts, run)
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    """One distinct image of a batch, ready for the model: its tensor, or (a `str`) why not."""
-
-    pixels: torch.Tensor | str
-    quality: ImageQuality | None = None
-    error: str | None = None
 
 
 class Ticket:
@@ -326,18 +356,21 @@ class OomChunker:
 
 def _unique_images(
     requests: list[EmbedRequest],
-) -> tuple[list[int], list[torch.Tensor | EncodedJpeg]]:
-    """Each request image's row in the list of distinct images (same key: same row)."""
+) -> tuple[list[int], list[torch.Tensor | EncodedJpeg], list[DeviceDecoded | None]]:
+    """Each request image's row in the list of distinct images (same key: same row), and
+    what decoding each distinct image on the device gave (None: it came decoded)."""
     rows: dict[str, int] = {}
     slots: list[int] = []
     unique: list[torch.Tensor | EncodedJpeg] = []
+    decoded: list[DeviceDecoded | None] = []
     for request in requests:
         keys = (
             request.keys
             if len(request.keys) == len(request.pixels)
             else (None,) * len(request.pixels)
         )
-        for key, pixels in zip(keys, request.pixels, strict=True):
+        facts = request.decoded or (None,) * len(request.pixels)
+        for key, pixels, fact in zip(keys, request.pixels, facts, strict=True):
             if key is not None and key in rows:
                 slots.append(rows[key])
                 continue
@@ -345,4 +378,5 @@ def _unique_images(
                 rows[key] = len(unique)
             slots.append(len(unique))
             unique.append(pixels)
-    return slots, unique
+            decoded.append(fact)
+    return slots, unique, decoded

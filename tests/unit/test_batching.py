@@ -388,3 +388,59 @@ def test_stats_count_calls_items_and_units(make_batcher: Any) -> None:
     assert batcher.stats.items == 6
     assert batcher.stats.units == 1 + 10
     assert batcher.stats.last_batch_units == 4
+
+
+# --- prepare: the next batch made ready while one runs ----------------------------------------
+
+
+def test_the_next_batch_is_prepared_while_the_current_one_runs(make_batcher: Any) -> None:
+    model = Model()
+    prepared: list[list[Any]] = []
+    next_prepared = threading.Event()
+
+    def prepare(items: list[Any]) -> list[Any]:
+        prepared.append(list(items))
+        if GATE not in items:
+            next_prepared.set()
+        return [item if item == GATE else item + 1 for item in items]
+
+    batcher = make_batcher(model, prepare=prepare)
+    gate = hold(batcher, model)  # batch 1 is inside run_batch
+    later = [batcher.submit(i) for i in (1, 2, 3)]
+
+    assert next_prepared.wait(TIMEOUT)  # prepared while batch 1 still runs
+    assert not gate.done() and len(model.batches) == 1
+    model.opened.set()
+
+    assert results(later) == [20, 30, 40]  # run on the prepared items
+    ran = sorted(item for batch in model.after_gate() for item in batch)
+    assert [GATE] in prepared and ran == [2, 3, 4]
+
+
+def test_a_prepare_that_raises_fails_its_batch_only(make_batcher: Any) -> None:
+    model = Model()
+
+    def prepare(items: list[Any]) -> list[Any]:
+        if "bad" in items:
+            raise ValueError("decoder broke")
+        return items
+
+    batcher = make_batcher(model, prepare=prepare)
+    with pytest.raises(ValueError, match="decoder broke"):
+        batcher.submit("bad").result(timeout=TIMEOUT)
+
+    assert results([batcher.submit(5)]) == [50]
+    assert all("bad" not in batch for batch in model.batches)
+
+
+def test_closing_a_preparing_batcher_runs_what_was_queued_and_stops_both_threads(
+    make_batcher: Any,
+) -> None:
+    model = Model()
+    batcher = make_batcher(model, prepare=lambda items: items)
+    queued = [batcher.submit(i) for i in range(5)]
+
+    batcher.close()
+
+    assert results(queued) == [0, 10, 20, 30, 40]
+    assert not any(thread.is_alive() for thread in batcher._threads)
