@@ -1,14 +1,18 @@
-"""`listing-vision health` on the command line (for people, probes and compose checks)."""
+"""Operations on the command line: `health` (for people, probes and compose checks), `urls`,
+and `exporter` (the one Prometheus exporter of a deployment)."""
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from datetime import timedelta
 from typing import Annotated
 
 import typer
 
 from contract.broker import make_celery
+from contract.settings import SettingsError
 from listing_vision.command_context import app, command_settings, console
 from listing_vision.health import check_health
 from listing_vision.servers import connected
@@ -55,7 +59,33 @@ def urls() -> None:
     console.print(f"database  {database or '(not running: listing-vision up)'}", markup=False)
     console.print(f"broker    {broker or '(not running: listing-vision up)'}", markup=False)
     console.print(f"flower    http://127.0.0.1:{settings.flower_port}", markup=False)
+    console.print(f"metrics   http://127.0.0.1:{settings.exporter_port}/metrics", markup=False)
     console.print("celery    celery -A listing_vision.celery_app inspect ping", markup=False)
+
+
+@app.command()
+def exporter(
+    host: Annotated[
+        str, typer.Option(help="address to listen on (127.0.0.1 to keep it on this host)")
+    ] = "0.0.0.0",
+    port: Annotated[
+        int | None, typer.Option(help="port (default: LV_EXPORTER_PORT)", min=1, max=65535)
+    ] = None,
+) -> None:
+    """Serve the deployment's Prometheus metrics: queue depth per model queue, queued and
+    running jobs, and the progress of runs (one exporter per deployment, not per worker)."""
+    from listing_vision.exporter import run_exporter
+
+    settings = command_settings(service=True)
+    chosen = port or settings.exporter_port
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with connected(settings) as resolved:
+        try:
+            run_exporter(resolved, host, chosen, stop)
+        except OSError as error:
+            raise SettingsError(f"exporter cannot listen on {host}:{chosen}: {error}") from None
 
 
 def _summary(checks: dict[str, object]) -> list[tuple[str, object]]:

@@ -39,6 +39,9 @@ class Child:
     env: dict[str, str]
     log_path: Path | None = None
     restart: bool = True
+    # An inessential child (the exporter) that keeps exiting is left stopped, and the stack
+    # runs on: metrics must never take the processing down.
+    essential: bool = True
     process: subprocess.Popen[bytes] | None = None
     deaths: list[float] = field(default_factory=list)
 
@@ -87,6 +90,12 @@ def flower_child(resolved: Settings) -> Child:
     logs = resolved.home.expanduser() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     return Child("flower", argv, child_env(resolved, **extra), logs / "flower.log")
+
+
+def exporter_child(resolved: Settings) -> Child:
+    """The deployment's exporter (queue depth, backlog, runs) on 127.0.0.1:LV_EXPORTER_PORT."""
+    argv = [sys.executable, "-m", "listing_vision", "exporter", "--host=127.0.0.1"]
+    return Child("exporter", argv, child_env(resolved), essential=False)
 
 
 def beat_child(resolved: Settings) -> Child:
@@ -159,7 +168,11 @@ def _restart_dead(children: list[Child]) -> Child | None:
         child.deaths = [t for t in child.deaths if now - t < RESTART_WINDOW] + [now]
         log.warning("%s exited with status %s", child.name, code)
         if not child.restart or len(child.deaths) >= RESTART_LIMIT:
-            return child
+            if child.essential:
+                return child
+            log.error("%s keeps exiting; left stopped, the stack runs on", child.name)
+            child.process = None
+            continue
         time.sleep(min(10.0, 0.5 * 2 ** len(child.deaths)))
         child.start()
     return None
@@ -220,5 +233,6 @@ def banner(settings: Settings, model_id: str) -> str:
     auth = "with basic auth" if settings.flower_user else "no auth: loopback only"
     return (
         f"listing-vision is up: model {model_id} (workers follow runs and reindexes); Flower on "
-        f"http://127.0.0.1:{settings.flower_port} ({auth}). Ctrl-C stops everything."
+        f"http://127.0.0.1:{settings.flower_port} ({auth}); metrics on "
+        f"http://127.0.0.1:{settings.exporter_port}/metrics. Ctrl-C stops everything."
     )

@@ -1,7 +1,8 @@
 """`listing-vision up`: the whole stack in the foreground, supervised.
 
-Beat and Flower run for the stack's lifetime; the workers follow the database: the active model
-on every visible GPU (or the CPU), plus one for the model of each pending or running run.
+Beat, Flower and the exporter run for the stack's lifetime; the workers follow the database:
+the active model on every visible GPU (or the CPU), plus one for the model of each pending or
+running run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from listing_vision.supervisor import (
     banner,
     beat_child,
     child_env,
+    exporter_child,
     flower_child,
     supervise,
     visible_gpus,
@@ -35,7 +37,7 @@ def run_stack(resolved: Settings) -> int:
     fleet = WorkerFleet(plan, lambda name, argv: Child(name, argv, env), stop_after)
     active, _ = models_needed(engine, resolved)
     try:
-        children = [beat_child(resolved), flower_child(resolved)]
+        children = [beat_child(resolved), flower_child(resolved), exporter_child(resolved)]
         return supervise(
             children,
             fleet,

@@ -63,7 +63,7 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
     home, roots = tmp_path / "home", tmp_path / "images"
     roots.mkdir()
     image = images.save(images.product_image("red"), roots / "red.jpg")
-    port = free_port()
+    port, exporter_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LV_")}
     env.update(
         LV_HOME=str(home),
@@ -73,6 +73,7 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
         LV_FLOWER_PORT=str(port),
         LV_FLOWER_USER="ops",
         LV_FLOWER_PASSWORD="s3cret",
+        LV_EXPORTER_PORT=str(exporter_port),
         PYTHONUNBUFFERED="1",
     )
     log = tmp_path / "up.log"
@@ -86,6 +87,13 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
         _wait_until(lambda: _get(flower, ("ops", "s3cret")) == 200, 60, "Flower", log)
         assert _get(flower) == 401
         assert _get(f"http://127.0.0.1:{port}/api/workers") == 401
+        # The one exporter runs with the stack: the active model's queue, both sources read.
+        exporter = f"http://127.0.0.1:{exporter_port}/metrics"
+        _wait_until(lambda: _get(exporter) == 200, 60, "exporter", log)
+        with urllib.request.urlopen(exporter, timeout=10) as answer:
+            scraped = answer.read().decode()
+        assert 'lv_queue_messages{model="tiny",queue="lv.tiny"}' in scraped
+        assert 'lv_exporter_source_up{source="broker"} 1.0' in scraped
 
         event = {"listing_id": "up-1", "title": "red thing", "image_url": image.as_uri()}
         enqueue = subprocess.run(
@@ -141,8 +149,9 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
             if c.status() != psutil.STATUS_ZOMBIE  # a retired worker not reaped yet
         ]
         names = [" ".join(c.cmdline()) for c in children]
-        assert len(children) >= 3, names  # worker, beat and Flower
+        assert len(children) >= 4, names  # worker, beat, Flower and the exporter
         assert any("listing_vision beat" in name for name in names), names
+        assert any("listing_vision exporter" in name for name in names), names
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=90)
