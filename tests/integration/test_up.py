@@ -82,7 +82,9 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
             [sys.executable, "-m", "listing_vision", "up"], env=env, stdout=output, stderr=output
         )
     try:
-        _wait_until(lambda: "ready." in log.read_text(errors="replace"), 120, "worker ready", log)
+        logs = home / "logs"
+        worker_log = logs / "worker-tiny.log"
+        _wait_until(lambda: "ready." in worker_log.read_text(), 120, "worker ready", log)
         flower = f"http://127.0.0.1:{port}/"
         _wait_until(lambda: _get(flower, ("ops", "s3cret")) == 200, 60, "Flower", log)
         assert _get(flower) == 401
@@ -156,6 +158,16 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=90)
     assert code == 0, log.read_text(errors="replace")[-3000:]
+    # One log directory for everything up ran; the console is up's own (copied to up.log).
+    written = {path.name: path.read_text(errors="replace") for path in logs.glob("*.log")}
+    assert {"up.log", "beat.log", "flower.log", "exporter.log"} <= set(written), set(written)
+    assert {"worker-tiny.log", "worker-tiny-batch.log"} <= set(written), set(written)
+    assert "listing-vision is up" in written["up.log"]
+    assert "started worker-tiny" in written["up.log"]
+    assert "exporter on http://127.0.0.1" in written["exporter.log"]
+    assert "listing_id=up-1" in written["worker-tiny.log"]
+    assert "listing_id=up-1" not in log.read_text(errors="replace")
+    assert all(written[name] for name in ("beat.log", "flower.log")), written
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     state = json.loads((home / "embedded.json").read_text())
     assert state["handles"] == [] and "valkey" not in state
