@@ -1,5 +1,5 @@
 """Operations on the command line: `health` (for people, probes and compose checks), `urls`,
-and `exporter` (the one Prometheus exporter of a deployment)."""
+`exporter` (the one Prometheus exporter of a deployment) and `flower`."""
 
 from __future__ import annotations
 
@@ -86,6 +86,28 @@ def exporter(
             run_exporter(resolved, host, chosen, stop)
         except OSError as error:
             raise SettingsError(f"exporter cannot listen on {host}:{chosen}: {error}") from None
+
+
+@app.command()
+def flower(
+    address: Annotated[
+        str,
+        typer.Option(
+            help="address to listen on; beyond 127.0.0.1 only with LV_FLOWER_USER/PASSWORD"
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option(help="port (default: LV_FLOWER_PORT)", min=1, max=65535)
+    ] = None,
+) -> None:
+    """Run Flower on the stack's broker: refused beyond 127.0.0.1 without complete
+    credentials; with them, every page, the API and /metrics ask for them."""
+    from listing_vision.flower import check_exposure, run_flower
+
+    settings = command_settings(service=True)
+    check_exposure(settings, address)  # before any server is started or reached
+    with connected(settings) as resolved:
+        run_flower(resolved, address, port or settings.flower_port)
 
 
 def _summary(checks: dict[str, object]) -> list[tuple[str, object]]:

@@ -91,15 +91,12 @@ def log_dir(settings: Settings) -> Path:
 
 
 def flower_child(resolved: Settings) -> Child:
-    """Flower on 127.0.0.1; with LV_FLOWER_USER/PASSWORD set it also asks for them. Secrets
-    (the broker password, the Flower password) travel in the environment, never in `ps`."""
-    extra = {"CELERY_BROKER_URL": resolved.require_broker_url()}
-    if resolved.flower_user and resolved.flower_password:
-        password = resolved.flower_password.get_secret_value()
-        extra["FLOWER_BASIC_AUTH"] = f"{resolved.flower_user}:{password}"
-    flower = [sys.executable, "-m", "celery", "flower", "--address=127.0.0.1"]
-    argv = [*flower, f"--port={resolved.flower_port}", "--max_tasks=10000"]
-    return Child("flower", argv, child_env(resolved, **extra), log_dir(resolved) / "flower.log")
+    """Flower on 127.0.0.1 (`listing-vision flower`); with LV_FLOWER_USER/PASSWORD set it also
+    asks for them. Secrets (the broker password, the Flower password) travel in the
+    environment, never in `ps`."""
+    argv = [sys.executable, "-m", "listing_vision", "flower", "--address=127.0.0.1"]
+    argv.append(f"--port={resolved.flower_port}")
+    return Child("flower", argv, child_env(resolved), log_dir(resolved) / "flower.log")
 
 
 def exporter_child(resolved: Settings) -> Child:

@@ -89,6 +89,8 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
         _wait_until(lambda: _get(flower, ("ops", "s3cret")) == 200, 60, "Flower", log)
         assert _get(flower) == 401
         assert _get(f"http://127.0.0.1:{port}/api/workers") == 401
+        assert _get(f"http://127.0.0.1:{port}/metrics") == 401  # Flower's own, guarded too
+        assert _get(f"http://127.0.0.1:{port}/metrics", ("ops", "s3cret")) == 200
         # The one exporter runs with the stack: the active model's queue, both sources read.
         exporter = f"http://127.0.0.1:{exporter_port}/metrics"
         _wait_until(lambda: _get(exporter) == 200, 60, "exporter", log)
