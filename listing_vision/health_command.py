@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 from datetime import timedelta
 from typing import Annotated
@@ -14,7 +15,7 @@ import typer
 from contract.broker import make_celery
 from contract.settings import SettingsError
 from listing_vision.command_context import app, command_settings, console
-from listing_vision.health import check_health
+from listing_vision.health import Scope, check_health
 from listing_vision.servers import connected
 
 
@@ -29,12 +30,23 @@ def health(
             help="seconds a model's work may wait with no job finished before it is stalled"
         ),
     ] = 300.0,
+    model: Annotated[
+        str | None,
+        typer.Option(help="only this model: a live worker holds it and its work progresses"),
+    ] = None,
+    here: Annotated[
+        bool,
+        typer.Option(
+            "--here", help="only workers on this host count (a container's or pod's probe)"
+        ),
+    ] = False,
 ) -> None:
     """Broker, database, schema, and workers alive and making progress: exit 0 when healthy,
     1 with one line per problem."""
     settings = command_settings()
+    scope = Scope(model, socket.gethostname() if here else None)
     with connected(settings) as resolved:
-        result = check_health(resolved, make_celery(resolved), timedelta(seconds=stall))
+        result = check_health(resolved, make_celery(resolved), timedelta(seconds=stall), scope)
     if json_output:
         payload = {"healthy": result.healthy, "problems": result.problems, **result.checks}
         console.print_json(json.dumps(payload, default=str))
