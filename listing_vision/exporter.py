@@ -31,6 +31,40 @@ from db.schema import Run
 log = logging.getLogger(__name__)
 
 
+_RUN = ("run", "kind", "model", "status")
+# Every metric the exporter serves: name -> (help, labels). `collect` fills them; `describe`
+# hands them to prometheus_client (and to the tests that check the dashboard's names).
+METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lv_queue_messages": (
+        "Messages waiting in a model's broker queue (every priority list)",
+        ("model", "queue"),
+    ),
+    "lv_broker_unacked_messages": (
+        "Messages delivered to workers and not yet acknowledged (running, reserved, or held "
+        "for a retry's countdown), all queues",
+        (),
+    ),
+    "lv_jobs_unfinished": ("Jobs queued or running, by model and state", ("model", "state")),
+    "lv_job_oldest_queued_age_seconds": (
+        "Age of the oldest queued job of a model (0 when none waits)",
+        ("model",),
+    ),
+    "lv_run_size_listings": ("Listings a pending or running run covers", _RUN),
+    "lv_run_done_listings": ("Listings a run has analysed", _RUN),
+    "lv_run_failed_listings": ("Listings of a run that ended failed", _RUN),
+    "lv_run_progress_ratio": ("Share of a run's listings finished, done or failed (0 to 1)", _RUN),
+    "lv_exporter_source_up": (
+        "Whether the exporter could read a source at this scrape (1) or not (0)",
+        ("source",),
+    ),
+}
+
+
+def _family(name: str) -> GaugeMetricFamily:
+    help_text, labels = METRICS[name]
+    return GaugeMetricFamily(name, help_text, labels=list(labels))
+
+
 class StackCollector(Collector):
     """Collects at every scrape from the broker and the database (models, jobs, runs)."""
 
@@ -38,22 +72,24 @@ class StackCollector(Collector):
         self.engine = engine
         self.broker = broker
 
+    def describe(self) -> Iterator[Metric]:
+        """The metrics without reading anything (prometheus_client calls this on register)."""
+        return (_family(name) for name in METRICS)
+
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "lv_exporter_source_up",
-            "Whether the exporter could read a source at this scrape (1) or not (0)",
-            labels=["source"],
-        )
+        families = {name: _family(name) for name in METRICS}
+        up = families["lv_exporter_source_up"]
         database = self._database()
         up.add_metric(["database"], 0.0 if database is None else 1.0)
         backlog, runs = database if database is not None else ([], [])
-        yield from _backlog_metrics(backlog)
-        yield from _run_metrics(runs)
+        _add_backlog(families, backlog)
+        _add_runs(families, runs)
         # The models come from the database; without it, the broker is still checked.
-        broker = self._broker([model.model_id for model in backlog])
-        up.add_metric(["broker"], 0.0 if broker is None else 1.0)
-        yield from broker or []
-        yield up
+        broker = self._broker(families, [model.model_id for model in backlog])
+        up.add_metric(["broker"], 1.0 if broker else 0.0)
+        for name, family in families.items():
+            if broker or name not in _FROM_BROKER:  # a source not read: left out, not zero
+                yield family
 
     def _database(self) -> tuple[list[ModelBacklog], list[Run]] | None:
         try:
@@ -63,9 +99,10 @@ class StackCollector(Collector):
             log.warning("exporter: database not read: %s", one_line(error, 200))
             return None
 
-    def _broker(self, models: list[str]) -> list[Metric] | None:
+    def _broker(self, families: dict[str, GaugeMetricFamily], models: list[str]) -> bool:
         """Queue depth per model (every priority list of its queue) and unacknowledged
-        messages, in one pipeline."""
+        messages, in one pipeline; False if the broker could not be read."""
+        steps = len(queue_keys("x"))
         try:
             with self.broker.pipeline(transaction=False) as pipe:
                 for model in models:
@@ -75,66 +112,35 @@ class StackCollector(Collector):
                 lengths = pipe.execute()
         except Exception as error:
             log.warning("exporter: broker not read: %s", one_line(error, 200))
-            return None
-        depth = GaugeMetricFamily(
-            "lv_queue_messages",
-            "Messages waiting in a model's broker queue (every priority list)",
-            labels=["model", "queue"],
-        )
-        steps = len(queue_keys("x"))
+            return False
         for index, model in enumerate(models):
             waiting = sum(int(n) for n in lengths[index * steps : (index + 1) * steps])
-            depth.add_metric([model, model_queue(model)], float(waiting))
-        unacked = GaugeMetricFamily(
-            "lv_broker_unacked_messages",
-            "Messages delivered to workers and not yet acknowledged (running, reserved, or "
-            "held for a retry's countdown), all queues",
-            value=float(lengths[-1]),
-        )
-        return [depth, unacked]
+            families["lv_queue_messages"].add_metric([model, model_queue(model)], float(waiting))
+        families["lv_broker_unacked_messages"].add_metric([], float(lengths[-1]))
+        return True
 
 
-def _backlog_metrics(backlog: Iterable[ModelBacklog]) -> Iterator[Metric]:
-    jobs = GaugeMetricFamily(
-        "lv_jobs_unfinished",
-        "Jobs queued or running, by model and state",
-        labels=["model", "state"],
-    )
-    oldest = GaugeMetricFamily(
-        "lv_job_oldest_queued_age_seconds",
-        "Age of the oldest queued job of a model (0 when none waits)",
-        labels=["model"],
-    )
+_FROM_BROKER = ("lv_queue_messages", "lv_broker_unacked_messages")
+
+
+def _add_backlog(families: dict[str, GaugeMetricFamily], backlog: Iterable[ModelBacklog]) -> None:
     for model in backlog:
-        jobs.add_metric([model.model_id, "queued"], float(model.queued))
-        jobs.add_metric([model.model_id, "running"], float(model.running))
-        oldest.add_metric([model.model_id], model.oldest_queued_seconds)
-    yield jobs
-    yield oldest
+        families["lv_jobs_unfinished"].add_metric([model.model_id, "queued"], model.queued)
+        families["lv_jobs_unfinished"].add_metric([model.model_id, "running"], model.running)
+        families["lv_job_oldest_queued_age_seconds"].add_metric(
+            [model.model_id], model.oldest_queued_seconds
+        )
 
 
-def _run_metrics(runs: Iterable[Run]) -> Iterator[Metric]:
-    labels = ["run", "kind", "model", "status"]
-    size = GaugeMetricFamily(
-        "lv_run_size_listings", "Listings a pending or running run covers", labels=labels
-    )
-    done = GaugeMetricFamily("lv_run_done_listings", "Listings a run has analysed", labels=labels)
-    failed = GaugeMetricFamily(
-        "lv_run_failed_listings", "Listings of a run that ended failed", labels=labels
-    )
-    ratio = GaugeMetricFamily(
-        "lv_run_progress_ratio",
-        "Share of a run's listings finished, done or failed (0 to 1)",
-        labels=labels,
-    )
+def _add_runs(families: dict[str, GaugeMetricFamily], runs: Iterable[Run]) -> None:
     for run in runs:
-        values = [str(run.run_id), run.kind, run.model_id, run.status]
-        size.add_metric(values, float(run.total))
-        done.add_metric(values, float(run.done))
-        failed.add_metric(values, float(run.failed))
+        labels = [str(run.run_id), run.kind, run.model_id, run.status]
         finished = run.done + run.failed
-        ratio.add_metric(values, min(1.0, finished / run.total) if run.total else 0.0)
-    yield from (size, done, failed, ratio)
+        families["lv_run_size_listings"].add_metric(labels, float(run.total))
+        families["lv_run_done_listings"].add_metric(labels, float(run.done))
+        families["lv_run_failed_listings"].add_metric(labels, float(run.failed))
+        ratio = min(1.0, finished / run.total) if run.total else 0.0
+        families["lv_run_progress_ratio"].add_metric(labels, ratio)
 
 
 def exporter_registry(resolved: Settings) -> tuple[CollectorRegistry, Engine]:

@@ -20,6 +20,7 @@ from contract.broker import ANALYZE_TASK, AnalyzeMessage, make_celery, queue_key
 from db import jobs, listings
 from db.jobs import NewJob
 from db.records import ListingRecord
+from listing_vision.exporter import METRICS
 from tests.integration.conftest import Stack, free_port, sessions_with_model, settings_from
 
 pytestmark = pytest.mark.slow
@@ -140,6 +141,9 @@ def test_the_exporter_reports_queue_depth_backlog_and_run_progress(
     }
     assert metrics[("lv_exporter_source_up", (("source", "broker"),))] == 1
     assert metrics[("lv_exporter_source_up", (("source", "database"),))] == 1
+    # What the exporter declares (and the deployment files are checked against) is what it
+    # serves.
+    assert {name for name, _ in metrics} == set(METRICS)
 
 
 def test_with_the_broker_down_the_exporter_still_answers_and_says_so(
