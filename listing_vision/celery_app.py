@@ -43,4 +43,8 @@ def lv_stats(state: Any) -> dict[str, Any]:  # pragma: no cover - answered by th
 
 
 app = make_celery(_settings())
+# kombu's own Redis transport here: the tools publish little, and Flower reads the broker's
+# kind from the URL's scheme, which the workers' transport (`contract/redis_transport.py`)
+# would turn into its class path ("'redis' broker is not supported" on the broker page).
+app.conf.broker_transport = None
 celery = app  # what `celery -A listing_vision.celery_app` looks for first
