@@ -223,3 +223,96 @@ def _failed_task_id(stack: Stack) -> str:
 def _embedded_broker_password(stack: Stack) -> str:
     state = json.loads((stack.home / "embedded.json").read_text())
     return str(state["valkey"]["password"])
+
+
+def _flower_post(stack: Stack, path: str, form: dict[str, str] | None = None) -> tuple[int, str]:
+    """POST to Flower's API as its buttons do, with the operator's credentials."""
+    import base64
+    import urllib.parse
+
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    request = urllib.request.Request(
+        stack.flower + path,
+        data=urllib.parse.urlencode(form or {}).encode(),
+        headers={"Authorization": f"Basic {token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _jobs(stack: Stack, prefix: str) -> dict[str, tuple[str, str, str | None]]:
+    """listing id -> (job id, status, error) of the jobs whose listing id starts with prefix."""
+    from sqlalchemy import text
+
+    from db.engine import make_engine
+    from listing_vision.embedded import running_urls
+
+    url = running_urls(stack.home).database_url
+    assert url
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT listing_id, job_id, status, error FROM jobs WHERE listing_id LIKE :p"),
+                {"p": prefix + "%"},
+            ).all()
+    finally:
+        engine.dispose()
+    return {row[0]: (str(row[1]), row[2], row[3]) for row in rows}
+
+
+def test_rate_limits_and_revoke_work_from_flower(stack: Stack, image_root: Path) -> None:
+    """The operator's controls in Flower's API (what its buttons post): a rate limit holds the
+    model's tasks back, and a task revoked while it waits ends failed with its row."""
+    worker = _worker_name(stack)
+    good = images.save(images.product_image("blue"), image_root / "flower-ctl.jpg")
+    limit = "/api/task/rate-limit/lv.analyze"
+    assert _flower_post(stack, limit, {"ratelimit": "6/m"})[0] == 400  # which worker?
+    status, body = _flower_post(stack, limit, {"workername": worker, "ratelimit": "6/m"})
+    assert status == 200 and "rate limit set successfully" in body.lower(), body
+    try:
+        events = [
+            {"listing_id": f"fl-ctl-{i}", "title": "blue thing", "image_url": good.as_uri()}
+            for i in range(3)
+        ]
+        started = time.monotonic()
+        assert enqueue(stack, events) == 0
+        # 6 a minute: the first runs at once, the others wait in the worker's bucket (10 s each)
+        _wait_for(lambda: _done(stack, "fl-ctl-") >= 1, "a first job", stack.log, 60)
+        queued = _jobs(stack, "fl-ctl-")
+        assert sum(status == "succeeded" for _, status, _ in queued.values()) == 1, queued
+        waiting = [job for job, status, _ in queued.values() if status == "queued"]
+        assert waiting, queued
+        status, body = _flower_post(stack, f"/api/task/revoke/{waiting[-1]}")
+        assert status == 200 and "revok" in body.lower(), body
+
+        _wait_for(lambda: _done(stack, "fl-ctl-") == 3, "all three jobs", stack.log, 120)
+        elapsed = time.monotonic() - started
+    finally:
+        _flower_post(stack, limit, {"workername": worker, "ratelimit": "0"})
+    final = _jobs(stack, "fl-ctl-")
+    revoked = [v for v in final.values() if v[0] == waiting[-1]]
+    assert revoked == [(waiting[-1], "failed", "revoked by an operator")], final
+    assert sum(status == "succeeded" for _, status, _ in final.values()) == 2, final
+    assert elapsed >= 9, elapsed  # the second job waited for its turn in the rate limit
+
+
+def _done(stack: Stack, prefix: str) -> int:
+    return sum(status in ("succeeded", "failed") for _, status, _ in _jobs(stack, prefix).values())
+
+
+def _worker_name(stack: Stack) -> str:
+    import base64
+
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    request = urllib.request.Request(
+        stack.flower + "/api/workers?refresh=1", headers={"Authorization": f"Basic {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        names = [name for name in json.loads(answer.read()) if name.startswith("tiny.")]
+    assert names, "no tiny worker in Flower"
+    return names[0]
