@@ -234,6 +234,7 @@ def main() -> None:
     from listing_vision import (  # noqa: F401  (they register their commands)
         health_command,
         run_commands,
+        workers_command,
     )
 
     try:
