@@ -233,6 +233,7 @@ def main() -> None:
     """Console entry point: user errors are one clear line and exit status 2."""
     from listing_vision import (  # noqa: F401  (they register their commands)
         calibrate_command,
+        compare_command,
         health_command,
         run_commands,
     )

@@ -118,11 +118,13 @@ def _analyse(analyzer: ListingAnalyzer, listing: ListingRecord) -> ScoredListing
 @dataclass(frozen=True)
 class Measured:
     """An evaluation and the peak memory of the process that ran it: GPU memory allocated by
-    torch on a GPU, the process's peak resident set on the CPU."""
+    torch on a GPU; on the CPU the process's peak resident set, and its resident set before the
+    model was loaded (Python, torch and the libraries: the difference is the model's)."""
 
     evaluation: Evaluation
     peak_memory_bytes: int
     memory_kind: str  # "gpu" or "rss"
+    baseline_memory_bytes: int | None = None  # rss only
 
 
 def measured_evaluation(
@@ -132,9 +134,12 @@ def measured_evaluation(
     the peak is this model's alone."""
     import resource
 
+    import psutil
     import torch
 
+    baseline = int(psutil.Process().memory_info().rss)
     evaluation = evaluate(settings, spec, listings)
     if evaluation.device == "cuda":
         return Measured(evaluation, int(torch.cuda.max_memory_allocated()), "gpu")
-    return Measured(evaluation, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return Measured(evaluation, peak, "rss", baseline)

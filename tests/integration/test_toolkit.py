@@ -37,6 +37,7 @@ from tests.integration.conftest import (
     start_worker,
     stop_worker,
 )
+from tests.tiny_models import save_tiny_open_clip
 from worker.thresholds import RecordedThresholds
 
 pytestmark = pytest.mark.slow
@@ -114,11 +115,15 @@ def toolkit(
     labelled_path.write_text("\n".join(labelled_line(item) for item in labelled) + "\n")
     categories = tmp / "categories.txt"
     categories.write_text("\n".join(PRODUCTS) + "\n")
+    siglip = save_tiny_open_clip(tmp / "tiny-siglip", siglip=True, seed=5)
     registry = tmp / "models.toml"
     registry.write_text(
         models_file.read_text()
         + f'\n[models.toy-cal]\nbackend = "open_clip"\nname = "local-dir:{TOY}"\n'
         + f"threshold = {HAND_PICKED}\n"
+        + f'\n[models.tiny-siglip]\nbackend = "open_clip"\nname = "local-dir:{siglip}"\n'
+        + "threshold = 0.2\n"
+        + f'\n[models.missing]\nbackend = "open_clip"\nname = "local-dir:{tmp / "none"}"\n'
     )
     env = lv_environment(
         stack,
@@ -299,3 +304,54 @@ def test_calibrate_refuses_a_bad_labelled_file_naming_the_line(toolkit: Toolkit)
     done = toolkit.cli("calibrate", "--model", "toy-cal", str(bad))
     assert done.returncode == 2
     assert "line 2" in done.stderr and "label" in done.stderr
+
+
+def test_compare_ranks_the_model_better_by_construction_first(toolkit: Toolkit) -> None:
+    """`toy-cal` (lv-toy, trained on such drawings) against two random tiny models, one of them
+    SigLIP-style: the trained model ranks first, on every measure that has a right answer."""
+    plot = toolkit.tmp / "compare.png"
+    done = toolkit.cli(
+        "compare",
+        "--models",
+        "tiny,toy-cal,tiny-siglip",
+        str(toolkit.labelled),
+        "--json",
+        "--plot",
+        str(plot),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    rows = {row["model_id"]: row for row in report["models"]}
+    assert report["models"][0]["model_id"] == "toy-cal"
+    assert [row["rank"] for row in report["models"]] == [1, 2, 3]
+    assert report["active_model"] == "toy-cal" and report["catalogue_images"] == 48
+    assert report["labelled"]["listings"] == 160
+    toy, tiny, siglip = rows["toy-cal"], rows["tiny"], rows["tiny-siglip"]
+    assert toy["roc_auc"] > 0.95 > tiny["roc_auc"]
+    assert toy["best"]["f1"] > tiny["best"]["f1"] and toy["best"]["f1"] > siglip["best"]["f1"]
+    assert toy["top1"] > 0.8 > tiny["top1"]
+    assert toy["top3"] >= toy["top1"]
+    assert toy["active"] and toy["spearman_vs_active"] == pytest.approx(1.0)
+    assert toy["flipped_vs_active"] == 0.0
+    assert -1.0 <= tiny["spearman_vs_active"] < 0.9
+    assert 0.0 <= tiny["flipped_vs_active"] <= 1.0
+    assert (toy["scoring"], tiny["scoring"], siglip["scoring"]) == ("cosine", "cosine", "sigmoid")
+    assert 0.0 < siglip["best"]["threshold"] < 1.0  # its own scale: a probability
+    assert tiny["embed_dim"] == 32 and toy["embed_dim"] > 0
+    for row in rows.values():
+        assert row["error"] is None and row["scored"] == 160 and row["failed"] == 0
+        assert row["images_per_s"] > 0 and row["memory_kind"] == "rss"
+        assert row["baseline_memory_bytes"] < row["peak_memory_bytes"]
+        assert row["reindex_seconds"] == pytest.approx(48 / row["images_per_s"])
+        assert row["at_threshold"]["threshold"] == row["threshold"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_adds_the_active_model_and_reports_one_that_cannot_run(toolkit: Toolkit) -> None:
+    done = toolkit.cli("compare", "--models", "tiny,missing", str(toolkit.labelled))
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    table = done.stdout
+    assert "toy-cal *" in table  # the active model, added as the baseline
+    assert "missing" in table and "error" in table
+    assert table.index("toy-cal") < table.index("tiny") < table.index("missing")
+    assert "missing could not run" in done.stderr
