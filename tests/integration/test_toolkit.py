@@ -355,3 +355,90 @@ def test_compare_adds_the_active_model_and_reports_one_that_cannot_run(toolkit: 
     assert "missing" in table and "error" in table
     assert table.index("toy-cal") < table.index("tiny") < table.index("missing")
     assert "missing could not run" in done.stderr
+
+
+def _jsonl(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def test_similar_text_finds_listings_showing_it_through_the_index(toolkit: Toolkit) -> None:
+    from collections import Counter
+
+    from db.embeddings import index_name, nearest_vector_sql
+
+    shown = Counter((item.shows_colour, item.shows_product) for item in toolkit.catalogue)
+    colour, product = shown.most_common(1)[0][0]
+    rows = _jsonl(
+        toolkit.cli(
+            "similar",
+            "--text",
+            f"{colour} {product}",
+            "--model",
+            "toy-cal",
+            "-k",
+            "3",
+            "--format",
+            "jsonl",
+        )
+    )
+    by_id = {item.listing_id: item for item in toolkit.catalogue}
+    assert len(rows) == 3
+    top = by_id[rows[0]["listing_id"]]
+    assert (top.shows_colour, top.shows_product) == (colour, product), rows
+    assert rows[0]["similarity"] >= rows[1]["similarity"] >= rows[2]["similarity"]
+    with make_sessions(toolkit.engine).begin() as session:
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        dim = session.execute(
+            text("SELECT embed_dim FROM models WHERE model_id = 'toy-cal'")
+        ).scalar_one()
+        plan = (
+            session.execute(
+                text(f"EXPLAIN {nearest_vector_sql('toy-cal', dim)}"),
+                {"query": "[" + ",".join(["0.1"] * dim) + "]", "fanout": 10, "k": 3},
+            )
+            .scalars()
+            .all()
+        )
+    assert any(index_name("toy-cal") in line for line in plan), plan
+
+    both = toolkit.cli("similar", "demo-0001", "--text", "red mug")
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_similar_models_fuses_the_rankings_of_two_indexed_models(toolkit: Toolkit) -> None:
+    log = toolkit.tmp / "tiny.log"
+    worker = start_worker(None, toolkit.env, log, model="tiny")  # type: ignore[arg-type]
+    try:
+        with Producer(settings_from(toolkit.env)) as producer:
+            report = producer.enqueue([item.event() for item in toolkit.catalogue], model="tiny")
+            counts = producer.wait(report.job_ids, timeout=120)
+        assert counts["succeeded"] == len(toolkit.catalogue), counts
+    finally:
+        stop_worker(worker)
+    query = toolkit.catalogue[0].listing_id
+    single = {
+        model: [
+            row["listing_id"]
+            for row in _jsonl(
+                toolkit.cli("similar", query, "--model", model, "-k", "50", "--format", "jsonl")
+            )
+        ]
+        for model in ("toy-cal", "tiny")
+    }
+    assert len(single["toy-cal"]) == len(single["tiny"]) == len(toolkit.catalogue) - 1
+
+    def rrf(listing_id: str) -> float:  # worked out here from the two single rankings
+        return sum(1 / (60 + ranking.index(listing_id) + 1) for ranking in single.values())
+
+    expected = sorted(single["tiny"], key=lambda i: (-rrf(i), i))[:5]
+    fused = _jsonl(
+        toolkit.cli("similar", query, "--models", "toy-cal,tiny", "-k", "5", "--format", "jsonl")
+    )
+    assert [row["listing_id"] for row in fused] == expected
+    for row in fused:
+        assert row["rrf_score"] == pytest.approx(rrf(row["listing_id"]))
+        assert row["ranks"]["toy-cal"] == single["toy-cal"].index(row["listing_id"]) + 1
+    assert query not in [row["listing_id"] for row in fused]
+    table = toolkit.cli("similar", query, "--models", "toy-cal,tiny", "-k", "5")
+    assert table.returncode == 0 and "fused (RRF)" in table.stdout
