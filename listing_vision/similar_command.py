@@ -1,16 +1,19 @@
-"""`similar`: the listings nearest to a stored listing or to a text (a CLIP-style model's text
-tower, loaded here), by one model's HNSW index, or by several fused (reciprocal rank fusion)."""
+"""`similar`: the listings nearest to a stored listing, a new image or a text (the model loaded
+here: `toolkit.query`), by one model's HNSW index, or by several fused (reciprocal rank
+fusion)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from sqlalchemy.orm import Session
 
+from contract.errors import TransientError
 from contract.registry import Registry, get_spec, load_registry
-from contract.settings import SettingsError
+from contract.settings import Settings, SettingsError
 from db.embeddings import (
     Neighbour,
     display_rows,
@@ -24,10 +27,12 @@ from listing_vision.command_context import (
     app,
     command_settings,
     console,
+    errors,
     read_database,
 )
 from listing_vision.output import print_neighbours, print_results_jsonl
 from listing_vision.toolkit.fusion import reciprocal_rank_fusion
+from listing_vision.toolkit.query import QueryError, image_vector, text_vector
 
 FUSION_DEPTH = 50  # each model's ranking fused: at least this deep (or 3 k)
 
@@ -36,6 +41,9 @@ FUSION_DEPTH = 50  # each model's ranking fused: at least this deep (or 3 k)
 def similar(
     listing_id: Annotated[
         str | None, typer.Argument(help="the listing to find neighbours of")
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option(help="a new image: a path, or a URL (fetched as listings' are)")
     ] = None,
     text: Annotated[
         str | None, typer.Option(help="find listings whose images show this (text tower)")
@@ -48,25 +56,51 @@ def similar(
     format: Annotated[OutputFormat, typer.Option(help="table or jsonl")] = OutputFormat.table,
 ) -> None:
     """The K listings whose images are nearest (cosine, pgvector HNSW) to a listing's (itself
-    left out) or to a text; with --models A,B the models' rankings fused (reciprocal rank)."""
-    if (listing_id is None) == (text is None):
-        raise typer.BadParameter("give a LISTING_ID or --text, not both")
+    left out), a new image or a text; with --models A,B the models' rankings fused."""
+    if sum(x is not None for x in (listing_id, image, text)) != 1:
+        raise typer.BadParameter("give one of LISTING_ID, --image or --text")
     if model is not None and models is not None:
         raise typer.BadParameter("give --model or --models, not both")
     settings = command_settings()
     registry = load_registry(settings.models_file)
-    with read_database(settings) as (engine, session):
-        ids = _model_ids(models) if models else [model or active_model_id(engine, settings.model)]
-        depth = k if len(ids) == 1 else max(FUSION_DEPTH, 3 * k)
-        found = {
-            model_id: _nearest(session, registry, model_id, listing_id, text, depth)
-            for model_id in ids
-        }
-        if len(ids) == 1:
-            print_neighbours(console, display_rows(session, found[ids[0]]), format.value)
-            return
-        rows = _fused_rows(session, found, k)
+    query = Query(listing_id, image, text)
+    try:
+        with read_database(settings) as (engine, session):
+            ids = (
+                _model_ids(models) if models else [model or active_model_id(engine, settings.model)]
+            )
+            depth = k if len(ids) == 1 else max(FUSION_DEPTH, 3 * k)
+            dims = {model_id: _dim(session, model_id) for model_id in ids}
+            session.rollback()  # no transaction held while a model loads (idle limit)
+            vectors = {
+                model_id: _query_vector(settings, registry, model_id, query, dim)
+                for model_id, dim in dims.items()
+                if query.listing_id is None
+            }
+            found = {
+                model_id: _nearest(session, model_id, dim, query, vectors.get(model_id), depth)
+                for model_id, dim in dims.items()
+            }
+            if len(ids) == 1:
+                print_neighbours(console, display_rows(session, found[ids[0]]), format.value)
+                return
+            rows = _fused_rows(session, found, k)
+    except QueryError as error:
+        errors.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    except TransientError as error:
+        errors.print(f"[red]error:[/red] {error} (try again)", highlight=False)
+        raise typer.Exit(1) from None
     _print_fused(rows, ids, format)
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to find neighbours of: one of a stored listing, a new image, a text."""
+
+    listing_id: str | None
+    image: str | None
+    text: str | None
 
 
 def _model_ids(models: str) -> list[str]:
@@ -76,39 +110,43 @@ def _model_ids(models: str) -> list[str]:
     return ids
 
 
-def _nearest(
-    session: Session,
-    registry: Registry,
-    model_id: str,
-    listing_id: str | None,
-    text: str | None,
-    k: int,
-) -> list[Neighbour]:
+def _dim(session: Session, model_id: str) -> int:
     dim = embed_dim(session, model_id)
     if dim is None:
         raise SettingsError(f"model {model_id} has no embeddings yet (no worker ran it)")
-    if text is None:
-        assert listing_id is not None
-        return nearest_listings(session, listing_id, model_id, dim, k)
-    vector = _text_vector(registry, model_id, text)
+    return dim
+
+
+def _query_vector(
+    settings: Settings, registry: Registry, model_id: str, query: Query, dim: int
+) -> list[float]:
+    """The new image's or the text's embedding by the model, loaded in this process."""
+    spec = get_spec(registry, model_id)
+    if query.image is not None:
+        vector = image_vector(settings, spec, query.image)
+    else:
+        assert query.text is not None
+        vector = text_vector(spec, query.text)
     if len(vector) != dim:
         raise SettingsError(
             f"{model_id} now embeds in {len(vector)} dimensions, its stored embeddings have "
             f"{dim}: reindex it first"
         )
-    return nearest_to_vector(session, vector, model_id, dim, k)
-
-
-def _text_vector(registry: Registry, model_id: str, text: str) -> list[float]:
-    """The text's embedding by the model's text tower, loaded in this process (the text as
-    written, truncated to the model's context, as titles are)."""
-    from worker.backends import create_backend  # torch: only for a text query
-
-    backend = create_backend(get_spec(registry, model_id))
-    if not backend.load().has_text:
-        raise SettingsError(f"{model_id} has no text tower: search it by listing, not by text")
-    vector: list[float] = backend.embed_texts([text])[0].tolist()
     return vector
+
+
+def _nearest(
+    session: Session,
+    model_id: str,
+    dim: int,
+    query: Query,
+    vector: list[float] | None,
+    k: int,
+) -> list[Neighbour]:
+    if query.listing_id is not None:
+        return nearest_listings(session, query.listing_id, model_id, dim, k)
+    assert vector is not None
+    return nearest_to_vector(session, vector, model_id, dim, k)
 
 
 def _fused_rows(

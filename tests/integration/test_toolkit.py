@@ -442,3 +442,43 @@ def test_similar_models_fuses_the_rankings_of_two_indexed_models(toolkit: Toolki
     assert query not in [row["listing_id"] for row in fused]
     table = toolkit.cli("similar", query, "--models", "toy-cal,tiny", "-k", "5")
     assert table.returncode == 0 and "fused (RRF)" in table.stdout
+
+
+def test_similar_image_finds_a_near_duplicate_first_through_the_fetch_guard(
+    toolkit: Toolkit, image_root: Path, image_server: str
+) -> None:
+    from PIL import Image
+
+    original = toolkit.catalogue[3]
+    with Image.open(original.image) as drawn:  # resized and re-encoded: a near-duplicate
+        copy = drawn.convert("RGB").resize((88, 88))
+    local = toolkit.tmp / "query" / "near-duplicate.jpg"
+    local.parent.mkdir(exist_ok=True)
+    copy.save(local, quality=75)
+    rows = _jsonl(
+        toolkit.cli(
+            "similar", "--image", str(local), "--model", "toy-cal", "-k", "3", "--format", "jsonl"
+        )
+    )
+    assert rows[0]["listing_id"] == original.listing_id, rows
+    assert rows[0]["similarity"] > 0.95
+
+    copy.save(image_root / "toolkit-near-duplicate.jpg", quality=75)
+    url = f"{image_server}/toolkit-near-duplicate.jpg"
+    by_url = _jsonl(toolkit.cli("similar", "--image", url, "-k", "1", "--format", "jsonl"))
+    assert by_url[0]["listing_id"] == original.listing_id  # the active model: toy-cal
+
+    guarded = subprocess.run(
+        [sys.executable, "-m", "listing_vision", "similar", "--image", url],
+        env={**toolkit.env, "LV_ALLOWED_PRIVATE_NETWORKS": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert guarded.returncode == 2, guarded.stderr
+    assert "127.0.0.1" in guarded.stderr and "error:" in guarded.stderr
+
+    not_image = toolkit.tmp / "query" / "notes.txt"
+    not_image.write_text("not a picture")
+    refused = toolkit.cli("similar", "--image", str(not_image))
+    assert refused.returncode == 2 and "image" in refused.stderr, refused.stderr
