@@ -31,6 +31,7 @@ from listing_vision.command_context import app, command_settings, console, error
 from listing_vision.servers import connected
 from listing_vision.toolkit.calibration import (
     DEFAULT_MIN_PER_CATEGORY,
+    MIN_PER_LABEL,
     CalibrationError,
     CalibrationPlan,
     GroupResult,
@@ -123,7 +124,7 @@ def _calibrate(
                     f"{failed} listing(s) could not be scored (their images) and are left out"
                 )
             plan = plan_calibration(judged, in_force, objective, min_per_category)
-            _print_plan(spec, plan)
+            _print_plan(spec, plan, min_per_category)
             if dry_run:
                 console.print("--dry-run: nothing recorded")
                 return
@@ -159,7 +160,7 @@ def _row(group: GroupResult) -> NewThreshold:
     )
 
 
-def _print_plan(spec: ModelSpec, plan: CalibrationPlan) -> None:
+def _print_plan(spec: ModelSpec, plan: CalibrationPlan, min_per_category: int) -> None:
     table = Table(title=f"{spec.model_id}: mismatch detection ({plan.objective})")
     for column in (
         "thresholds",
@@ -184,9 +185,14 @@ def _print_plan(spec: ModelSpec, plan: CalibrationPlan) -> None:
         )
     console.print(table)
     if plan.kept_model_wide:
-        console.print("categories judged by the model-wide threshold:")
-        for category, why in sorted(plan.kept_model_wide.items()):
-            console.print(f"  {category}: {why}", markup=False, highlight=False)
+        kept = "; ".join(f"{c}: {why}" for c, why in sorted(plan.kept_model_wide.items()))
+        console.print(
+            f"judged by the model-wide threshold (a category's own needs {min_per_category} "
+            f"labelled listings, at least {MIN_PER_LABEL} matches and {MIN_PER_LABEL} mismatches, "
+            f"and must do better on them): {kept}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def _metric(detection: Detection | None, name: str) -> float | None:

@@ -97,7 +97,7 @@ def plan_calibration(
         why_not = _too_few(members, min_per_category)
         own = None if why_not else _own_threshold(members, model_wide.threshold, objective)
         if own is None:
-            kept[category] = why_not or "its own threshold does no better than the model's"
+            kept[category] = why_not or "its own threshold does no better"
             continue
         categories.append(_group(category, own, members, in_force))
     table = _table(model_wide.threshold, categories)
@@ -133,10 +133,7 @@ def _too_few(members: Sequence[Judged], min_per_category: int) -> str | None:
     mismatches = sum(j.mismatch for j in members)
     matches = len(members) - mismatches
     if len(members) < min_per_category or min(matches, mismatches) < MIN_PER_LABEL:
-        return (
-            f"{len(members)} labelled ({matches} match, {mismatches} mismatch); "
-            f"a threshold of its own needs {min_per_category}, at least {MIN_PER_LABEL} of each"
-        )
+        return f"too few labels ({matches} match, {mismatches} mismatch)"
     return None
 
 

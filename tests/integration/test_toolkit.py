@@ -403,7 +403,7 @@ def test_similar_text_finds_listings_showing_it_through_the_index(toolkit: Toolk
     assert any(index_name("toy-cal") in line for line in plan), plan
 
     both = toolkit.cli("similar", "demo-0001", "--text", "red mug")
-    assert both.returncode == 2 and "not both" in both.stderr
+    assert both.returncode == 2 and "give one of" in both.stderr
 
 
 def test_similar_models_fuses_the_rankings_of_two_indexed_models(toolkit: Toolkit) -> None:
