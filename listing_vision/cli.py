@@ -214,8 +214,8 @@ def main() -> None:
         compare_command,
         health_command,
         run_commands,
-        workers_command,
         similar_command,
+        workers_command,
     )
 
     try:

@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import torch
+
 from contract.errors import TransientError
 from contract.registry import ModelSpec
 from contract.settings import Settings
@@ -61,7 +63,8 @@ def image_vector(settings: Settings, spec: ModelSpec, source: str) -> list[float
         )
     if isinstance(prepared, FailedImage):
         raise QueryError(prepared.error)
-    assert isinstance(prepared, PreparedImage) and prepared.pixels is not None
+    # No `encode` was given: the image came decoded, as a tensor.
+    assert isinstance(prepared, PreparedImage) and isinstance(prepared.pixels, torch.Tensor)
     vector: list[float] = backend.embed_images(prepared.pixels.unsqueeze(0))[0].tolist()
     return vector
 
