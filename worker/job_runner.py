@@ -7,8 +7,10 @@ retry. Every path ends in one committed outcome or a scheduled retry, never in s
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,6 +72,8 @@ class JobRunner:
     retry_backoff: float
     time_limit: float = 300.0  # LV_TASK_TIME_LIMIT: one attempt, from its claim to its commit
     metrics: WorkerMetrics | None = None
+    # Held by the one interrupted job (an earlier attempt never finished) running at a time.
+    _alone: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def run(self, job_id: uuid.UUID, redeliveries: int = 0) -> JobReport:
         """Run one delivery of `job_id`. Database trouble (an outage, a lock or pool timeout)
@@ -114,13 +118,29 @@ class JobRunner:
         # Announced from its delivery on: a batch waits for the jobs still claiming, fetching
         # and decoding, and for no one else.
         with self.analyzer.service.coming() as ticket:
-            return self._attempt(job_id, ticket)
+            report = self._attempt(job_id, ticket, self.queries.claim)
+        if report is not None:
+            return report
+        # An earlier attempt never finished: its worker may have died of this very job. It is
+        # claimed and run only when no other such job runs in this process, so a job that
+        # kills its worker every time costs the jobs in flight with it one attempt, once,
+        # instead of taking them all to their cap with it.
+        with self._alone, self.analyzer.service.coming() as ticket:
+            report = self._attempt(job_id, ticket, self.queries.claim_interrupted)
+        assert report is not None  # an interrupted claim never answers "interrupted"
+        return report
 
-    def _attempt(self, job_id: uuid.UUID, ticket: Ticket) -> JobReport:
+    def _attempt(
+        self,
+        job_id: uuid.UUID,
+        ticket: Ticket,
+        claim_job: Callable[[uuid.UUID], ClaimedJob | Unclaimable],
+    ) -> JobReport | None:
+        """One attempt; None when the job is `interrupted` (to be claimed on its own)."""
         started = time.monotonic()
-        claim = self.queries.claim(job_id)
+        claim = claim_job(job_id)
         if isinstance(claim, Unclaimable):
-            return self._unclaimable(job_id, claim)
+            return None if claim.reason == "interrupted" else self._unclaimable(job_id, claim)
         claimed = time.monotonic()
         deadline = claimed + self.time_limit
         try:

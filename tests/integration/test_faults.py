@@ -5,9 +5,7 @@ exceeds its attempt cap, and the system recovers by itself."""
 from __future__ import annotations
 
 import signal
-import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,63 +13,17 @@ import pytest
 import redis
 
 from contract.broker import model_queue
-from tests import images
-from tests.integration.conftest import Stack, WorkerProcess, query, start_worker, stop_worker
+from tests.integration.conftest import Stack, start_worker
+from tests.integration.fault_helpers import (
+    MODEL,
+    SHORT,
+    assert_each_job_ended_once,
+    catalogue,
+    finish_with_a_replacement,
+    wait_until_some_succeeded,
+)
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny-batch"  # its own queue: the session's worker (model "tiny") never sees these
-SHORT = {"LV_VISIBILITY_TIMEOUT": "8", "LV_TASK_TIME_LIMIT": "5", "LV_MAX_ATTEMPTS": "3"}
-
-
-def catalogue(image_root: Path, prefix: str, count: int) -> list[dict[str, Any]]:
-    colours = ["red", "blue", "green", "gold", "purple", "teal", "black", "orange"]
-    events = []
-    for i in range(count):
-        path = image_root / f"{prefix}-{i}.jpg"
-        images.save(images.product_image(colours[i % 8], "square", (50 + i, 60)), path)
-        events.append(
-            {"listing_id": f"{prefix}-{i}", "title": f"item {i}", "image_url": path.as_uri()}
-        )
-    return events
-
-
-def wait_until_some_succeeded(
-    producer: Any, job_ids: Sequence[uuid.UUID], worker: WorkerProcess, some: int = 4
-) -> None:
-    """Until the run is under way: a few jobs finished, most still to come."""
-    deadline = time.monotonic() + 60
-    while producer.wait(job_ids, timeout=0)["succeeded"] < some:
-        assert time.monotonic() < deadline, worker.log()[-2000:]
-        time.sleep(0.02)
-
-
-def finish_with_a_replacement(
-    stack: Stack, env: dict[str, str], producer: Any, job_ids: Sequence[uuid.UUID], log: Path
-) -> None:
-    """A fresh worker must finish every job (each exactly once)."""
-    replacement = start_worker(stack, env, log, model=MODEL)
-    try:
-        counts = producer.wait(job_ids, timeout=90, poll_interval=0.5)
-    finally:
-        stop_worker(replacement)
-    assert counts["succeeded"] == len(job_ids), (counts, replacement.log()[-3000:])
-
-
-def assert_each_job_ended_once(stack: Stack, job_ids: Sequence[uuid.UUID], prefix: str) -> None:
-    jobs = query(
-        stack, "SELECT status, attempts FROM jobs WHERE job_id = ANY(:ids)", ids=list(job_ids)
-    )
-    assert len(jobs) == len(job_ids)
-    assert all(job["status"] == "succeeded" for job in jobs), jobs
-    assert all(1 <= job["attempts"] <= 3 for job in jobs), jobs
-    rows = query(
-        stack,
-        "SELECT listing_id, count(*) AS n FROM results WHERE model_id = :m "
-        "AND listing_id LIKE :p GROUP BY listing_id",
-        m=MODEL,
-        p=f"{prefix}-%",
-    )
-    assert len(rows) == len(job_ids) and all(row["n"] == 1 for row in rows)
 
 
 def test_a_worker_killed_mid_batch_loses_nothing(

@@ -247,3 +247,28 @@ def test_a_delivery_of_a_job_whose_last_attempt_looks_alive_is_kept_not_dropped(
     assert query(stack, "SELECT status FROM jobs WHERE job_id = :j", j=job_id)[0] == {
         "status": "running"
     }
+
+
+def test_a_job_whose_last_attempt_never_finished_is_not_claimed_with_the_others(
+    stack: Stack, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    """Fault 6: its worker may have died of it; claimed with fresh jobs it would take an
+    attempt of each of them with it every time. It is claimed on its own, later."""
+    fresh, _ = new_job(sessions)
+    interrupted, _ = new_job(sessions)
+    assert isinstance(claim(sessions, interrupted), ClaimedJob)  # ... and its worker died
+
+    with sessions.begin() as session:
+        answers = jobs.claim_many(session, [fresh, interrupted], worker="w", max_attempts=3)
+    assert isinstance(answers[fresh], ClaimedJob) and answers[fresh].attempt == 1
+    held = answers[interrupted]
+    assert isinstance(held, Unclaimable) and held.reason == "interrupted"
+    assert query(stack, "SELECT attempts FROM jobs WHERE job_id = :j", j=interrupted) == [
+        {"attempts": 1}
+    ]  # no attempt counted for it
+
+    with sessions.begin() as session:
+        alone = jobs.claim_many(
+            session, [interrupted], worker="w", max_attempts=3, interrupted=True
+        )[interrupted]
+    assert isinstance(alone, ClaimedJob) and alone.attempt == 2
