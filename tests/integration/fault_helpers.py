@@ -3,6 +3,7 @@ way, a worker kept running as `up` keeps it, and the invariant every fault test 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -139,3 +140,23 @@ def wait_supervised(
             return dict(counts)
         assert time.monotonic() < deadline, (dict(counts), supervisor.log_tail())
         time.sleep(0.3)
+
+
+@contextmanager
+def postgres_stopped(stack: Stack) -> Iterator[None]:
+    """The embedded PostgreSQL stopped ("fast": connections cut, transactions rolled back) for
+    the duration of the block, then started again on the same data and socket, as a restart of
+    the database host would."""
+    from pgserver._commands import pg_ctl
+    from pgserver.utils import PostmasterInfo
+
+    pgdata = stack.home / "postgres"
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    assert info is not None and info.socket_dir is not None
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver's own user when run as root
+    pg_ctl(["-m", "fast", "-w", "stop"], pgdata=pgdata, user=user, timeout=60)
+    try:
+        yield
+    finally:
+        start = ["-w", "-o", '-h ""', "-o", f"-k {info.socket_dir}", "-l", str(pgdata / "log")]
+        pg_ctl([*start, "start"], pgdata=pgdata, user=user, timeout=60)

@@ -5,6 +5,7 @@ exceeds its attempt cap, and the system recovers by itself."""
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,14 @@ import pytest
 import redis
 
 from contract.broker import model_queue
-from tests.integration.conftest import Stack, start_worker
+from tests.integration.conftest import Stack, query, start_worker, stop_worker
 from tests.integration.fault_helpers import (
     MODEL,
     SHORT,
     assert_each_job_ended_once,
     catalogue,
     finish_with_a_replacement,
+    postgres_stopped,
     wait_until_some_succeeded,
 )
 
@@ -75,3 +77,34 @@ def test_a_worker_stopped_mid_run_finishes_or_returns_its_jobs(
 
     finish_with_a_replacement(stack, env, producer, report.job_ids, tmp_path / "replacement.log")
     assert_each_job_ended_once(stack, report.job_ids, prefix)
+
+
+def test_a_database_restarted_mid_run_is_ridden_out_by_the_same_worker(
+    stack: Stack, worker_env: dict[str, str], producer: Any, image_root: Path, tmp_path: Path
+) -> None:
+    """Fault 4: PostgreSQL stopped and started again mid-run. Claims and writes fail while it
+    is away (retried, with backoff); the worker itself stays up and finishes every job."""
+    prefix = f"pg-{uuid.uuid4().hex[:6]}"
+    # Few task threads: the run lasts long enough for the outage to land in the middle of it.
+    env = {
+        **worker_env,
+        "LV_VISIBILITY_TIMEOUT": "60",
+        "LV_TASK_TIME_LIMIT": "20",
+        "LV_WORKER_CONCURRENCY": "4",
+    }
+    worker = start_worker(stack, env, tmp_path / "worker.log", model=MODEL)
+    try:
+        report = producer.enqueue(catalogue(image_root, prefix, 120), model=MODEL)
+        wait_until_some_succeeded(producer, report.job_ids, worker)
+        with postgres_stopped(stack):
+            time.sleep(6)  # jobs in flight meet the outage; deliveries keep arriving
+            assert worker.process.poll() is None, worker.log()[-3000:]
+        assert producer.wait(report.job_ids, timeout=0)["succeeded"] < 120, "finished too soon"
+        counts = producer.wait(report.job_ids, timeout=150, poll_interval=0.5)
+        assert worker.process.poll() is None, worker.log()[-3000:]  # recovered by itself
+    finally:
+        stop_worker(worker)
+    assert counts["succeeded"] == 120, (counts, worker.log()[-3000:])
+    assert "database trouble" in worker.log()  # the outage was really met
+    assert_each_job_ended_once(stack, report.job_ids, prefix)
+    assert query(stack, "SELECT 1 AS up") == [{"up": 1}]
