@@ -72,6 +72,8 @@ class JobRunner:
     retry_backoff: float
     time_limit: float = 300.0  # LV_TASK_TIME_LIMIT: one attempt, from its claim to its commit
     metrics: WorkerMetrics | None = None
+    # The longest a retry may wait (see `worker.runtime.retry_ceiling`).
+    retry_ceiling: float = float("inf")
     # Held by the one interrupted job (an earlier attempt never finished) running at a time.
     _alone: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -80,6 +82,12 @@ class JobRunner:
         and anything unforeseen become a retry, never an acknowledged, forgotten job; the wait
         grows with `redeliveries` (this job's Celery retries so far), since an outage that
         outlasts one retry tends to outlast the next."""
+        report = self._run_safely(job_id, redeliveries)
+        if report.retry_in is not None and report.retry_in > self.retry_ceiling:
+            return JobReport(report.summary, self.retry_ceiling)
+        return report
+
+    def _run_safely(self, job_id: uuid.UUID, redeliveries: int) -> JobReport:
         try:
             return self._run(job_id)
         except (SQLAlchemyError, FutureTimeout) as error:
