@@ -90,6 +90,21 @@ def mark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
     )
 
 
+def unmark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
+    """A publish that failed after `mark_sent` committed: the queued ones among these jobs
+    are unsent again, for the reconciler's next look (locked in job_id order, as always)."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return
+    locked = (
+        select(Job.job_id)
+        .where(Job.job_id == any_uuids(ids), Job.status == "queued")
+        .order_by(Job.job_id)
+        .with_for_update()
+    ).cte("locked")
+    session.execute(update(Job).where(Job.job_id.in_(select(locked.c.job_id))).values(sent_at=None))
+
+
 def claim(
     session: Session,
     job_id: uuid.UUID,

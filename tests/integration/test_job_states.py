@@ -272,3 +272,74 @@ def test_a_job_whose_last_attempt_never_finished_is_not_claimed_with_the_others(
             session, [interrupted], worker="w", max_attempts=3, interrupted=True
         )[interrupted]
     assert isinstance(alone, ClaimedJob) and alone.attempt == 2
+
+
+def test_the_reconciler_publishes_in_bounded_batches_holding_no_row_lock(stack: Stack) -> None:
+    """The review's M3: with a huge backlog, the reconciler locked up to 1,000 jobs and kept
+    them locked while it published, so claims and group commits queued behind the broker."""
+    model = "reconcile-batches"
+    sessions = sessions_with_model(stack, model)
+    ids = []
+    for _ in range(5):
+        listing_id = f"rb-{uuid.uuid4().hex[:10]}"
+        job_id = uuid.uuid4()
+        with sessions.begin() as session:
+            listings.upsert_listings(
+                session, [ListingRecord(listing_id, "t", None, None, ["http://x/a.jpg"])]
+            )
+            jobs.create_jobs(session, [NewJob(job_id, listing_id, model)])
+        ids.append(job_id)
+    with sessions.begin() as session:
+        session.execute(
+            text("UPDATE jobs SET updated_at = now() - interval '2 hours' WHERE job_id = ANY(:i)"),
+            {"i": ids},
+        )
+    batches: list[list[uuid.UUID]] = []
+    lockable: list[bool] = []
+
+    def send(batch):  # type: ignore[no-untyped-def]
+        batches.append(list(batch))
+        # While the batch is being published, a worker can lock its rows (to claim them).
+        with sessions.begin() as other:
+            locked = other.execute(
+                text(
+                    "SELECT job_id FROM jobs WHERE job_id = ANY(:i) ORDER BY job_id "
+                    "FOR UPDATE NOWAIT"
+                ),
+                {"i": list(batch)},
+            ).all()
+            lockable.append(len(locked) == len(batch))
+
+    late = Lateness(timedelta(seconds=60), timedelta(hours=1), timedelta(hours=1))
+    reconciler = Reconciler(sessions, send, lambda c, d: None, model, late, batch=2)
+
+    assert reconciler.run_once() == 5
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert sorted(j for b in batches for j in b) == sorted(ids)
+    assert lockable == [True, True, True]
+    assert reconciler.run_once() == 0  # all marked sent
+
+
+def test_a_batch_whose_publish_fails_is_unsent_again(stack: Stack) -> None:
+    model = "reconcile-fails"
+    sessions = sessions_with_model(stack, model)
+    listing_id = f"rf-{uuid.uuid4().hex[:10]}"
+    job_id = uuid.uuid4()
+    with sessions.begin() as session:
+        listings.upsert_listings(
+            session, [ListingRecord(listing_id, "t", None, None, ["http://x/a.jpg"])]
+        )
+        jobs.create_jobs(session, [NewJob(job_id, listing_id, model)])
+
+    def broken(batch):  # type: ignore[no-untyped-def]
+        raise ConnectionError("broker away")
+
+    now = Lateness(timedelta(0), timedelta(hours=1), timedelta(hours=1))
+    with pytest.raises(ConnectionError):
+        Reconciler(sessions, broken, lambda c, d: None, model, now).run_once()
+    assert query(stack, "SELECT sent_at FROM jobs WHERE job_id = :j", j=job_id) == [
+        {"sent_at": None}
+    ]
+    sent: list[uuid.UUID] = []
+    assert Reconciler(sessions, sent.extend, lambda c, d: None, model, now).run_once() == 1
+    assert sent == [job_id]
