@@ -26,6 +26,7 @@ from tests.integration.fault_helpers import (
 )
 
 pytestmark = pytest.mark.slow
+KILL_AFTER = 50  # jobs finished before the kill: a quarter of the run
 
 
 def test_a_worker_killed_mid_batch_loses_nothing(
@@ -108,3 +109,31 @@ def test_a_database_restarted_mid_run_is_ridden_out_by_the_same_worker(
     assert "database trouble" in worker.log()  # the outage was really met
     assert_each_job_ended_once(stack, report.job_ids, prefix)
     assert query(stack, "SELECT 1 AS up") == [{"up": 1}]
+
+
+def test_two_hundred_listings_all_end_after_a_kill_and_a_new_worker(
+    stack: Stack, worker_env: dict[str, str], producer: Any, image_root: Path, tmp_path: Path
+) -> None:
+    """Defect 14, scaled down (visibility timeout 45 s and time limit 30 s there, 8 s and 5 s
+    here; 300 s to finish there, 90 s here): 1 of 200 listings never reached a terminal state
+    after the worker was SIGKILLed mid-run and a new one started. Every job must end, once."""
+    prefix = f"d14-{uuid.uuid4().hex[:6]}"
+    env = {**worker_env, **SHORT}
+    doomed = start_worker(stack, env, tmp_path / "doomed.log", model=MODEL)
+    report = producer.enqueue(catalogue(image_root, prefix, 200), model=MODEL)
+    try:
+        wait_until_some_succeeded(producer, report.job_ids, doomed, some=KILL_AFTER)
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait()
+    finally:
+        if doomed.process.poll() is None:
+            doomed.process.kill()
+    assert producer.wait(report.job_ids, timeout=0)["succeeded"] < 200, "finished before the kill"
+
+    replacement = start_worker(stack, env, tmp_path / "replacement.log", model=MODEL)
+    try:
+        counts = producer.wait(report.job_ids, timeout=90, poll_interval=0.5)
+    finally:
+        stop_worker(replacement)
+    assert counts["succeeded"] == 200, (counts, replacement.log()[-3000:])
+    assert_each_job_ended_once(stack, report.job_ids, prefix)
