@@ -320,14 +320,17 @@ def finish_many(session: Session, finishes: Sequence[Finish]) -> set[tuple[uuid.
     return {(job_id, attempt) for job_id, attempt in rows}
 
 
-def note_retry(session: Session, job_id: uuid.UUID, attempt: int, error: str) -> None:
+def note_retry(session: Session, job_id: uuid.UUID, attempt: int, error: str) -> bool:
     """A transient failure: back to queued, the error kept, and not yet known to be in the
-    broker (`sent_at` NULL) until the retry message is published."""
-    session.execute(
+    broker (`sent_at` NULL) until the retry message is published. False when `attempt` no
+    longer holds the job (a later attempt does, or it ended): nothing to retry."""
+    noted = session.execute(
         update(Job)
-        .where(Job.job_id == job_id, Job.attempts == attempt)
+        .where(Job.job_id == job_id, Job.attempts == attempt, Job.status.in_(ACTIVE))
         .values(status="queued", error=error, sent_at=None, updated_at=func.now())
-    )
+        .returning(Job.job_id)
+    ).first()
+    return noted is not None
 
 
 def jobs_to_resend(

@@ -159,7 +159,8 @@ class JobRunner:
             return self._after_transient(claim, error)
         analysed = time.monotonic()
         status = "succeeded" if analysis.result.status == "ok" else "failed"
-        self._record(_Attempt.of(claim), status, analysis, deadline)
+        if not self._record(_Attempt.of(claim), status, analysis, deadline):
+            return _superseded(claim)
         seconds = {
             "claim": claimed - started,
             "analysis": analysed - claimed,
@@ -193,7 +194,8 @@ class JobRunner:
             self._record(_Attempt.of(claim), "dead", analysis)
             return JobReport(_summary(claim.listing.listing_id, analysis.result))
         with self.sessions.begin() as session:
-            jobs.note_retry(session, claim.job_id, claim.attempt, message)
+            if not jobs.note_retry(session, claim.job_id, claim.attempt, message):
+                return _superseded(claim)
         delay = backoff_seconds(claim.attempt, self.retry_backoff)
         log.info(
             "job %s: attempt %d failed, retry in %.1fs: %s",
@@ -231,7 +233,9 @@ class JobRunner:
         status: str,
         analysis: ListingAnalysis,
         deadline: float | None = None,
-    ) -> None:
+    ) -> bool:
+        """Commit the attempt's outcome; False when a later attempt holds the job (nothing
+        written)."""
         listing = ListingOutcome(
             listing_id=attempt.listing_id,
             model_id=self.model_id,
@@ -245,10 +249,16 @@ class JobRunner:
         # The commit too must come within the attempt's time (at least a moment to try): past
         # it, the job is retried, and a write that still commits later is fenced by attempt.
         wait = WRITE_TIMEOUT if deadline is None else max(1.0, deadline - time.monotonic())
-        if not self.writer.write(outcome, timeout=min(WRITE_TIMEOUT, wait)):
-            log.info(
-                "job %s attempt %d superseded: nothing written", attempt.job_id, attempt.number
-            )
+        if self.writer.write(outcome, timeout=min(WRITE_TIMEOUT, wait)):
+            return True
+        log.info("job %s attempt %d superseded: nothing written", attempt.job_id, attempt.number)
+        return False
+
+
+def _superseded(claim: ClaimedJob) -> JobReport:
+    """An attempt overtaken by a later one (a redelivery claimed the job meanwhile): it wrote
+    nothing and reports no outcome, so logs, metrics and Flower count each job's outcome once."""
+    return JobReport({"listing_id": claim.listing.listing_id, "skipped": "superseded"})
 
 
 def _summary(listing_id: str, result: ResultRecord) -> dict[str, Any]:

@@ -343,3 +343,53 @@ def test_a_batch_whose_publish_fails_is_unsent_again(stack: Stack) -> None:
     sent: list[uuid.UUID] = []
     assert Reconciler(sessions, sent.extend, lambda c, d: None, model, now).run_once() == 1
     assert sent == [job_id]
+
+
+def test_an_attempt_overtaken_by_a_redelivery_writes_nothing_and_reports_no_outcome(
+    stack: Stack, sessions, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A superseded attempt used to log and count itself `succeeded` (and a failed one showed
+    in Flower as a failure) although it wrote nothing: each job's outcome counted twice."""
+    import dataclasses
+
+    from contract.registry import get_spec, load_registry
+    from db.engine import make_engine
+    from tests import images
+    from tests.unit.test_analysis import analyzer as listing_analyzer
+    from worker.job_runner import JobRunner
+    from worker.outcomes import OutcomeWriter
+    from worker.shared_queries import SharedQueries
+
+    photo = images.save(images.product_image("red"), tmp_path / "red.jpg")
+    listing_id, job_id = f"st-{uuid.uuid4().hex[:10]}", uuid.uuid4()
+    with sessions.begin() as session:
+        listings.upsert_listings(
+            session, [ListingRecord(listing_id, "a red mug", None, None, [photo.as_uri()])]
+        )
+        jobs.create_jobs(session, [NewJob(job_id, listing_id, MODEL)])
+
+    def redelivered_meanwhile(shas):  # type: ignore[no-untyped-def]
+        # While this attempt analyses (right after its fetch), a redelivery claims the job.
+        assert isinstance(claim(sessions, job_id), ClaimedJob)
+        return {}
+
+    single = make_sessions(make_engine(stack.database_url, single_statements=True))
+    queries = SharedQueries(
+        single, model_id=MODEL, worker="w", max_attempts=3, attempt_limit=timedelta(minutes=5)
+    )
+    analyzer = listing_analyzer(get_spec(load_registry(), "lv-toy"), tmp_path, False)
+    analyzer = dataclasses.replace(analyzer, lookup_cached=redelivered_meanwhile)
+    runner = JobRunner(sessions, queries, analyzer, OutcomeWriter(sessions), MODEL, "w", 3, 1.0)
+    try:
+        report = runner.run(job_id)
+    finally:
+        queries.close()
+        runner.writer.close()
+        analyzer.service.close()
+
+    assert report.summary == {"listing_id": listing_id, "skipped": "superseded"}
+    assert report.retry_in is None
+    assert query(stack, "SELECT status, attempts FROM jobs WHERE job_id = :j", j=job_id) == [
+        {"status": "running", "attempts": 2}  # the redelivery's attempt holds it
+    ]
+    assert query(stack, "SELECT 1 FROM results WHERE listing_id = :l", l=listing_id) == []
