@@ -22,6 +22,10 @@ class FetchError(ListingError):
     """An image URL could not be fetched (refused, unreachable, too slow, too large)."""
 
 
+class FetchTimeout(FetchError):
+    """A fetch ran out of its time (`LV_FETCH_TIMEOUT`, or what was left of its attempt's)."""
+
+
 class ImageRejected(ListingError):
     """The fetched bytes are not an image we accept (format, size, pixels, corruption)."""
 

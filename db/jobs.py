@@ -50,10 +50,11 @@ class ClaimedJob:
 @dataclass(frozen=True)
 class Unclaimable:
     """Why a delivered job is not run: `finished` (a duplicate delivery), `duplicate` (delivered
-    twice at once: the other delivery runs it), `running` (its last attempt is live elsewhere:
-    the delivery is kept, retried once that attempt would have ended), `unknown` (asked again
-    later), `missing`, or `exhausted` (its attempts are used up and none is live; the caller
-    records it as dead)."""
+    twice at once: the other delivery runs it), `interrupted` (an attempt started and never
+    finished: its worker may have died of this very job, so the caller claims it again on its
+    own, see `claim_many`), `running` (its last attempt is live elsewhere: the delivery is kept,
+    retried once that attempt would have ended), `unknown` (asked again later), `missing`, or
+    `exhausted` (its attempts are used up and none is live; the caller records it as dead)."""
 
     reason: str
     listing_id: str | None = None
@@ -93,6 +94,21 @@ def mark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
     )
 
 
+def unmark_sent(session: Session, job_ids: Iterable[uuid.UUID]) -> None:
+    """A publish that failed after `mark_sent` committed: the queued ones among these jobs
+    are unsent again, for the reconciler's next look (locked in job_id order, as always)."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return
+    locked = (
+        select(Job.job_id)
+        .where(Job.job_id == any_uuids(ids), Job.status == "queued")
+        .order_by(Job.job_id)
+        .with_for_update()
+    ).cte("locked")
+    session.execute(update(Job).where(Job.job_id.in_(select(locked.c.job_id))).values(sent_at=None))
+
+
 def claim(
     session: Session,
     job_id: uuid.UUID,
@@ -100,23 +116,32 @@ def claim(
     worker: str,
     max_attempts: int,
     live_for: timedelta = timedelta(0),
+    interrupted: bool = True,
 ) -> ClaimedJob | Unclaimable:
-    """Start an attempt of one job (see `claim_many`)."""
+    """Start an attempt of one job, by default even one whose last attempt never finished
+    (see `claim_many`)."""
     return claim_many(
-        session, [job_id], worker=worker, max_attempts=max_attempts, live_for=live_for
+        session,
+        [job_id],
+        worker=worker,
+        max_attempts=max_attempts,
+        live_for=live_for,
+        interrupted=interrupted,
     )[job_id]
 
 
-def _claim_statement() -> Select[Any]:
+def _claim_statement(interrupted: bool) -> Select[Any]:
     """Built once (building a statement costs more Python than running it): lock the
     claimable rows in job_id order, count the attempts, and read the listings, in one round
-    trip. Parameters: `ids` (uuid[]), `max_attempts`, `worker`."""
+    trip. Parameters: `ids` (uuid[]), `max_attempts`, `worker`. `interrupted`: `running` jobs
+    are claimable too, not only `queued` ones."""
     jobs_table, listing = table_of(Job), table_of(Listing)
     ids = bindparam("ids", type_=ARRAY(UUID(as_uuid=True)))
     cap = bindparam("max_attempts", type_=Integer)
+    status = jobs_table.c.status
     claimable = (
         jobs_table.c.job_id == any_(ids),
-        jobs_table.c.status.in_(ACTIVE),
+        status.in_(ACTIVE) if interrupted else status == "queued",
         jobs_table.c.attempts < cap,
     )
     locked = (
@@ -150,7 +175,8 @@ def _claim_statement() -> Select[Any]:
     )
 
 
-_CLAIM = _claim_statement()
+_CLAIM = _claim_statement(interrupted=False)
+_CLAIM_INTERRUPTED = _claim_statement(interrupted=True)
 
 
 def claim_many(
@@ -160,18 +186,29 @@ def claim_many(
     worker: str,
     max_attempts: int,
     live_for: timedelta = timedelta(0),
+    interrupted: bool = False,
 ) -> dict[uuid.UUID, ClaimedJob | Unclaimable]:
     """Start an attempt of each job, in one statement whatever their number (a worker claims
     the deliveries that arrive together at once). Each attempt is counted before any work, so
     a job that kills its worker every time still reaches its cap and ends `dead` instead of
-    looping forever. Jobs not claimed are explained by a second query: a job whose attempts
-    are used up is `exhausted` only once its last attempt has been running for `live_for` (the
-    longest an attempt may take); before that it is `running`, a live attempt that a duplicate
-    delivery must leave alone."""
+    looping forever.
+
+    Only `queued` jobs are claimed unless `interrupted`: a job still `running` had an attempt
+    that never finished (its worker died, perhaps of this very job, or it is a duplicate
+    delivery of a live one) and is answered `interrupted`, for the caller to claim on its own
+    (`interrupted=True`) when nothing else of its kind runs. Claimed together with fresh jobs,
+    a job that kills its worker would use up an attempt of every job in flight with it, every
+    time, until they all ended `dead` with it.
+
+    Jobs not claimed are explained by a second query: a job whose attempts are used up is
+    `exhausted` only once its last attempt has been running for `live_for` (the longest an
+    attempt may take); before that it is `running`, a live attempt that a duplicate delivery
+    must leave alone."""
     ids = sorted(set(job_ids))
     if not ids:
         return {}
-    rows = session.execute(_CLAIM, {"ids": ids, "max_attempts": max_attempts, "worker": worker})
+    statement = _CLAIM_INTERRUPTED if interrupted else _CLAIM
+    rows = session.execute(statement, {"ids": ids, "max_attempts": max_attempts, "worker": worker})
     outcome: dict[uuid.UUID, ClaimedJob | Unclaimable] = {}
     for row in rows:
         record = listing_record(row)
@@ -188,7 +225,7 @@ def claim_many(
         )
     unclaimed = [i for i in ids if i not in outcome]
     try:
-        outcome.update(_why_unclaimable(session, unclaimed, live_for))
+        outcome.update(_why_unclaimable(session, unclaimed, live_for, max_attempts))
     except SQLAlchemyError:
         # The claims above are committed (autocommit) and must reach their jobs; the others
         # are asked again later.
@@ -197,7 +234,7 @@ def claim_many(
 
 
 def _why_unclaimable(
-    session: Session, job_ids: Sequence[uuid.UUID], live_for: timedelta
+    session: Session, job_ids: Sequence[uuid.UUID], live_for: timedelta, max_attempts: int
 ) -> dict[uuid.UUID, Unclaimable]:
     """Liveness is measured from `started_at`, which only a claim sets (a re-send's `sent_at`
     and `updated_at` must not make a dead attempt look alive)."""
@@ -219,6 +256,8 @@ def _why_unclaimable(
     for job_id, status, listing_id, model_id, error, attempts, left in rows:
         if status not in ACTIVE:
             why[job_id] = Unclaimable("finished", listing_id, model_id, error, attempts)
+        elif status == "running" and attempts < max_attempts:
+            why[job_id] = Unclaimable("interrupted", listing_id, model_id, error, attempts)
         elif status == "running" and left is not None and left > 0:
             why[job_id] = Unclaimable(
                 "running", listing_id, model_id, error, attempts, live_for_more=float(left)
@@ -292,14 +331,17 @@ def finish_many(session: Session, finishes: Sequence[Finish]) -> set[tuple[uuid.
     return {(job_id, attempt) for job_id, attempt in rows}
 
 
-def note_retry(session: Session, job_id: uuid.UUID, attempt: int, error: str) -> None:
+def note_retry(session: Session, job_id: uuid.UUID, attempt: int, error: str) -> bool:
     """A transient failure: back to queued, the error kept, and not yet known to be in the
-    broker (`sent_at` NULL) until the retry message is published."""
-    session.execute(
+    broker (`sent_at` NULL) until the retry message is published. False when `attempt` no
+    longer holds the job (a later attempt does, or it ended): nothing to retry."""
+    noted = session.execute(
         update(Job)
-        .where(Job.job_id == job_id, Job.attempts == attempt)
+        .where(Job.job_id == job_id, Job.attempts == attempt, Job.status.in_(ACTIVE))
         .values(status="queued", error=error, sent_at=None, updated_at=func.now())
-    )
+        .returning(Job.job_id)
+    ).first()
+    return noted is not None
 
 
 def jobs_to_resend(

@@ -245,6 +245,17 @@ def mark_chunks_sent(session: Session, chunk_ids: Sequence[uuid.UUID]) -> None:
         )
 
 
+def unmark_chunks_sent(session: Session, chunk_ids: Sequence[uuid.UUID]) -> None:
+    """A publish that failed after `mark_chunks_sent` committed: these queued chunks are
+    unsent again, for the reconciler's next look."""
+    if chunk_ids:
+        session.execute(
+            update(RunChunk)
+            .where(RunChunk.chunk_id.in_(sorted(chunk_ids)), RunChunk.status == "queued")
+            .values(sent_at=None)
+        )
+
+
 def claim_chunk(session: Session, chunk_id: uuid.UUID, worker: str) -> ClaimedChunk | str:
     """Start a delivery of a chunk (counted before any work); the reason when it must not run:
     `finished`, `missing`, or `cancelled` (its run was cancelled: the chunk is closed)."""

@@ -75,7 +75,7 @@ class ListingAnalyzer:
         self, listing: ListingRecord, ticket: Ticket, deadline: float | None
     ) -> ListingAnalysis:
         started = time.monotonic()
-        fetched = fetch_images(listing.image_urls, self.policy, self.executor)
+        fetched = fetch_images(listing.image_urls, self.policy, self.executor, deadline)
         cached = self.lookup_cached([f.sha256 for f in fetched if not isinstance(f, FailedImage)])
         got = time.monotonic()
         info = self.service.backend.info

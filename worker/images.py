@@ -9,16 +9,17 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from contract.errors import ListingError, TransientError, one_line
+from contract.errors import FetchTimeout, ListingError, TransientError, one_line
 from db.embeddings import CachedImage
 from db.records import ImageFacts
 from worker.decode import decode_image
@@ -96,10 +97,14 @@ class FailedImage:
 Fetched = FetchedBytes | Unchanged | FailedImage
 
 
-def fetch_images(urls: Sequence[str], policy: FetchPolicy, executor: Executor) -> list[Fetched]:
+def fetch_images(
+    urls: Sequence[str], policy: FetchPolicy, executor: Executor, deadline: float | None = None
+) -> list[Fetched]:
     """Fetch every URL of one listing at once; failures become per-image errors, and a
-    transient one is raised (the job is retried)."""
-    results = fetch_each([ImageRequest(i, url) for i, url in enumerate(urls)], policy, executor)
+    transient one is raised (the job is retried). `deadline` (monotonic seconds): the end of
+    the job's attempt, see `fetch_each`."""
+    requests = [ImageRequest(i, url) for i, url in enumerate(urls)]
+    results = fetch_each(requests, policy, executor, deadline)
     transient = [r for r in results if isinstance(r, TransientError)]
     if transient:
         raise transient[0]
@@ -107,18 +112,41 @@ def fetch_images(urls: Sequence[str], policy: FetchPolicy, executor: Executor) -
 
 
 def fetch_each(
-    requests: Sequence[ImageRequest], policy: FetchPolicy, executor: Executor
+    requests: Sequence[ImageRequest],
+    policy: FetchPolicy,
+    executor: Executor,
+    deadline: float | None = None,
 ) -> list[Fetched | TransientError]:
     """Fetch many URLs at once (a run's chunk: many listings); each ends fetched, unchanged,
-    failed or transiently failed, in the order asked."""
-    return _map(lambda request: _fetch_one(request, policy), requests, executor)
+    failed or transiently failed, in the order asked.
+
+    `deadline`: an attempt's end (LV_TASK_TIME_LIMIT from its claim). No fetch runs past it,
+    so no attempt outlives its time limit (nor the broker's visibility timeout, which would
+    deliver the job again while it still runs); one cut short by it failed for the attempt's
+    lack of time, not the host's slowness: transient, retried."""
+    return _map(lambda request: _fetch_one(request, policy, deadline), requests, executor)
 
 
-def _fetch_one(request: ImageRequest, policy: FetchPolicy) -> Fetched | TransientError:
+def _fetch_one(
+    request: ImageRequest, policy: FetchPolicy, deadline: float | None
+) -> Fetched | TransientError:
     position, url = request.position, request.url
     validators = request.validators if request.known_sha256 else None
+    cut = False
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return TransientError(
+                f"image {position} not fetched: the attempt ran past LV_TASK_TIME_LIMIT"
+            )
+        if left < policy.timeout:
+            policy, cut = replace(policy, timeout=left), True
     try:
         fetched = fetch_image(url, policy, validators)
+    except FetchTimeout as error:
+        if cut:
+            return TransientError(f"{error}, the rest of the attempt's LV_TASK_TIME_LIMIT")
+        return FailedImage(position, url, str(error))
     except ListingError as error:
         return FailedImage(position, url, str(error))
     except TransientError as error:

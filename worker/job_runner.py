@@ -7,8 +7,10 @@ retry. Every path ends in one committed outcome or a scheduled retry, never in s
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,12 +72,22 @@ class JobRunner:
     retry_backoff: float
     time_limit: float = 300.0  # LV_TASK_TIME_LIMIT: one attempt, from its claim to its commit
     metrics: WorkerMetrics | None = None
+    # The longest a retry may wait (see `worker.runtime.retry_ceiling`).
+    retry_ceiling: float = float("inf")
+    # Held by the one interrupted job (an earlier attempt never finished) running at a time.
+    _alone: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def run(self, job_id: uuid.UUID, redeliveries: int = 0) -> JobReport:
         """Run one delivery of `job_id`. Database trouble (an outage, a lock or pool timeout)
         and anything unforeseen become a retry, never an acknowledged, forgotten job; the wait
         grows with `redeliveries` (this job's Celery retries so far), since an outage that
         outlasts one retry tends to outlast the next."""
+        report = self._run_safely(job_id, redeliveries)
+        if report.retry_in is not None and report.retry_in > self.retry_ceiling:
+            return JobReport(report.summary, self.retry_ceiling)
+        return report
+
+    def _run_safely(self, job_id: uuid.UUID, redeliveries: int) -> JobReport:
         try:
             return self._run(job_id)
         except (SQLAlchemyError, FutureTimeout) as error:
@@ -114,13 +126,29 @@ class JobRunner:
         # Announced from its delivery on: a batch waits for the jobs still claiming, fetching
         # and decoding, and for no one else.
         with self.analyzer.service.coming() as ticket:
-            return self._attempt(job_id, ticket)
+            report = self._attempt(job_id, ticket, self.queries.claim)
+        if report is not None:
+            return report
+        # An earlier attempt never finished: its worker may have died of this very job. It is
+        # claimed and run only when no other such job runs in this process, so a job that
+        # kills its worker every time costs the jobs in flight with it one attempt, once,
+        # instead of taking them all to their cap with it.
+        with self._alone, self.analyzer.service.coming() as ticket:
+            report = self._attempt(job_id, ticket, self.queries.claim_interrupted)
+        assert report is not None  # an interrupted claim never answers "interrupted"
+        return report
 
-    def _attempt(self, job_id: uuid.UUID, ticket: Ticket) -> JobReport:
+    def _attempt(
+        self,
+        job_id: uuid.UUID,
+        ticket: Ticket,
+        claim_job: Callable[[uuid.UUID], ClaimedJob | Unclaimable],
+    ) -> JobReport | None:
+        """One attempt; None when the job is `interrupted` (to be claimed on its own)."""
         started = time.monotonic()
-        claim = self.queries.claim(job_id)
+        claim = claim_job(job_id)
         if isinstance(claim, Unclaimable):
-            return self._unclaimable(job_id, claim)
+            return None if claim.reason == "interrupted" else self._unclaimable(job_id, claim)
         claimed = time.monotonic()
         deadline = claimed + self.time_limit
         try:
@@ -131,7 +159,8 @@ class JobRunner:
             return self._after_transient(claim, error)
         analysed = time.monotonic()
         status = "succeeded" if analysis.result.status == "ok" else "failed"
-        self._record(_Attempt.of(claim), status, analysis, deadline)
+        if not self._record(_Attempt.of(claim), status, analysis, deadline):
+            return _superseded(claim)
         seconds = {
             "claim": claimed - started,
             "analysis": analysed - claimed,
@@ -167,7 +196,8 @@ class JobRunner:
             self._record(_Attempt.of(claim), "dead", analysis)
             return JobReport(_summary(claim.listing.listing_id, analysis.result))
         with self.sessions.begin() as session:
-            jobs.note_retry(session, claim.job_id, claim.attempt, message)
+            if not jobs.note_retry(session, claim.job_id, claim.attempt, message):
+                return _superseded(claim)
         delay = backoff_seconds(claim.attempt, self.retry_backoff)
         log.info(
             "job %s: attempt %d failed, retry in %.1fs: %s",
@@ -205,7 +235,9 @@ class JobRunner:
         status: str,
         analysis: ListingAnalysis,
         deadline: float | None = None,
-    ) -> None:
+    ) -> bool:
+        """Commit the attempt's outcome; False when a later attempt holds the job (nothing
+        written)."""
         listing = ListingOutcome(
             listing_id=attempt.listing_id,
             model_id=self.model_id,
@@ -219,10 +251,16 @@ class JobRunner:
         # The commit too must come within the attempt's time (at least a moment to try): past
         # it, the job is retried, and a write that still commits later is fenced by attempt.
         wait = WRITE_TIMEOUT if deadline is None else max(1.0, deadline - time.monotonic())
-        if not self.writer.write(outcome, timeout=min(WRITE_TIMEOUT, wait)):
-            log.info(
-                "job %s attempt %d superseded: nothing written", attempt.job_id, attempt.number
-            )
+        if self.writer.write(outcome, timeout=min(WRITE_TIMEOUT, wait)):
+            return True
+        log.info("job %s attempt %d superseded: nothing written", attempt.job_id, attempt.number)
+        return False
+
+
+def _superseded(claim: ClaimedJob) -> JobReport:
+    """An attempt overtaken by a later one (a redelivery claimed the job meanwhile): it wrote
+    nothing and reports no outcome, so logs, metrics and Flower count each job's outcome once."""
+    return JobReport({"listing_id": claim.listing.listing_id, "skipped": "superseded"})
 
 
 def _summary(listing_id: str, result: ResultRecord) -> dict[str, Any]:

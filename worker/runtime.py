@@ -84,6 +84,15 @@ def lateness(settings: Settings) -> Lateness:
     return Lateness(unsent_for=unsent, stuck_for=stuck, stalled_for=stuck)
 
 
+def retry_ceiling(settings: Settings) -> float:
+    """The longest a retry may wait. A retry is a message the worker holds unacknowledged
+    until it is due and then runs: its wait plus its attempt must stay under the visibility
+    timeout, or the broker delivers it a second time meanwhile (Celery's ETA caveat). Half of
+    what the time limit leaves of the timeout: no limit at the defaults (1,650 s against
+    backoffs of at most 300 s), seconds in a test with a visibility timeout of a few."""
+    return max(0.5, (settings.visibility_timeout - settings.task_time_limit) / 2)
+
+
 def start_runtime(
     settings: Settings,
     registry: Registry,
@@ -164,6 +173,7 @@ def start_runtime(
         retry_backoff=settings.retry_backoff,
         time_limit=float(settings.task_time_limit),
         metrics=metrics,
+        retry_ceiling=retry_ceiling(settings),
     )
     chunk_analyzer = ChunkAnalyzer(
         service,

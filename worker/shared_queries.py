@@ -78,6 +78,20 @@ class SharedQueries:
             future.cancel()  # not yet in a group: never claimed (no attempt counted for it)
             raise
 
+    def claim_interrupted(self, job_id: uuid.UUID) -> ClaimedJob | Unclaimable:
+        """Start an attempt of `job_id` even if an earlier one never finished (the group claim
+        answers such a job `interrupted`); one statement of its own, not grouped: the caller
+        runs these one at a time."""
+        with self._sessions() as session:
+            return jobs.claim(
+                session,
+                job_id,
+                worker=self._worker,
+                max_attempts=self._max_attempts,
+                live_for=self._attempt_limit,
+                interrupted=True,
+            )
+
     def cached(self, shas: Sequence[str]) -> dict[str, CachedImage]:
         """The images among `shas` this model has embedded already, with their embeddings."""
         if not shas:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,63 +14,19 @@ import pytest
 import redis
 
 from contract.broker import model_queue
-from tests import images
-from tests.integration.conftest import Stack, WorkerProcess, query, start_worker, stop_worker
+from tests.integration.conftest import Stack, query, start_worker, stop_worker
+from tests.integration.fault_helpers import (
+    MODEL,
+    SHORT,
+    assert_each_job_ended_once,
+    catalogue,
+    finish_with_a_replacement,
+    postgres_stopped,
+    wait_until_some_succeeded,
+)
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny-batch"  # its own queue: the session's worker (model "tiny") never sees these
-SHORT = {"LV_VISIBILITY_TIMEOUT": "8", "LV_TASK_TIME_LIMIT": "5", "LV_MAX_ATTEMPTS": "3"}
-
-
-def catalogue(image_root: Path, prefix: str, count: int) -> list[dict[str, Any]]:
-    colours = ["red", "blue", "green", "gold", "purple", "teal", "black", "orange"]
-    events = []
-    for i in range(count):
-        path = image_root / f"{prefix}-{i}.jpg"
-        images.save(images.product_image(colours[i % 8], "square", (50 + i, 60)), path)
-        events.append(
-            {"listing_id": f"{prefix}-{i}", "title": f"item {i}", "image_url": path.as_uri()}
-        )
-    return events
-
-
-def wait_until_some_succeeded(
-    producer: Any, job_ids: Sequence[uuid.UUID], worker: WorkerProcess, some: int = 4
-) -> None:
-    """Until the run is under way: a few jobs finished, most still to come."""
-    deadline = time.monotonic() + 60
-    while producer.wait(job_ids, timeout=0)["succeeded"] < some:
-        assert time.monotonic() < deadline, worker.log()[-2000:]
-        time.sleep(0.02)
-
-
-def finish_with_a_replacement(
-    stack: Stack, env: dict[str, str], producer: Any, job_ids: Sequence[uuid.UUID], log: Path
-) -> None:
-    """A fresh worker must finish every job (each exactly once)."""
-    replacement = start_worker(stack, env, log, model=MODEL)
-    try:
-        counts = producer.wait(job_ids, timeout=90, poll_interval=0.5)
-    finally:
-        stop_worker(replacement)
-    assert counts["succeeded"] == len(job_ids), (counts, replacement.log()[-3000:])
-
-
-def assert_each_job_ended_once(stack: Stack, job_ids: Sequence[uuid.UUID], prefix: str) -> None:
-    jobs = query(
-        stack, "SELECT status, attempts FROM jobs WHERE job_id = ANY(:ids)", ids=list(job_ids)
-    )
-    assert len(jobs) == len(job_ids)
-    assert all(job["status"] == "succeeded" for job in jobs), jobs
-    assert all(1 <= job["attempts"] <= 3 for job in jobs), jobs
-    rows = query(
-        stack,
-        "SELECT listing_id, count(*) AS n FROM results WHERE model_id = :m "
-        "AND listing_id LIKE :p GROUP BY listing_id",
-        m=MODEL,
-        p=f"{prefix}-%",
-    )
-    assert len(rows) == len(job_ids) and all(row["n"] == 1 for row in rows)
+KILL_AFTER = 50  # jobs finished before the kill: a quarter of the run
 
 
 def test_a_worker_killed_mid_batch_loses_nothing(
@@ -122,4 +77,63 @@ def test_a_worker_stopped_mid_run_finishes_or_returns_its_jobs(
     assert stopping.process.wait(60) == 0, stopping.log()[-3000:]
 
     finish_with_a_replacement(stack, env, producer, report.job_ids, tmp_path / "replacement.log")
+    assert_each_job_ended_once(stack, report.job_ids, prefix)
+
+
+def test_a_database_restarted_mid_run_is_ridden_out_by_the_same_worker(
+    stack: Stack, worker_env: dict[str, str], producer: Any, image_root: Path, tmp_path: Path
+) -> None:
+    """Fault 4: PostgreSQL stopped and started again mid-run. Claims and writes fail while it
+    is away (retried, with backoff); the worker itself stays up and finishes every job."""
+    prefix = f"pg-{uuid.uuid4().hex[:6]}"
+    # Few task threads: the run lasts long enough for the outage to land in the middle of it.
+    env = {
+        **worker_env,
+        "LV_VISIBILITY_TIMEOUT": "60",
+        "LV_TASK_TIME_LIMIT": "20",
+        "LV_WORKER_CONCURRENCY": "4",
+    }
+    worker = start_worker(stack, env, tmp_path / "worker.log", model=MODEL)
+    try:
+        report = producer.enqueue(catalogue(image_root, prefix, 120), model=MODEL)
+        wait_until_some_succeeded(producer, report.job_ids, worker)
+        with postgres_stopped(stack):
+            time.sleep(6)  # jobs in flight meet the outage; deliveries keep arriving
+            assert worker.process.poll() is None, worker.log()[-3000:]
+        assert producer.wait(report.job_ids, timeout=0)["succeeded"] < 120, "finished too soon"
+        counts = producer.wait(report.job_ids, timeout=150, poll_interval=0.5)
+        assert worker.process.poll() is None, worker.log()[-3000:]  # recovered by itself
+    finally:
+        stop_worker(worker)
+    assert counts["succeeded"] == 120, (counts, worker.log()[-3000:])
+    assert "database trouble" in worker.log()  # the outage was really met
+    assert_each_job_ended_once(stack, report.job_ids, prefix)
+    assert query(stack, "SELECT 1 AS up") == [{"up": 1}]
+
+
+def test_two_hundred_listings_all_end_after_a_kill_and_a_new_worker(
+    stack: Stack, worker_env: dict[str, str], producer: Any, image_root: Path, tmp_path: Path
+) -> None:
+    """Defect 14, scaled down (visibility timeout 45 s and time limit 30 s there, 8 s and 5 s
+    here; 300 s to finish there, 90 s here): 1 of 200 listings never reached a terminal state
+    after the worker was SIGKILLed mid-run and a new one started. Every job must end, once."""
+    prefix = f"d14-{uuid.uuid4().hex[:6]}"
+    env = {**worker_env, **SHORT}
+    doomed = start_worker(stack, env, tmp_path / "doomed.log", model=MODEL)
+    report = producer.enqueue(catalogue(image_root, prefix, 200), model=MODEL)
+    try:
+        wait_until_some_succeeded(producer, report.job_ids, doomed, some=KILL_AFTER)
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait()
+    finally:
+        if doomed.process.poll() is None:
+            doomed.process.kill()
+    assert producer.wait(report.job_ids, timeout=0)["succeeded"] < 200, "finished before the kill"
+
+    replacement = start_worker(stack, env, tmp_path / "replacement.log", model=MODEL)
+    try:
+        counts = producer.wait(report.job_ids, timeout=90, poll_interval=0.5)
+    finally:
+        stop_worker(replacement)
+    assert counts["succeeded"] == 200, (counts, replacement.log()[-3000:])
     assert_each_job_ended_once(stack, report.job_ids, prefix)

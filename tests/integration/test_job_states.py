@@ -247,3 +247,149 @@ def test_a_delivery_of_a_job_whose_last_attempt_looks_alive_is_kept_not_dropped(
     assert query(stack, "SELECT status FROM jobs WHERE job_id = :j", j=job_id)[0] == {
         "status": "running"
     }
+
+
+def test_a_job_whose_last_attempt_never_finished_is_not_claimed_with_the_others(
+    stack: Stack, sessions
+) -> None:  # type: ignore[no-untyped-def]
+    """Fault 6: its worker may have died of it; claimed with fresh jobs it would take an
+    attempt of each of them with it every time. It is claimed on its own, later."""
+    fresh, _ = new_job(sessions)
+    interrupted, _ = new_job(sessions)
+    assert isinstance(claim(sessions, interrupted), ClaimedJob)  # ... and its worker died
+
+    with sessions.begin() as session:
+        answers = jobs.claim_many(session, [fresh, interrupted], worker="w", max_attempts=3)
+    assert isinstance(answers[fresh], ClaimedJob) and answers[fresh].attempt == 1
+    held = answers[interrupted]
+    assert isinstance(held, Unclaimable) and held.reason == "interrupted"
+    assert query(stack, "SELECT attempts FROM jobs WHERE job_id = :j", j=interrupted) == [
+        {"attempts": 1}
+    ]  # no attempt counted for it
+
+    with sessions.begin() as session:
+        alone = jobs.claim_many(
+            session, [interrupted], worker="w", max_attempts=3, interrupted=True
+        )[interrupted]
+    assert isinstance(alone, ClaimedJob) and alone.attempt == 2
+
+
+def test_the_reconciler_publishes_in_bounded_batches_holding_no_row_lock(stack: Stack) -> None:
+    """The review's M3: with a huge backlog, the reconciler locked up to 1,000 jobs and kept
+    them locked while it published, so claims and group commits queued behind the broker."""
+    model = "reconcile-batches"
+    sessions = sessions_with_model(stack, model)
+    ids = []
+    for _ in range(5):
+        listing_id = f"rb-{uuid.uuid4().hex[:10]}"
+        job_id = uuid.uuid4()
+        with sessions.begin() as session:
+            listings.upsert_listings(
+                session, [ListingRecord(listing_id, "t", None, None, ["http://x/a.jpg"])]
+            )
+            jobs.create_jobs(session, [NewJob(job_id, listing_id, model)])
+        ids.append(job_id)
+    with sessions.begin() as session:
+        session.execute(
+            text("UPDATE jobs SET updated_at = now() - interval '2 hours' WHERE job_id = ANY(:i)"),
+            {"i": ids},
+        )
+    batches: list[list[uuid.UUID]] = []
+    lockable: list[bool] = []
+
+    def send(batch):  # type: ignore[no-untyped-def]
+        batches.append(list(batch))
+        # While the batch is being published, a worker can lock its rows (to claim them).
+        with sessions.begin() as other:
+            locked = other.execute(
+                text(
+                    "SELECT job_id FROM jobs WHERE job_id = ANY(:i) ORDER BY job_id "
+                    "FOR UPDATE NOWAIT"
+                ),
+                {"i": list(batch)},
+            ).all()
+            lockable.append(len(locked) == len(batch))
+
+    late = Lateness(timedelta(seconds=60), timedelta(hours=1), timedelta(hours=1))
+    reconciler = Reconciler(sessions, send, lambda c, d: None, model, late, batch=2)
+
+    assert reconciler.run_once() == 5
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert sorted(j for b in batches for j in b) == sorted(ids)
+    assert lockable == [True, True, True]
+    assert reconciler.run_once() == 0  # all marked sent
+
+
+def test_a_batch_whose_publish_fails_is_unsent_again(stack: Stack) -> None:
+    model = "reconcile-fails"
+    sessions = sessions_with_model(stack, model)
+    listing_id = f"rf-{uuid.uuid4().hex[:10]}"
+    job_id = uuid.uuid4()
+    with sessions.begin() as session:
+        listings.upsert_listings(
+            session, [ListingRecord(listing_id, "t", None, None, ["http://x/a.jpg"])]
+        )
+        jobs.create_jobs(session, [NewJob(job_id, listing_id, model)])
+
+    def broken(batch):  # type: ignore[no-untyped-def]
+        raise ConnectionError("broker away")
+
+    now = Lateness(timedelta(0), timedelta(hours=1), timedelta(hours=1))
+    with pytest.raises(ConnectionError):
+        Reconciler(sessions, broken, lambda c, d: None, model, now).run_once()
+    assert query(stack, "SELECT sent_at FROM jobs WHERE job_id = :j", j=job_id) == [
+        {"sent_at": None}
+    ]
+    sent: list[uuid.UUID] = []
+    assert Reconciler(sessions, sent.extend, lambda c, d: None, model, now).run_once() == 1
+    assert sent == [job_id]
+
+
+def test_an_attempt_overtaken_by_a_redelivery_writes_nothing_and_reports_no_outcome(
+    stack: Stack, sessions, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A superseded attempt used to log and count itself `succeeded` (and a failed one showed
+    in Flower as a failure) although it wrote nothing: each job's outcome counted twice."""
+    import dataclasses
+
+    from contract.registry import get_spec, load_registry
+    from db.engine import make_engine
+    from tests import images
+    from tests.unit.test_analysis import analyzer as listing_analyzer
+    from worker.job_runner import JobRunner
+    from worker.outcomes import OutcomeWriter
+    from worker.shared_queries import SharedQueries
+
+    photo = images.save(images.product_image("red"), tmp_path / "red.jpg")
+    listing_id, job_id = f"st-{uuid.uuid4().hex[:10]}", uuid.uuid4()
+    with sessions.begin() as session:
+        listings.upsert_listings(
+            session, [ListingRecord(listing_id, "a red mug", None, None, [photo.as_uri()])]
+        )
+        jobs.create_jobs(session, [NewJob(job_id, listing_id, MODEL)])
+
+    def redelivered_meanwhile(shas):  # type: ignore[no-untyped-def]
+        # While this attempt analyses (right after its fetch), a redelivery claims the job.
+        assert isinstance(claim(sessions, job_id), ClaimedJob)
+        return {}
+
+    single = make_sessions(make_engine(stack.database_url, single_statements=True))
+    queries = SharedQueries(
+        single, model_id=MODEL, worker="w", max_attempts=3, attempt_limit=timedelta(minutes=5)
+    )
+    analyzer = listing_analyzer(get_spec(load_registry(), "lv-toy"), tmp_path, False)
+    analyzer = dataclasses.replace(analyzer, lookup_cached=redelivered_meanwhile)
+    runner = JobRunner(sessions, queries, analyzer, OutcomeWriter(sessions), MODEL, "w", 3, 1.0)
+    try:
+        report = runner.run(job_id)
+    finally:
+        queries.close()
+        runner.writer.close()
+        analyzer.service.close()
+
+    assert report.summary == {"listing_id": listing_id, "skipped": "superseded"}
+    assert report.retry_in is None
+    assert query(stack, "SELECT status, attempts FROM jobs WHERE job_id = :j", j=job_id) == [
+        {"status": "running", "attempts": 2}  # the redelivery's attempt holds it
+    ]
+    assert query(stack, "SELECT 1 FROM results WHERE listing_id = :l", l=listing_id) == []

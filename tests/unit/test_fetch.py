@@ -463,7 +463,8 @@ def test_oversize_body_without_content_length_stops_at_the_limit(
     started = time.monotonic()
     message = refusal(f"{server.base_url}/{route}", policy())
     assert message.endswith("image is larger than the 1 KB limit")
-    assert time.monotonic() - started < 2  # the server would stream 4 MB if we kept reading
+    # Stopped at the size limit, not at the 5 s deadline (generous: a loaded machine is slow).
+    assert time.monotonic() - started < 4.5
 
 
 def test_slow_drip_body_fails_at_the_deadline(server: Running) -> None:
@@ -471,7 +472,7 @@ def test_slow_drip_body_fails_at_the_deadline(server: Running) -> None:
     message = refusal(f"{server.base_url}/drip", policy(timeout=1.0))
     elapsed = time.monotonic() - started
     assert message.endswith("timed out after 1s")
-    assert 0.9 < elapsed < 3
+    assert 0.9 < elapsed < 4.5  # the deadline's doing, not the server's giving up after 5 s
 
 
 def test_headers_dripped_a_byte_at_a_time_fail_at_the_deadline(server: Running) -> None:
@@ -479,13 +480,13 @@ def test_headers_dripped_a_byte_at_a_time_fail_at_the_deadline(server: Running) 
     started = time.monotonic()
     message = refusal(f"{server.base_url}/drip-headers", policy(timeout=1.0))
     assert message.endswith("timed out after 1s")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5.5  # the server would drip for 6 s
 
 
 def test_server_that_never_answers_fails_at_the_deadline(server: Running) -> None:
     started = time.monotonic()
     assert refusal(f"{server.base_url}/stall", policy(timeout=1.0)).endswith("timed out after 1s")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 4.5  # the server stalls for 5 s
 
 
 def test_deadline_covers_a_hanging_dns_lookup(dns: FakeDNS) -> None:
@@ -502,7 +503,7 @@ def test_deadline_covers_a_hanging_dns_lookup(dns: FakeDNS) -> None:
     finally:
         release.set()
     assert "resolving host slow.test timed out" in message
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 8  # the lookup hangs for 10 s
 
 
 # --- file:// ---------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ def fetch_image(
     image is still that version."""
     try:
         return _fetch(url, policy, validators)
-    except FetchError as error:
-        raise FetchError(f"image URL {shown(redacted(url))}: {error}") from None
+    except FetchError as error:  # the same kind (a timeout stays a timeout), with its URL
+        raise type(error)(f"image URL {shown(redacted(url))}: {error}") from None
     except TransientError as error:
         raise TransientError(f"image URL {shown(redacted(url))}: {error}") from None
 

@@ -12,7 +12,7 @@ import socket
 import threading
 from typing import Any
 
-from contract.errors import FetchError, TransientError, reason
+from contract.errors import FetchError, FetchTimeout, TransientError, reason
 from contract.settings import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -123,7 +123,7 @@ def _resolve(host: str, port: int, timeout: float | None) -> list[IPAddress]:
     resolver.start()
     resolver.join(timeout)
     if resolver.is_alive():
-        raise FetchError(f"resolving host {host} timed out")
+        raise FetchTimeout(f"resolving host {host} timed out")
     if errors:
         raise _resolve_failure(host, errors[0])
     if not found or not found[0]:

@@ -17,7 +17,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from contract.errors import FetchError, TransientError, reason, redacted, shown
+from contract.errors import FetchError, FetchTimeout, TransientError, reason, redacted, shown
 from worker.fetch.addresses import IPAddress, resolve_checked
 from worker.fetch.policy import FetchedImage, FetchPolicy, NotModified, Validators, too_large
 
@@ -45,7 +45,7 @@ class _Deadline:
         return left
 
     def expired(self) -> FetchError:
-        return FetchError(f"timed out after {self.seconds:g}s")
+        return FetchTimeout(f"timed out after {self.seconds:g}s")
 
 
 class _DeadlineStream(httpcore.NetworkStream):
