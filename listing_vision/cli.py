@@ -55,7 +55,7 @@ def worker(
     if gpu is not None:  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     settings = command_settings(service=True)
-    with connected(settings) as resolved:
+    with connected(settings, milvus=True) as resolved:
         engine = ready_engine(settings, resolved)
         model_id = model or active_model_id(engine, settings.model)
         engine.dispose()
@@ -206,7 +206,7 @@ def beat() -> None:
     from listing_vision.beat import run_beat
 
     settings = command_settings(service=True)
-    with connected(settings) as resolved:
+    with connected(settings, milvus=True) as resolved:
         ready_engine(settings, resolved).dispose()
         run_beat(resolved)
 
@@ -220,7 +220,7 @@ def up() -> None:
     from listing_vision.up import run_stack
 
     settings = command_settings(service=True)
-    with connected(settings) as resolved:
+    with connected(settings, milvus=True) as resolved:
         engine = migrated_engine(resolved)
         default = get_spec(load_registry(settings.models_file), settings.model)
         with make_sessions(engine).begin() as session:
@@ -233,6 +233,7 @@ def main() -> None:
     """Console entry point: user errors are one clear line and exit status 2."""
     from listing_vision import (  # noqa: F401  (they register their commands)
         health_command,
+        mirror_command,
         run_commands,
     )
 
