@@ -162,8 +162,9 @@ class MilvusStore:
         nothing (upsert on the primary key). The collection must have been ensured."""
         if not vectors:
             return 0
+        # float32 arrays as they are: pymilvus packs them without a list of Python floats.
         rows = [
-            {PRIMARY_FIELD: sha, VECTOR_FIELD: np.asarray(vector, dtype=np.float32).tolist()}
+            {PRIMARY_FIELD: sha, VECTOR_FIELD: np.asarray(vector, dtype=np.float32)}
             for sha, vector in sorted(vectors.items())
         ]
         self._call("upsert", collection_name(model_id), rows)

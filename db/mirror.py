@@ -157,6 +157,23 @@ def catch_up(
     return report
 
 
+def catch_up_all(
+    sessions: sessionmaker[Session],
+    store: MilvusStore,
+    models: Sequence[str] | None = None,
+    *,
+    rewrite: bool = False,
+) -> tuple[list[CatchUp], str | None]:
+    """`catch_up` of `models` (default: every model with embeddings), then the alias synced;
+    returns the reports and the model the alias names. What beat runs nightly."""
+    if models is None:
+        with sessions() as session:
+            models = embedded_models(session)
+    reports = [catch_up(sessions, store, model_id, rewrite=rewrite) for model_id in models]
+    with sessions() as session:
+        return reports, sync_alias(session, store)
+
+
 def listing_vectors(session: Session, listing_id: str, model_id: str) -> list[np.ndarray]:
     """The model's stored vectors of a listing's images (what to search with for it)."""
     rows = session.scalars(

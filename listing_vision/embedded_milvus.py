@@ -103,8 +103,19 @@ class EmbeddedMilvus:
             raise EmbeddedError(
                 "milvus-lite is not installed: pip install 'listing-vision[milvus]'"
             )
-        port = _free_port()
+        # The free port is chosen here and bound by the child: another process may take it in
+        # between (then the child exits at once), so a few ports are tried.
+        for attempt in range(3):
+            try:
+                return self._start_on(_free_port())
+            except _PortTaken:
+                if attempt == 2:
+                    raise EmbeddedError(f"milvus-lite at {self.data_dir}: no port") from None
+        raise AssertionError("unreachable")
+
+    def _start_on(self, port: int) -> dict[str, Any]:
         argv = [sys.executable, "-m", __name__, str(self.data_dir), str(port)]
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             # Own session: Ctrl-C in the terminal must not stop it before the workers.
             process = subprocess.Popen(
@@ -113,7 +124,11 @@ class EmbeddedMilvus:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-1500:]
+                with open(self.log_path, "rb") as log:
+                    log.seek(offset)
+                    tail = log.read().decode(errors="replace")[-1500:]
+                if "bind" in tail.lower():
+                    raise _PortTaken
                 raise EmbeddedError(f"milvus-lite at {self.data_dir} exited at start:\n{tail}")
             if _answers(port):
                 return {
@@ -125,6 +140,10 @@ class EmbeddedMilvus:
             time.sleep(0.1)
         process.kill()
         raise EmbeddedError(f"milvus-lite at {self.data_dir} did not answer within 60 s")
+
+
+class _PortTaken(Exception):
+    """The port chosen was bound by another process before the server could bind it."""
 
 
 def serve(data_dir: str, port: int) -> None:

@@ -182,7 +182,8 @@ class MirrorWriter:
             failures += 1
             self._stop.wait(min(self._retry_max, 0.5 * 2**failures))
             self._wake.set()
-        self._write_waiting()
+        if self.stats.backlog:
+            self._write_waiting()
         if self._store is not None:
             self._store.close()
         if self.stats.backlog:
@@ -193,9 +194,11 @@ class MirrorWriter:
             )
 
     def _write_waiting(self) -> bool:
-        """One attempt at everything waiting; False (and it waits again) on any failure."""
+        """One attempt at everything waiting; False (and it waits again) on any failure.
+
+        What waits stays queued until it is written, so the writers never queue it twice."""
         with self._lock:
-            work, self._pending = self._pending, defaultdict(set)
+            work = {model_id: set(shas) for model_id, shas in self._pending.items() if shas}
             alias, self._alias_due = self._alias_due, False
         if not work and not alias and self._store is not None:
             return True
@@ -207,15 +210,16 @@ class MirrorWriter:
                 self._ensure(store, model_id)
                 written = copy_to_mirror(self._sessions, store, model_id, sorted(work[model_id]))
                 with self._lock:
+                    self._pending[model_id] -= work[model_id]
                     self.stats.written += written
-                    self.stats.backlog -= len(work[model_id])
+                    self.stats.backlog = sum(len(shas) for shas in self._pending.values())
                 self._observe(written=written)
-                del work[model_id]
             if alias:
                 with self._sessions() as session:
                     sync_alias(session, store)
         except Exception as error:
-            self._requeue(work, alias)
+            if alias:
+                self.switched()
             self._failed(error)
             return False
         if self._behind_since is not None:
@@ -235,13 +239,6 @@ class MirrorWriter:
                 return
             self._dims[model_id] = dim
         store.ensure_collection(model_id, dim)
-
-    def _requeue(self, work: dict[str, set[str]], alias: bool) -> None:
-        with self._lock:
-            for model_id, shas in work.items():
-                self._pending[model_id] |= shas
-            self.stats.backlog = sum(len(shas) for shas in self._pending.values())
-            self._alias_due = self._alias_due or alias
 
     def _failed(self, error: Exception) -> None:
         if self._store is not None:

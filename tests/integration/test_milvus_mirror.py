@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,6 +32,7 @@ from db.engine import make_engine, make_sessions
 from db.migrate import upgrade
 from db.milvus import ACTIVE_ALIAS, MilvusStore, collection_name
 from db.mirror import listing_vectors, nearest_listings, stored_vectors
+from db.records import ListingOutcome, ResultRecord
 from listing_vision.embedded_milvus import EmbeddedMilvus
 from producer.enqueue import Producer
 from producer.runs import RunProducer
@@ -46,6 +48,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_metrics import scrape
 from tests.tiny_models import save_tiny_open_clip
+from worker.mirror import MirrorWriter
 
 pytestmark = pytest.mark.slow
 
@@ -352,3 +355,55 @@ def test_reindex_points_the_alias_at_the_new_models_collection_and_rollback_back
     assert "Milvus alias lv_active names mir-a's collection" in rollback.stdout
     assert mirror.store.alias_target(ACTIVE_ALIAS) == collection_name("mir-a")
     assert mirror.scalar("SELECT model_id FROM active_model") == "mir-a"
+
+
+def test_beats_schedule_catches_up_what_the_mirror_lost(mirror: Mirror) -> None:
+    shas = mirror.stored_shas("mir-a")[:4]
+    mirror.store._client.delete(collection_name("mir-a"), ids=shas)  # lost, as by a crash
+    assert mirror.store.present("mir-a", shas) == set()
+    env = {**mirror.env, "LV_RESCORE_SCHEDULE": "every 2"}
+    with open(mirror.tmp / "beat.log", "wb") as log:
+        beat = subprocess.Popen(
+            [sys.executable, "-m", "listing_vision", "beat"], env=env, stdout=log, stderr=log
+        )
+        try:
+            _wait_for(
+                lambda: mirror.store.present("mir-a", shas) == set(shas), "beat's catch-up", 120
+            )
+        finally:
+            beat.terminate()
+            beat.wait(30)
+    _assert_same_vectors(mirror, "mir-a")
+
+
+def test_the_backlog_is_bounded_and_a_closing_mirror_does_not_hang(mirror: Mirror) -> None:
+    """Milvus away for long: what does not fit is dropped and counted (the catch-up's), the
+    writers' calls return at once, and closing gives up after one attempt."""
+    port = free_port()  # nobody listens
+    registry = CollectorRegistry()
+    writer = MirrorWriter(
+        mirror.sessions,
+        lambda: MilvusStore(f"http://127.0.0.1:{port}", timeout=2),
+        "mir-a",
+        registry=registry,
+        max_backlog=3,
+    )
+    outcome = ListingOutcome(
+        "x",
+        "mir-a",
+        ResultRecord("ok"),
+        None,
+        new_embeddings={f"{i:064x}": [0.0] * 32 for i in range(5)},
+    )
+    started = time.monotonic()
+    writer.written([outcome])
+    writer.written([outcome])  # the same embeddings again: nothing new waits
+    queued = time.monotonic() - started
+    _wait_for(lambda: writer.stats.failures >= 1, "a failed attempt")
+    started = time.monotonic()
+    writer.close()
+    closing = time.monotonic() - started
+    assert queued < 1.0 and closing < 10.0
+    assert (writer.stats.backlog, writer.stats.dropped, writer.stats.written) == (3, 4, 0)
+    assert registry.get_sample_value("lv_mirror_dropped_total", {"model": "mir-a"}) == 4
+    assert registry.get_sample_value("lv_mirror_backlog", {"model": "mir-a"}) == 3
