@@ -28,7 +28,7 @@ from db.mirror import copy_to_mirror, model_dimension, sync_alias
 from db.records import ListingOutcome
 
 log = logging.getLogger(__name__)
-MAX_BACKLOG = 200_000  # SHA-256s waiting per process (~20 MB); more are left to the catch-up
+MAX_BACKLOG = 200_000  # SHA-256s waiting per process (~30 MB); more are left to the catch-up
 RETRY_MAX = 60.0  # seconds between attempts while Milvus is away
 _REPEAT_WARNING = 300.0  # seconds between reminders that the mirror is still behind
 
