@@ -9,6 +9,7 @@ the reindex rate is also given as a ratio to the model-only rate measured in the
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import random
@@ -185,7 +186,11 @@ def runs_row(session: Any, run_id: uuid.UUID) -> dict[str, Any]:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.runs", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="2,000 and 10,000 listings")
+    quick = parser.parse_args().quick
     small, large = (2_000, 10_000) if quick else (10_000, 100_000)
     device = (
         f"cpu-{platform.machine()}"

@@ -20,6 +20,7 @@ it. Not a test: the numbers depend on the machine.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -609,7 +610,17 @@ def print_summary(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    quick, profile = "--quick" in sys.argv, "--profile" in sys.argv
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="enough of each measurement to see it work"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="add a py-spy flame graph of the worker"
+    )
+    args = parser.parse_args()
+    quick, profile = args.quick, args.profile
     plan = QUICK if quick else FULL
     device = (
         torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu-{platform.machine()}"

@@ -31,6 +31,20 @@ def model_queue(model_id: str) -> str:
     return f"lv.{model_id}"
 
 
+def queue_keys(model_id: str) -> list[str]:
+    """The Redis lists that hold a model's queue. kombu's Redis transport keeps one list per
+    priority step: the plain name for priority 0 (all of ours), the name, kombu's separator
+    and the step for the others. A queue's depth is the sum of their lengths, as kombu's own
+    `_size` counts it."""
+    from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+    queue = model_queue(model_id)
+    return [f"{queue}{Channel.sep}{step}" if step else queue for step in PRIORITY_STEPS]
+
+
+UNACKED_KEY = "unacked"  # kombu's hash of messages delivered and not yet acknowledged
+
+
 @dataclass(frozen=True)
 class AnalyzeMessage:
     """What an analysis task carries: only the job's id (the task id too). The listing itself

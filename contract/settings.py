@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     rescore_schedule: str = "0 2 * * *"
     log_level: str = "INFO"
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # The one exporter per deployment (queue depth, backlog, runs): `listing-vision exporter`.
+    exporter_port: int = Field(9808, ge=1, le=65535)
     log_format: Literal["text", "json"] = "text"
     # The optional Milvus mirror of the embeddings (docs/milvus-mirror.md): unset, none; a path,
     # milvus-lite over that directory; `http(s)://`, a Milvus server (token: `user:password`).

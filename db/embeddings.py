@@ -173,17 +173,57 @@ def nearest_sql(model_id: str, dim: int) -> str:
         """
 
 
-def neighbour_rows(
-    session: Session, listing_id: str, model_id: str, dim: int, k: int
-) -> list[dict[str, object]]:
-    """`nearest_listings` with each neighbour's title, for display."""
-    neighbours = nearest_listings(session, listing_id, model_id, dim, k)
-    titles: dict[str, str] = dict(
-        session.execute(
-            text("SELECT listing_id, title FROM listings WHERE listing_id = ANY(:ids)"),
-            {"ids": [n.listing_id for n in neighbours]},
-        ).all()
-    )
+def nearest_to_vector(
+    session: Session, vector: Sequence[float], model_id: str, dim: int, k: int
+) -> list[Neighbour]:
+    """The `k` listings whose images are closest (cosine) to a query vector of `model_id`'s
+    space (a text embedding, or a new image's): `similar --text`."""
+    if len(vector) != dim:
+        raise ValueError(f"a query of {len(vector)} dimensions for {model_id}'s {dim}")
+    fanout = k * 4 + 10
+    session.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(fanout, 1000))}"))
+    query = "[" + ",".join(repr(float(x)) for x in vector) + "]"
+    rows = session.execute(
+        text(nearest_vector_sql(model_id, dim)), {"query": query, "fanout": fanout, "k": k}
+    ).all()
+    return [Neighbour(row.listing_id, float(row.distance), row.sha256) for row in rows]
+
+
+def nearest_vector_sql(model_id: str, dim: int) -> str:
+    """The query-vector search: the same index expression and literal model filter as
+    `nearest_sql`."""
+    literal = model_id.replace("'", "''")
+    cast = f"vector({int(dim)})"
+    return f"""
+        WITH near AS (
+            SELECT e.sha256, e.embedding::{cast} <=> CAST(:query AS {cast}) AS distance
+            FROM embeddings e
+            WHERE e.model_id = '{literal}'
+            ORDER BY e.embedding::{cast} <=> CAST(:query AS {cast})
+            LIMIT :fanout
+        )
+        SELECT li.listing_id, min(near.distance) AS distance,
+               (array_agg(near.sha256 ORDER BY near.distance))[1] AS sha256
+        FROM near
+        JOIN listing_images li ON li.sha256 = near.sha256
+        GROUP BY li.listing_id
+        ORDER BY distance, li.listing_id
+        LIMIT :k
+        """
+
+
+def listing_titles(session: Session, listing_ids: Sequence[str]) -> dict[str, str]:
+    """Titles of these listings, for display."""
+    rows = session.execute(
+        text("SELECT listing_id, title FROM listings WHERE listing_id = ANY(:ids)"),
+        {"ids": list(listing_ids)},
+    ).all()
+    return {listing_id: title for listing_id, title in rows}
+
+
+def display_rows(session: Session, neighbours: Sequence[Neighbour]) -> list[dict[str, object]]:
+    """Neighbours with their titles and cosine similarity, for display."""
+    titles = listing_titles(session, [n.listing_id for n in neighbours])
     return [
         {
             "listing_id": n.listing_id,

@@ -41,6 +41,10 @@ class ClaimedJob:
     model_id: str
     attempt: int
     listing: ListingRecord
+    # Seconds from the job's creation to this claim, first attempts only (a retry's wait is
+    # its backoff): the queue wait. From `created_at`, not `sent_at`: the producer marks a job
+    # sent after publishing it, so a prompt claim can come first.
+    waited: float | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ def _claim_statement() -> Select[Any]:
             jobs_table.c.listing_id,
             jobs_table.c.model_id,
             jobs_table.c.attempts,
+            func.extract("epoch", func.now() - jobs_table.c.created_at).label("waited"),
         )
         .cte("claimed")
     )
@@ -173,7 +178,13 @@ def claim_many(
         outcome[row.job_id] = (
             Unclaimable("missing", row.listing_id, row.model_id)
             if record is None
-            else ClaimedJob(row.job_id, row.model_id, row.attempts, record)
+            else ClaimedJob(
+                row.job_id,
+                row.model_id,
+                row.attempts,
+                record,
+                max(0.0, float(row.waited)) if row.attempts == 1 else None,
+            )
         )
     unclaimed = [i for i in ids if i not in outcome]
     try:

@@ -127,3 +127,14 @@ def _record(row: Listing) -> ListingRecord:
         list(row.image_urls),
         row.updated_at,
     )
+
+
+def catalogue_size(session: Session) -> tuple[int, int]:
+    """How many listings the catalogue holds, and how many image URLs they name (what a
+    reindex would fetch and embed, before deduplication by content)."""
+    listings, urls = session.execute(
+        select(
+            func.count(), func.coalesce(func.sum(func.jsonb_array_length(Listing.image_urls)), 0)
+        )
+    ).one()
+    return int(listings), int(urls)

@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     Table,
@@ -71,6 +72,43 @@ class ActiveModel(Base):
     __table_args__ = (
         CheckConstraint("singleton", name="active_model_one_row"),
         CheckConstraint("chosen_by IN ('setting', 'reindex')", name="active_model_chosen_by"),
+    )
+
+
+class CalibratedThreshold(Base):
+    """A threshold `calibrate` derived from labelled listings: model-wide (`category` NULL) or
+    for listings claiming one category. A newer calibration of the model retires these rows;
+    the rows not retired are what the workers judge by."""
+
+    __tablename__ = "thresholds"
+    threshold_id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    calibration_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    model_id: Mapped[str] = mapped_column(Text, ForeignKey("models.model_id"))
+    category: Mapped[str | None] = mapped_column(Text)
+    threshold: Mapped[float] = mapped_column(Float)
+    derived_at: Mapped[datetime] = _now()
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Derived from what: the labelled file, its content, the objective, the listings judged.
+    source_file: Mapped[str] = mapped_column(Text)
+    source_sha256: Mapped[str] = mapped_column(Text)
+    objective: Mapped[str] = mapped_column(Text)
+    listings: Mapped[int] = mapped_column(Integer)
+    mismatches: Mapped[int] = mapped_column(Integer)
+    # Mismatch detection on those listings with the thresholds in force before, and with this.
+    threshold_before: Mapped[float | None] = mapped_column(Float)
+    precision_before: Mapped[float | None] = mapped_column(Float)
+    recall_before: Mapped[float | None] = mapped_column(Float)
+    precision_after: Mapped[float] = mapped_column(Float)
+    recall_after: Mapped[float] = mapped_column(Float)
+    __table_args__ = (
+        Index(
+            "thresholds_current",
+            "model_id",
+            text("coalesce(category, '')"),
+            unique=True,
+            postgresql_where=text("retired_at IS NULL"),
+        ),
+        Index("thresholds_model_derived", "model_id", "derived_at"),
     )
 
 

@@ -1,3 +1,4 @@
 from listing_vision.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned child process (compare) imports it
+    main()

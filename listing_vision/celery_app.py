@@ -16,7 +16,7 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from contract.broker import STATS_COMMAND, make_celery
+from contract.broker import ANALYZE_TASK, RUN_CHUNK_TASK, STATS_COMMAND, make_celery
 from contract.settings import Settings, SettingsError, load_settings
 from listing_vision.embedded import running_urls
 
@@ -43,4 +43,23 @@ def lv_stats(state: Any) -> dict[str, Any]:  # pragma: no cover - answered by th
 
 
 app = make_celery(_settings())
+# kombu's own Redis transport here: the tools publish little, and Flower reads the broker's
+# kind from the URL's scheme, which the workers' transport (`contract/redis_transport.py`)
+# would turn into its class path ("'redis' broker is not supported" on the broker page).
+app.conf.broker_transport = None
 celery = app  # what `celery -A listing_vision.celery_app` looks for first
+
+
+def _declare_worker_tasks() -> None:
+    """The workers' task names, known to this app so Flower's controls (rate limits, time
+    limits) accept them; the tasks run only in `listing-vision worker`, never here."""
+    for name in (ANALYZE_TASK, RUN_CHUNK_TASK):
+
+        @app.task(name=name, bind=True)
+        def declared(self: Any, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(
+                f"{self.name} runs in `listing-vision worker`, not in listing_vision.celery_app"
+            )
+
+
+_declare_worker_tasks()

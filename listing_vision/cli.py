@@ -114,28 +114,6 @@ def list_models() -> None:
 
 
 @app.command()
-def similar(
-    listing_id: Annotated[str, typer.Argument(help="the listing to find neighbours of")],
-    model: Annotated[str | None, typer.Option(help="model id (default: the active model)")] = None,
-    k: Annotated[int, typer.Option("-k", help="how many listings")] = 10,
-    format: Annotated[OutputFormat, typer.Option(help="table or jsonl")] = OutputFormat.table,
-) -> None:
-    """The K listings whose images are nearest (cosine, pgvector HNSW), the listing left out."""
-    from db.embeddings import neighbour_rows
-    from db.registered_models import embed_dim
-    from listing_vision.output import print_neighbours
-
-    settings = command_settings()
-    with read_database(settings) as (engine, session):
-        model_id = model or active_model_id(engine, settings.model)
-        dim = embed_dim(session, model_id)
-        if dim is None:
-            raise SettingsError(f"model {model_id} has no embeddings yet (no worker ran it)")
-        rows = neighbour_rows(session, listing_id, model_id, dim, k)
-    print_neighbours(console, rows, format.value)
-
-
-@app.command()
 def demo(
     model: Annotated[
         str, typer.Option(help="model id (lv-toy is bundled; others need weights)")
@@ -232,9 +210,13 @@ def up() -> None:
 def main() -> None:
     """Console entry point: user errors are one clear line and exit status 2."""
     from listing_vision import (  # noqa: F401  (they register their commands)
+        calibrate_command,
+        compare_command,
         health_command,
         mirror_command,
         run_commands,
+        similar_command,
+        workers_command,
     )
 
     try:

@@ -1,6 +1,9 @@
 """`listing-vision health`: broker, database, schema, and workers that are alive and making
 progress. A worker answering ping is not enough: a model with work waiting longer than
-`stall` and no job finished in that time is unhealthy, whoever answers."""
+`stall` and no job finished in that time is unhealthy, whoever answers.
+
+A probe scopes it (`Scope`): a worker container asks about its own model (`--model`) and
+its own host (`--here`), so another model's stall or a worker elsewhere never restarts it."""
 
 from __future__ import annotations
 
@@ -26,11 +29,28 @@ class Health:
         return not self.problems
 
 
-def check_health(settings: Settings, app: Celery, stall: timedelta) -> Health:
+@dataclass(frozen=True)
+class Scope:
+    """What a check is about: every model (None) or one; workers anywhere (None) or only on
+    one host. On one host without a model, only that a process there answers (beat's probe)."""
+
+    model: str | None = None
+    host: str | None = None
+
+
+def check_health(
+    settings: Settings, app: Celery, stall: timedelta, scope: Scope | None = None
+) -> Health:
     """Every check, each independent of the others' failures."""
+    scope = scope or Scope()
     health = Health()
     workers = _check_broker(app, health)
-    _check_database(settings, health, workers, stall)
+    if scope.host is not None and health.checks.get("broker") == "ok":
+        workers = {n: m for n, m in workers.items() if n.endswith(f"@{scope.host}")}
+        health.checks["workers"] = sorted(workers)
+        if not workers:
+            health.problems.append(f"workers: none answers on this host ({scope.host})")
+    _check_database(settings, health, workers, stall, scope)
     return health
 
 
@@ -51,7 +71,7 @@ def _check_broker(app: Celery, health: Health) -> dict[str, str]:
 
 
 def _check_database(
-    settings: Settings, health: Health, workers: dict[str, str], stall: timedelta
+    settings: Settings, health: Health, workers: dict[str, str], stall: timedelta, scope: Scope
 ) -> None:
     from db.engine import make_engine, make_sessions
     from db.health import database_now, work_by_model
@@ -78,10 +98,17 @@ def _check_database(
         engine.dispose()
     alive = set(workers.values())
     health.checks["active_model"] = active
-    if health.checks.get("broker") == "ok" and active not in alive:
-        health.problems.append(f"workers: no live worker holds the active model {active}")
+    if scope.model is None and scope.host is not None:
+        return  # a process on this host answers: all a probe of beat asks
+    held = scope.model or active
+    what = "the active model" if scope.model is None else "model"
+    if health.checks.get("broker") == "ok" and held not in alive:
+        where = "" if scope.host is None else " on this host"
+        health.problems.append(f"workers: no live worker{where} holds {what} {held}")
     per_model = {}
     for model in work:
+        if scope.model is not None and model.model_id != scope.model:
+            continue
         per_model[model.model_id] = {
             "queued": model.queued,
             "running": model.running,

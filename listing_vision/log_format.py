@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -51,3 +52,13 @@ def configure_logging(level: int | str, log_format: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def log_to_file(path: Path) -> logging.FileHandler:
+    """Also write the root logger's records to `path` (appended), in the console's format."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    root = logging.getLogger()
+    console = next((h for h in root.handlers if h.formatter is not None), None)
+    handler.setFormatter(console.formatter if console is not None else TextFormatter())
+    root.addHandler(handler)
+    return handler

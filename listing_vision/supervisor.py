@@ -22,6 +22,11 @@ from typing import Protocol
 from contract.settings import Settings
 
 log = logging.getLogger(__name__)
+# What `up` prints for people (the banner) is copied to `up.log` through this logger, which
+# reaches only the handlers `up` gives it, never the console a second time.
+console_copy = logging.getLogger("listing_vision.console")
+console_copy.propagate = False
+console_copy.setLevel(logging.INFO)
 RESTART_LIMIT = 5  # deaths within RESTART_WINDOW before giving up
 RESTART_WINDOW = 300.0
 # Longer than a worker's soft shutdown (at most 60 s, contract/broker.py) plus its requeueing.
@@ -39,6 +44,9 @@ class Child:
     env: dict[str, str]
     log_path: Path | None = None
     restart: bool = True
+    # An inessential child (the exporter) that keeps exiting is left stopped, and the stack
+    # runs on: metrics must never take the processing down.
+    essential: bool = True
     process: subprocess.Popen[bytes] | None = None
     deaths: list[float] = field(default_factory=list)
 
@@ -75,24 +83,33 @@ def child_env(resolved: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def flower_child(resolved: Settings) -> Child:
-    """Flower on 127.0.0.1; with LV_FLOWER_USER/PASSWORD set it also asks for them. Secrets
-    (the broker password, the Flower password) travel in the environment, never in `ps`."""
-    extra = {"CELERY_BROKER_URL": resolved.require_broker_url()}
-    if resolved.flower_user and resolved.flower_password:
-        password = resolved.flower_password.get_secret_value()
-        extra["FLOWER_BASIC_AUTH"] = f"{resolved.flower_user}:{password}"
-    flower = [sys.executable, "-m", "celery", "flower", "--address=127.0.0.1"]
-    argv = [*flower, f"--port={resolved.flower_port}", "--max_tasks=10000"]
-    logs = resolved.home.expanduser() / "logs"
+def log_dir(settings: Settings) -> Path:
+    """The one directory for the logs of everything `up` runs: `LV_HOME/logs`."""
+    logs = settings.home.expanduser() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    return Child("flower", argv, child_env(resolved, **extra), logs / "flower.log")
+    return logs
+
+
+def flower_child(resolved: Settings) -> Child:
+    """Flower on 127.0.0.1 (`listing-vision flower`); with LV_FLOWER_USER/PASSWORD set it also
+    asks for them. Secrets (the broker password, the Flower password) travel in the
+    environment, never in `ps`."""
+    argv = [sys.executable, "-m", "listing_vision", "flower", "--address=127.0.0.1"]
+    argv.append(f"--port={resolved.flower_port}")
+    return Child("flower", argv, child_env(resolved), log_dir(resolved) / "flower.log")
+
+
+def exporter_child(resolved: Settings) -> Child:
+    """The deployment's exporter (queue depth, backlog, runs) on 127.0.0.1:LV_EXPORTER_PORT."""
+    argv = [sys.executable, "-m", "listing_vision", "exporter", "--host=127.0.0.1"]
+    logs = log_dir(resolved) / "exporter.log"
+    return Child("exporter", argv, child_env(resolved), logs, essential=False)
 
 
 def beat_child(resolved: Settings) -> Child:
     """Celery beat (scheduled rescoring, the watch over runs), with its control worker."""
     argv = [sys.executable, "-m", "listing_vision", "beat"]
-    return Child("beat", argv, child_env(resolved))
+    return Child("beat", argv, child_env(resolved), log_dir(resolved) / "beat.log")
 
 
 class Fleet(Protocol):
@@ -127,6 +144,7 @@ def supervise(
         fleet.converge()
     if banner:
         print(banner, flush=True)
+        console_copy.info("%s", banner)
     status = 0
     next_converge = time.monotonic() + FLEET_EVERY
     try:
@@ -137,7 +155,7 @@ def supervise(
             workers = fleet.planned() if fleet is not None else []
             failed = _restart_dead([*workers, *children])
             if failed:
-                log.error("%s keeps exiting; stopping the stack", failed.name)
+                log.error("%s keeps exiting; stopping the stack%s", failed.name, _tail(failed))
                 status = 1
                 break
             time.sleep(0.5)
@@ -159,10 +177,27 @@ def _restart_dead(children: list[Child]) -> Child | None:
         child.deaths = [t for t in child.deaths if now - t < RESTART_WINDOW] + [now]
         log.warning("%s exited with status %s", child.name, code)
         if not child.restart or len(child.deaths) >= RESTART_LIMIT:
-            return child
+            if child.essential:
+                return child
+            log.error(
+                "%s keeps exiting; left stopped, the stack runs on%s", child.name, _tail(child)
+            )
+            child.process = None
+            continue
         time.sleep(min(10.0, 0.5 * 2 ** len(child.deaths)))
         child.start()
     return None
+
+
+def _tail(child: Child, lines: int = 15) -> str:
+    """The last lines of a child's log, to show why it keeps exiting without a search."""
+    if child.log_path is None or not child.log_path.exists():
+        return ""
+    with open(child.log_path, "rb") as log_file:
+        log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - 8192))
+        text = log_file.read().decode(errors="replace")
+    last = "\n".join(text.splitlines()[-lines:])
+    return f"; the end of {child.log_path}:\n{last}"
 
 
 def stop_children(children: list[Child], timeout: float) -> None:
@@ -220,5 +255,7 @@ def banner(settings: Settings, model_id: str) -> str:
     auth = "with basic auth" if settings.flower_user else "no auth: loopback only"
     return (
         f"listing-vision is up: model {model_id} (workers follow runs and reindexes); Flower on "
-        f"http://127.0.0.1:{settings.flower_port} ({auth}). Ctrl-C stops everything."
+        f"http://127.0.0.1:{settings.flower_port} ({auth}); metrics on "
+        f"http://127.0.0.1:{settings.exporter_port}/metrics; logs in {log_dir(settings)}. "
+        "Ctrl-C stops everything."
     )

@@ -76,7 +76,9 @@ class ChunkAnalyzer:
     def analyze(
         self, stored: dict[str, StoredListing], *, refetch: bool, recompute: bool
     ) -> ChunkAnalysis:
-        """Analyse every listing in `stored`; transient failures are reported, not raised."""
+        """Analyse every listing in `stored`; transient failures are reported, not raised.
+        The thresholds are read first: a rescoring run applies those recorded before it."""
+        self.scorer.thresholds.refresh()
         found = ChunkAnalysis()
         cached = {
             image.sha256: image.cached

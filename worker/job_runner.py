@@ -139,6 +139,8 @@ class JobRunner:
         }
         if self.metrics is not None:
             stages = {"claim": seconds["claim"], **analysis.seconds, "write": seconds["write"]}
+            if claim.waited is not None:
+                stages["queue_wait"] = claim.waited
             self.metrics.job(status, stages)
         fields = {
             "job_id": str(job_id),

@@ -1,10 +1,10 @@
 """Prometheus metrics of one worker (`LV_METRICS_PORT`), names `lv_…` with their units.
 
-Per worker: jobs by outcome, time per job stage (claim, fetch, decode, infer, write), items per
-model call per tower, images and texts embedded (their `rate()` is the throughput), model load
-time, and GPU memory where there is a GPU. Only counts and times are exported: no URL, listing
-or error text is ever a label.
-"""
+Per worker: jobs by outcome, time per job stage (`queue_wait` from a job's creation to its
+first claim, then claim, fetch, decode, infer, write), items per model call per tower, images
+and texts embedded (their `rate()` is the throughput), model load time, and GPU memory where
+there is a GPU. Only counts and times are exported: no URL, listing or error text is ever a
+label. Queue depth and run progress come from the one exporter (`listing_vision/exporter.py`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
-_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Up to an hour: a queue wait during a backlog is minutes, where a fetch is milliseconds.
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_STAGE_BUCKETS = (*_FAST, 60, 300, 900, 3600)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from contract.registry import ModelSpec, Registry, get_spec
 from contract.settings import Settings
+from contract.thresholds import ThresholdSource
 from db import embeddings, registered_models
 from db.engine import make_engine, make_sessions
 from db.milvus import open_store
@@ -32,6 +33,7 @@ from worker.outcomes import OutcomeWriter
 from worker.reconciler import Lateness, Reconciler, SendChunks, SendJobs
 from worker.scorer import ListingScorer
 from worker.shared_queries import SharedQueries
+from worker.thresholds import RecordedThresholds
 from worker.watchdog import start_stall_watchdog
 
 log = logging.getLogger(__name__)
@@ -130,11 +132,8 @@ def start_runtime(
         max_pixels=settings.max_image_pixels,
         observe=metrics.model_call if metrics is not None else None,
     )
-    categories = None
-    if info.has_text:
-        labels = read_categories(settings.categories_file)
-        categories = CategoryIndex(labels, spec.prompt_templates, service.embed_texts)
-    scorer = ListingScorer(info, categories, spec.threshold)
+    thresholds = RecordedThresholds(sessions, spec.model_id, spec.threshold)
+    scorer = make_scorer(settings, spec, service, thresholds)
     executor = ThreadPoolExecutor(max_workers=min(64, concurrency * 2), thread_name_prefix="fetch")
 
     # Claims and cache lookups: one self-contained statement each, on connections of their own.
@@ -213,6 +212,19 @@ def start_mirror(
     log.info("mirroring %s's embeddings to Milvus at %s", model_id, settings.milvus_uri)
     registry = metrics.registry if metrics is not None else None
     return MirrorWriter(sessions, lambda: open_store(settings), model_id, registry=registry)
+
+
+def make_scorer(
+    settings: Settings, spec: ModelSpec, service: InferenceService, thresholds: ThresholdSource
+) -> ListingScorer:
+    """The scorer of a loaded model: its category index (text models only, embedded through
+    `service`) and its thresholds."""
+    info = service.backend.info
+    categories = None
+    if info.has_text:
+        labels = read_categories(settings.categories_file)
+        categories = CategoryIndex(labels, spec.prompt_templates, service.embed_texts)
+    return ListingScorer(info, categories, thresholds)
 
 
 def fetch_policy(settings: Settings) -> FetchPolicy:

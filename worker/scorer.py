@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from contract.errors import redacted
+from contract.thresholds import ThresholdSource
 from db.records import ListingRecord, ResultRecord
 from worker.backends.base import ModelInfo
 from worker.categories import CategoryIndex
@@ -44,11 +45,12 @@ def text_sha256(listing: ListingRecord) -> str:
 
 @dataclass(frozen=True)
 class ListingScorer:
-    """The warm model's facts, its category index and its threshold."""
+    """The warm model's facts, its category index and its thresholds (the registry's, or those
+    `calibrate` recorded: `worker.thresholds`)."""
 
     info: ModelInfo
     categories: CategoryIndex | None
-    threshold: float | None
+    thresholds: ThresholdSource
 
     @property
     def scores_text(self) -> bool:
@@ -95,6 +97,7 @@ class ListingScorer:
         ]
         if not judged:
             return found
+        thresholds = self.thresholds.current()
         rows = [items[i].images.vectors.numpy()[similarity.best] for i, similarity in judged]
         best = torch.from_numpy(np.stack(rows))
         claims = [items[i].listing.category for i, _ in judged]
@@ -103,7 +106,7 @@ class ListingScorer:
             found[i] = replace(
                 found[i],
                 similarity=similarity.value,
-                is_match=None if self.threshold is None else similarity.value >= self.threshold,
+                is_match=thresholds.is_match(similarity.value, items[i].listing.category),
                 top_category=verdict.top[0].label,
                 categories=[{"label": c.label, "score": c.score} for c in verdict.top],
                 category_mismatch=verdict.mismatch,

@@ -6,15 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.labels import normalise_label
 from worker.backends.base import ModelInfo
 
 TOP_CATEGORIES = 5
 MISMATCH_RANK = 3  # a seller's category outside the top 3 is a category mismatch
-
-
-def normalise_label(label: str) -> str:
-    """Compare categories case- and space-insensitively ("Car  Tyre" is "car tyre")."""
-    return " ".join(label.lower().split())
 
 
 def image_text_similarity(

@@ -20,6 +20,7 @@ from contract.settings import Settings
 from db.engine import make_sessions
 from db.results import result_for
 from listing_vision.demo.catalogue import PRODUCTS, DemoListing, make_catalogue
+from listing_vision.demo.toolkit_tour import labelled_file, run_toolkit_tour
 from listing_vision.enqueue_command import wait_with_bar
 from listing_vision.supervisor import Child, child_env, stop_children
 from producer.enqueue import Producer
@@ -74,7 +75,8 @@ class DemoReport:
 
 
 def run_demo(resolved: Settings, options: DemoOptions) -> int:
-    """Run the demo on the resolved servers; exit status 0 when every listing was analysed."""
+    """Run the demo on the resolved servers, ending with `calibrate` (dry run) and `compare` on
+    the catalogue; exit status 0 when every listing was analysed and both commands ran."""
     home = resolved.home.expanduser().resolve() / "demo"
     images = home / f"catalogue-{options.seed}-{options.count}"
     console.print(f"drawing a sample catalogue of {options.count} listings into {images} ...")
@@ -105,7 +107,11 @@ def run_demo(resolved: Settings, options: DemoOptions) -> int:
     _print(report, listings, rows)
     if options.report is not None:
         options.report.write_text(json.dumps(asdict(report), indent=2) + "\n")
-    return 0 if report.failed == 0 else 1
+    if report.failed:
+        return 1
+    labelled = labelled_file(listings, home / f"labelled-{options.seed}-{options.count}.jsonl")
+    toured = run_toolkit_tour(console, env, labelled, options.model_id, options.timeout)
+    return 0 if toured else 1
 
 
 def _analyse(

@@ -32,3 +32,7 @@ def test_demo_catches_planted_mismatches_with_high_precision_and_recall(tmp_path
     assert report["mismatch"]["recall"] >= 0.9, report
     assert report["category"]["precision"] >= 0.8 and report["category"]["recall"] >= 0.8, report
     assert "precision" in done.stdout and "examples" in done.stdout
+    # It ends with the model toolkit on the demo catalogue (its planted truth as labels).
+    assert "lv-toy: mismatch detection (f1)" in done.stdout
+    assert "--dry-run: nothing recorded" in done.stdout
+    assert "120 labelled listings" in done.stdout and "lv-toy *" in done.stdout

@@ -4,6 +4,7 @@ model and an unreachable broker (exit 1), not just a worker that answers ping.""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -64,3 +65,54 @@ def test_health_names_an_unreachable_broker(worker_env: dict[str, str]) -> None:
     answer = health(env)
     assert answer.returncode == 1
     assert "broker: cannot connect" in answer.stdout
+
+
+def test_a_probe_asks_about_its_own_model_and_host(
+    stack: Stack, worker: WorkerProcess, worker_env: dict[str, str]
+) -> None:
+    """What compose and Kubernetes run in a worker's container: `--model M --here`."""
+    own = health(worker_env, "--json", "--model", "tiny", "--here", "--stall", "3600")
+    assert own.returncode == 0, own.stdout + own.stderr
+    report = json.loads(own.stdout)
+    assert all(name.endswith(f"@{socket.gethostname()}") for name in report["workers"])
+
+    # Work for another model, stalled, is not this probe's business...
+    sessions = make_sessions(stack.engine)
+    listing_id = f"probe-{uuid.uuid4().hex[:8]}"
+    with sessions.begin() as session:
+        registered_models.ensure_model(session, get_spec(load_registry(), "lv-toy"))
+        listings.upsert_listings(
+            session, [ListingRecord(listing_id, "t", None, None, ["http://x/a.jpg"])]
+        )
+        jobs.create_jobs(session, [NewJob(uuid.uuid4(), listing_id, "lv-toy")])
+    try:
+        tiny = health(worker_env, "--model", "tiny", "--here", "--stall", "0")
+        toy = health(worker_env, "--model", "lv-toy", "--here", "--stall", "0")
+        beat_like = health(worker_env, "--here", "--stall", "0")
+    finally:
+        with stack.engine.begin() as connection:
+            connection.exec_driver_sql("DELETE FROM listings WHERE listing_id = %s", (listing_id,))
+    assert tiny.returncode == 0, tiny.stdout + tiny.stderr
+    # ...but it is the business of a probe of that model, which no worker here holds.
+    assert toy.returncode == 1
+    assert "workers: no live worker on this host holds model lv-toy" in toy.stdout
+    assert "progress: model lv-toy" in toy.stdout
+    assert beat_like.returncode == 0, beat_like.stdout  # a process on this host answers
+
+
+def test_a_probe_on_a_host_without_workers_fails(worker_env: dict[str, str]) -> None:
+    answer = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import socket, sys; socket.gethostname = lambda: 'elsewhere'; "
+            "sys.argv = ['listing-vision', 'health', '--here']; "
+            "from listing_vision.cli import main; main()",
+        ],
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert answer.returncode == 1, answer.stdout + answer.stderr
+    assert "workers: none answers on this host (elsewhere)" in answer.stdout

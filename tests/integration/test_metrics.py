@@ -56,7 +56,7 @@ def test_a_worker_exports_jobs_stages_batches_and_load_time(
     model = (("model", MODEL),)
     assert metrics[("lv_jobs_total", (("model", MODEL), ("outcome", "succeeded")))] == 2
     assert metrics[("lv_jobs_total", (("model", MODEL), ("outcome", "failed")))] == 1
-    for stage in ("claim", "fetch", "decode", "write"):
+    for stage in ("queue_wait", "claim", "fetch", "decode", "write"):
         key = ("lv_job_stage_seconds_count", (("model", MODEL), ("stage", stage)))
         assert metrics[key] == 3, stage
     assert metrics[("lv_job_stage_seconds_count", (("model", MODEL), ("stage", "infer")))] == 2

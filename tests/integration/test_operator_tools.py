@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests import images
 from tests.integration.conftest import WorkerProcess
 
 pytestmark = pytest.mark.slow
@@ -30,6 +34,43 @@ def test_celery_inspect_reaches_the_workers_including_lv_stats(
     )
     assert stats.returncode == 0, stats.stderr
     assert "model_calls" in stats.stdout and "not recognized" not in stats.stdout + stats.stderr
+
+
+def test_workers_prints_each_workers_batching_figures(
+    worker: WorkerProcess, worker_env: dict[str, str], producer: Any, image_root: Path
+) -> None:
+    image = images.save(images.product_image("plum"), image_root / "workers-cmd.jpg")
+    report = producer.enqueue(
+        [
+            {"listing_id": f"workers-{i}", "title": "a plum mug", "image_url": image.as_uri()}
+            for i in range(3)
+        ],
+        model="tiny",
+    )
+    assert producer.wait(report.job_ids, timeout=60, poll_interval=0.2)["succeeded"] == 3
+
+    shown = run(worker_env, "-m", "listing_vision", "workers")
+    as_json = run(worker_env, "-m", "listing_vision", "workers", "--json")
+
+    assert shown.returncode == 0, shown.stderr
+    assert "tiny.cpu@" in shown.stdout and "model tiny on cpu" in shown.stdout
+    figures = next(iter(json.loads(as_json.stdout).values()))
+    assert figures["model"] == "tiny" and figures["images"] >= 1  # the image is embedded once
+    assert figures["jobs_batched"] >= 3 and figures["image_calls"] >= 1
+    assert figures["images_per_call"] == round(figures["images"] / figures["image_calls"], 1)
+
+
+def test_workers_without_any_worker_says_so_and_fails(tmp_path: Path) -> None:
+    import os
+
+    from listing_vision.embedded import EmbeddedServers
+
+    home = tmp_path / "home"
+    with EmbeddedServers(home):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LV_")}
+        env["LV_HOME"] = str(home)
+        shown = run(env, "-m", "listing_vision", "workers", "--timeout", "1")
+    assert shown.returncode == 1 and "no worker answered" in shown.stdout
 
 
 def test_urls_prints_where_the_stack_is(worker_env: dict[str, str]) -> None:

@@ -63,7 +63,7 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
     home, roots = tmp_path / "home", tmp_path / "images"
     roots.mkdir()
     image = images.save(images.product_image("red"), roots / "red.jpg")
-    port = free_port()
+    port, exporter_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LV_")}
     env.update(
         LV_HOME=str(home),
@@ -73,6 +73,7 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
         LV_FLOWER_PORT=str(port),
         LV_FLOWER_USER="ops",
         LV_FLOWER_PASSWORD="s3cret",
+        LV_EXPORTER_PORT=str(exporter_port),
         PYTHONUNBUFFERED="1",
     )
     log = tmp_path / "up.log"
@@ -81,11 +82,22 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
             [sys.executable, "-m", "listing_vision", "up"], env=env, stdout=output, stderr=output
         )
     try:
-        _wait_until(lambda: "ready." in log.read_text(errors="replace"), 120, "worker ready", log)
+        logs = home / "logs"
+        worker_log = logs / "worker-tiny.log"
+        _wait_until(lambda: "ready." in worker_log.read_text(), 120, "worker ready", log)
         flower = f"http://127.0.0.1:{port}/"
         _wait_until(lambda: _get(flower, ("ops", "s3cret")) == 200, 60, "Flower", log)
         assert _get(flower) == 401
         assert _get(f"http://127.0.0.1:{port}/api/workers") == 401
+        assert _get(f"http://127.0.0.1:{port}/metrics") == 401  # Flower's own, guarded too
+        assert _get(f"http://127.0.0.1:{port}/metrics", ("ops", "s3cret")) == 200
+        # The one exporter runs with the stack: the active model's queue, both sources read.
+        exporter = f"http://127.0.0.1:{exporter_port}/metrics"
+        _wait_until(lambda: _get(exporter) == 200, 60, "exporter", log)
+        with urllib.request.urlopen(exporter, timeout=10) as answer:
+            scraped = answer.read().decode()
+        assert 'lv_queue_messages{model="tiny",queue="lv.tiny"}' in scraped
+        assert 'lv_exporter_source_up{source="broker"} 1.0' in scraped
 
         event = {"listing_id": "up-1", "title": "red thing", "image_url": image.as_uri()}
         enqueue = subprocess.run(
@@ -141,12 +153,23 @@ def test_up_runs_the_stack_and_ctrl_c_stops_every_child(tmp_path: Path, models_f
             if c.status() != psutil.STATUS_ZOMBIE  # a retired worker not reaped yet
         ]
         names = [" ".join(c.cmdline()) for c in children]
-        assert len(children) >= 3, names  # worker, beat and Flower
+        assert len(children) >= 4, names  # worker, beat, Flower and the exporter
         assert any("listing_vision beat" in name for name in names), names
+        assert any("listing_vision exporter" in name for name in names), names
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(timeout=90)
     assert code == 0, log.read_text(errors="replace")[-3000:]
+    # One log directory for everything up ran; the console is up's own (copied to up.log).
+    written = {path.name: path.read_text(errors="replace") for path in logs.glob("*.log")}
+    assert {"up.log", "beat.log", "flower.log", "exporter.log"} <= set(written), set(written)
+    assert {"worker-tiny.log", "worker-tiny-batch.log"} <= set(written), set(written)
+    assert "listing-vision is up" in written["up.log"]
+    assert "started worker-tiny" in written["up.log"]
+    assert "exporter on http://127.0.0.1" in written["exporter.log"]
+    assert "listing_id=up-1" in written["worker-tiny.log"]
+    assert "listing_id=up-1" not in log.read_text(errors="replace")
+    assert all(written[name] for name in ("beat.log", "flower.log")), written
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     state = json.loads((home / "embedded.json").read_text())
     assert state["handles"] == [] and "valkey" not in state

@@ -11,6 +11,7 @@ import torch
 
 from contract.errors import TransientError
 from contract.registry import ModelSpec
+from contract.thresholds import Thresholds
 from db.records import ListingRecord
 from tests import images
 from tests.tiny_models import save_tiny_dinov2, save_tiny_open_clip
@@ -39,7 +40,7 @@ def analyzer(
     )
     return ListingAnalyzer(
         service=service,
-        scorer=ListingScorer(backend.info, categories, spec.threshold),
+        scorer=ListingScorer(backend.info, categories, Thresholds(spec.threshold)),
         policy=FetchPolicy(max_bytes=1_000_000, timeout=5, file_roots=(root,)),
         max_pixels=10_000_000,
         executor=ThreadPoolExecutor(4),

@@ -28,3 +28,18 @@ def test_json_lines_carry_the_message_and_the_fields() -> None:
 def test_text_lines_append_the_fields() -> None:
     line = TextFormatter().format(record(listing_id="sku-1", outcome="ok"))
     assert line.endswith("INFO worker.job_runner: job j1 listing_id=sku-1 outcome=ok")
+
+
+def test_up_log_file_gets_the_console_format(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from listing_vision.log_format import configure_logging, log_to_file
+
+    configure_logging("INFO", "json")
+    handler = log_to_file(tmp_path / "up.log")
+    try:
+        logging.getLogger("listing_vision.supervisor").info("started %s", "beat")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        configure_logging("WARNING", "text")
+    entry = json.loads((tmp_path / "up.log").read_text())
+    assert entry["message"] == "started beat" and entry["logger"] == "listing_vision.supervisor"

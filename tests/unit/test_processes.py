@@ -39,3 +39,23 @@ def test_up_gives_a_stopping_worker_time_for_its_longest_attempt() -> None:
     assert worker_stop_timeout(long_attempts) >= 600 + 15
     short = load_settings(task_time_limit=10, visibility_timeout=60)
     assert worker_stop_timeout(short) == WORKER_STOP_TIMEOUT
+
+
+@pytest.mark.parametrize("essential", [True, False])
+def test_a_child_that_keeps_exiting_stops_the_stack_only_if_essential(essential: bool) -> None:
+    """The exporter is inessential: metrics must never take the processing down."""
+    import sys
+    import time
+
+    from listing_vision.supervisor import RESTART_LIMIT, Child, _restart_dead
+
+    argv = [sys.executable, "-c", "raise SystemExit(2)"]
+    child = Child("exporter", argv, dict(os.environ), essential=essential)
+    child.start()
+    assert child.process is not None
+    child.process.wait(30)
+    child.deaths = [time.monotonic()] * (RESTART_LIMIT - 1)
+    given_up = _restart_dead([child])
+    assert (given_up is child) == essential
+    assert (child.process is None) == (not essential)
+    assert _restart_dead([child]) is (child if essential else None)  # and never started again

@@ -148,6 +148,7 @@ def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
         ("LV_BATCH_MAX_WAIT_MS", "-1"),
         ("LV_WORKER_CONCURRENCY", "0"),
         ("LV_FLOWER_PORT", "70000"),
+        ("LV_EXPORTER_PORT", "0"),
         ("LV_LOG_LEVEL", "LOUD"),
     ],
 )

@@ -1,0 +1,1 @@
+"""The model toolkit: `calibrate` and `compare` measured on the user's labelled listings."""
