@@ -101,7 +101,7 @@ class EmbeddedMilvus:
     def _start_server(self) -> dict[str, Any]:
         if importlib.util.find_spec("milvus_lite") is None:
             raise EmbeddedError(
-                "milvus-lite is not installed: pip install 'listing-vision[milvus]'"
+                "milvus-lite is not installed: pip install 'listing-vision[milvus-lite]'"
             )
         # The free port is chosen here and bound by the child: another process may take it in
         # between (then the child exits at once), so a few ports are tried.
