@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     # The one exporter per deployment (queue depth, backlog, runs): `listing-vision exporter`.
     exporter_port: int = Field(9808, ge=1, le=65535)
     log_format: Literal["text", "json"] = "text"
+    # The optional Milvus mirror of the embeddings (docs/milvus-mirror.md): unset, none; a path,
+    # milvus-lite over that directory; `http(s)://`, a Milvus server (token: `user:password`).
+    milvus_uri: str | None = None
+    milvus_token: SecretStr | None = None
+    milvus_timeout: float = Field(10.0, gt=0)
 
     @field_validator("home", "models_file", "categories_file", mode="after")
     @classmethod
@@ -88,6 +93,11 @@ class Settings(BaseSettings):
                 if part.strip()
             )
         return value
+
+    @field_validator("milvus_uri", mode="after")
+    @classmethod
+    def _known_milvus_uri(cls, value: str | None) -> str | None:
+        return check_milvus_uri(value)
 
     @field_validator("rescore_schedule", mode="after")
     @classmethod
@@ -134,6 +144,18 @@ class Settings(BaseSettings):
         """These settings with the servers' URLs resolved (the embedded stack's, when unset)."""
         return self.model_copy(update={"database_url": database_url, "broker_url": broker_url})
 
+    @property
+    def milvus_lite_path(self) -> Path | None:
+        """The milvus-lite data directory `LV_MILVUS_URI` names (None: unset, or a server)."""
+        if self.milvus_uri is None or _SERVER_URI.match(self.milvus_uri):
+            return None
+        return Path(self.milvus_uri).expanduser().resolve()
+
+    def with_milvus_uri(self, uri: str) -> Settings:
+        """These settings with the mirror's URI resolved (milvus-lite's file, served by the
+        CLI, as its `http://127.0.0.1:port`)."""
+        return self.model_copy(update={"milvus_uri": uri})
+
     def require_database_url(self) -> str:
         """The database URL; a `SettingsError` if it was neither set nor resolved."""
         if self.database_url is None:
@@ -162,6 +184,24 @@ def check_schedule(value: str) -> str:
     except (ValueError, TypeError) as error:
         raise ValueError(f"not a valid crontab ({error})") from None
     return text
+
+
+def check_milvus_uri(value: str | None) -> str | None:
+    """`http(s)://host:port` (a Milvus server) or a filesystem path (milvus-lite); any other
+    scheme is refused rather than taken for a file name."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        raise ValueError("must be a http:// or https:// Milvus server, or a path (milvus-lite)")
+    if _SERVER_URI.match(text):
+        return text
+    if "://" in text:
+        raise ValueError("must be a http:// or https:// Milvus server, or a path (milvus-lite)")
+    return text
+
+
+_SERVER_URI = re.compile(r"https?://", re.IGNORECASE)
 
 
 def crontab_fields(value: str) -> dict[str, str]:

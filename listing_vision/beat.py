@@ -5,6 +5,8 @@ Beat sends `lv.rescore_catalogue` on `LV_RESCORE_SCHEDULE` (nightly by default) 
 process, `--beat` embedded in a one-slot worker). Rescoring starts a run of the whole catalogue
 with the active model; while one is pending or running a second is refused (logged), so runs
 never overlap. The watch continues the production of runs whose producer stopped halfway.
+With `LV_MILVUS_URI` set, the scheduled rescoring is followed by a catch-up of the Milvus mirror
+with pgvector (what workers could not mirror while Milvus was away, or lost by stopping).
 Run exactly one beat per deployment (`up` starts it; Kubernetes: a single replica).
 """
 
@@ -20,6 +22,8 @@ from celery.schedules import crontab, schedule
 from contract.broker import CONTROL_QUEUE, RESCORE_TASK, WATCH_RUNS_TASK, make_celery
 from contract.settings import Settings, crontab_fields, schedule_seconds
 from db import runs
+from db.milvus import MirrorMismatch, MirrorUnavailable, open_store
+from db.mirror import catch_up_all
 from db.runs import RunConflict
 from producer.enqueue import Producer
 from producer.runs import RunProducer
@@ -58,11 +62,13 @@ def make_beat_app(resolved: Settings) -> Celery:
         with Producer(resolved) as producer:
             try:
                 run_id = RunProducer(producer).start_rescore(scope="all")
+                outcome: dict[str, Any] = {"run_id": str(run_id)}
+                log.info("scheduled rescoring run %s started", run_id)
             except RunConflict as conflict:
                 log.warning("scheduled rescoring not started: %s", conflict)
-                return {"skipped": str(conflict)}
-        log.info("scheduled rescoring run %s started", run_id)
-        return {"run_id": str(run_id)}
+                outcome = {"skipped": str(conflict)}
+        # The run is on its way (workers do it); meanwhile this process catches the mirror up.
+        return {**outcome, **catch_up_mirror(resolved)}
 
     @app.task(name=WATCH_RUNS_TASK)
     def watch_runs() -> dict[str, Any]:
@@ -77,6 +83,23 @@ def make_beat_app(resolved: Settings) -> Celery:
         return {"produced": resumed}
 
     return app
+
+
+def catch_up_mirror(resolved: Settings) -> dict[str, Any]:
+    """The nightly catch-up of the Milvus mirror (when one is set): what it wrote, per model.
+    Milvus away is logged, and the next night (or `listing-vision mirror`) tries again."""
+    if resolved.milvus_uri is None:
+        return {}
+    with Producer(resolved) as producer:
+        try:
+            with open_store(resolved) as store:
+                reports, _ = catch_up_all(producer.sessions, store)
+        except (MirrorUnavailable, MirrorMismatch) as error:
+            log.warning("Milvus mirror not caught up: %s", error)
+            return {"mirror": str(error)}
+    written = {report.model_id: report.written for report in reports}
+    log.info("Milvus mirror caught up: %s embedding(s) written", written)
+    return {"mirrored": written}
 
 
 def run_beat(resolved: Settings) -> None:

@@ -55,7 +55,7 @@ def worker(
     if gpu is not None:  # before torch is imported anywhere in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     settings = command_settings(service=True)
-    with connected(settings) as resolved:
+    with connected(settings, milvus=True) as resolved:
         engine = ready_engine(settings, resolved)
         model_id = model or active_model_id(engine, settings.model)
         engine.dispose()
@@ -184,7 +184,7 @@ def beat() -> None:
     from listing_vision.beat import run_beat
 
     settings = command_settings(service=True)
-    with connected(settings) as resolved:
+    with connected(settings, milvus=True) as resolved:
         ready_engine(settings, resolved).dispose()
         run_beat(resolved)
 
@@ -198,7 +198,7 @@ def up() -> None:
     from listing_vision.up import run_stack
 
     settings = command_settings(service=True)
-    with connected(settings) as resolved:
+    with connected(settings, milvus=True) as resolved:
         engine = migrated_engine(resolved)
         default = get_spec(load_registry(settings.models_file), settings.model)
         with make_sessions(engine).begin() as session:
@@ -213,6 +213,7 @@ def main() -> None:
         calibrate_command,
         compare_command,
         health_command,
+        mirror_command,
         run_commands,
         similar_command,
         workers_command,

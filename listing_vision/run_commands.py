@@ -20,7 +20,7 @@ from producer.runs import RunProducer
 def _run_producer() -> Iterator[RunProducer]:
     """A producer on the resolved servers, with a current schema."""
     settings = command_settings()
-    with connected(settings) as resolved:
+    with connected(settings, milvus=True) as resolved:
         ready_engine(settings, resolved).dispose()
         with Producer(resolved) as producer:
             yield RunProducer(producer)
@@ -68,6 +68,8 @@ def reindex(
             done = runs.rollback()
             catch_up = f"; rescoring run {done.catch_up} catches up" if done.catch_up else ""
             console.print(f"active model is {done.restored} again (was {done.replaced}){catch_up}")
+            if done.mirror_alias is not None:
+                console.print(f"Milvus alias lv_active names {done.mirror_alias}'s collection")
             return
         assert model is not None
         run_id = runs.start_reindex(model)

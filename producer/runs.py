@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from contract.broker import send_chunks
 from contract.registry import ModelSpec, get_spec
 from db import registered_models, runs
+from db.milvus import ACTIVE_ALIAS, MirrorMismatch, MirrorUnavailable, open_store
+from db.mirror import sync_alias
 from db.results import restamp_results
 from db.runs import CompletedRun, NewChunk, NewRun, RunConflict, RunKind, RunScope
 from db.schema import Run
@@ -36,6 +38,7 @@ class Rollback:
     restored: str
     replaced: str
     catch_up: uuid.UUID | None
+    mirror_alias: str | None = None  # the model the Milvus alias names now (None: no mirror)
 
 
 class RunProducer:
@@ -136,7 +139,10 @@ class RunProducer:
     def _complete(self, run_id: uuid.UUID) -> CompletedRun | None:
         """A run with nothing to do (an empty catalogue) completes as soon as it is produced."""
         with self.sessions.begin() as session:
-            return runs.complete_if_done(session, run_id)
+            completed = runs.complete_if_done(session, run_id)
+        if completed is not None and completed.kind == "reindex":
+            self.sync_mirror_alias()
+        return completed
 
     def cancel(self, run_id: uuid.UUID) -> Run:
         """Stop a run: queued chunks are closed, running ones finish; `resume` goes on."""
@@ -173,9 +179,28 @@ class RunProducer:
             replaced, restored = row.model_id, row.previous_model_id
             registered_models.switch_active_model(session, restored)
             restamp_results(session, restored)
+        alias = self.sync_mirror_alias()
         catch_up = None
         try:
             catch_up = self.start_rescore(restored, scope="stale")
         except RunConflict as conflict:
             log.warning("no catch-up rescoring after the rollback: %s", conflict)
-        return Rollback(restored, replaced, catch_up)
+        return Rollback(restored, replaced, catch_up, alias)
+
+    def sync_mirror_alias(self) -> str | None:
+        """After a switch of the active model, the Milvus alias follows it (when a mirror is
+        set); returns the model it names. Milvus away is logged, not raised: the switch is
+        PostgreSQL's and has happened; workers and `listing-vision mirror` set the alias later."""
+        settings = self.producer.settings
+        if settings.milvus_uri is None:
+            return None
+        try:
+            with open_store(settings) as store, self.sessions() as session:
+                return sync_alias(session, store)
+        except (MirrorUnavailable, MirrorMismatch) as error:
+            log.warning(
+                "Milvus alias %s not switched now: %s (`listing-vision mirror` switches it)",
+                ACTIVE_ALIAS,
+                error,
+            )
+            return None

@@ -29,6 +29,7 @@ from db.records import ListingOutcome, ResultRecord
 from db.results import write_listing_outcomes
 from db.runs import ClaimedChunk, NewChunk
 from worker.chunk_analysis import ChunkAnalysis, ChunkAnalyzer
+from worker.mirror import NO_MIRROR, MirrorHook
 from worker.retries import backoff_seconds
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class ChunkRunner:
     # A chunk is a batch already: two at a time keep the model and the database busy, and more
     # would only contend for the GIL and the connections with the single jobs.
     slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+    mirror: MirrorHook = NO_MIRROR  # told what was committed, and of a reindex's switch
 
     def run(self, chunk_id: uuid.UUID, redeliveries: int = 0) -> ChunkReport:
         """Run one delivery of a chunk. Trouble outside the listings' own analyses (the database
@@ -121,6 +123,7 @@ class ChunkRunner:
                 return ChunkReport({"skipped": "superseded"})
             write_listing_outcomes(session, [*analysis.outcomes, *dead])
             runs.add_progress(session, claim.run_id, done=done, failed=failed)
+        self.mirror.written(analysis.outcomes)
         if retry is not None:
             self._send([retry.chunk_id], backoff_seconds(claim.generation, self.retry_backoff))
         self._complete_run(claim.run_id)
@@ -173,6 +176,7 @@ class ChunkRunner:
             return
         log.info("run %s (%s of %s) succeeded", run_id, completed.kind, completed.model_id)
         if completed.kind == "reindex":
+            self.mirror.switched()
             log.warning(
                 "reindex run %s: the active model is now %s (was %s); %d rows restamped",
                 run_id,

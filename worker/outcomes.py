@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.records import JobOutcome
 from db.results import record_outcomes
 from worker.batching import DynamicBatcher
+from worker.mirror import NO_MIRROR, MirrorHook
 from worker.shared_queries import is_outage
 
 _MAX_GROUP = 256
@@ -25,8 +26,9 @@ _MAX_WAIT = 0.002  # seconds: outcomes queued during a commit are taken at once 
 class OutcomeWriter:
     """Thread-safe: `write` blocks until the outcome is committed (or raises the error)."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], mirror: MirrorHook = NO_MIRROR) -> None:
         self._sessions = sessions
+        self._mirror = mirror
         self._batcher: DynamicBatcher[JobOutcome, bool] = DynamicBatcher(
             self._write,
             max_size=_MAX_GROUP,
@@ -52,4 +54,8 @@ class OutcomeWriter:
 
     def _write(self, outcomes: list[JobOutcome]) -> list[bool]:
         with self._sessions.begin() as session:
-            return record_outcomes(session, outcomes)
+            held = record_outcomes(session, outcomes)
+        # After the commit, never before: pgvector is the source of truth (the hook only
+        # queues; Milvus is written by the mirror's own thread).
+        self._mirror.written([o.listing for o, wrote in zip(outcomes, held, strict=True) if wrote])
+        return held

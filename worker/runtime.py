@@ -10,11 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from contract.registry import ModelSpec, Registry, get_spec
 from contract.settings import Settings
 from contract.thresholds import ThresholdSource
 from db import embeddings, registered_models
 from db.engine import make_engine, make_sessions
+from db.milvus import open_store
 from worker.analysis import ListingAnalyzer
 from worker.backends import create_backend
 from worker.backends.base import ModelBackend
@@ -25,6 +28,7 @@ from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
 from worker.job_runner import JobRunner
 from worker.metrics import WorkerMetrics
+from worker.mirror import NO_MIRROR, MirrorHook, MirrorWriter
 from worker.outcomes import OutcomeWriter
 from worker.reconciler import Lateness, Reconciler, SendChunks, SendJobs
 from worker.scorer import ListingScorer
@@ -46,6 +50,7 @@ class WorkerRuntime:
     chunks: ChunkRunner
     executor: ThreadPoolExecutor
     stops: list[threading.Event] = field(default_factory=list)
+    mirror: MirrorHook = NO_MIRROR
 
     def close(self) -> None:
         for stop in self.stops:
@@ -53,6 +58,7 @@ class WorkerRuntime:
         self.service.close()
         self.runner.queries.close()
         self.runner.writer.close()
+        self.mirror.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -162,11 +168,12 @@ def start_runtime(
     analyzer = ListingAnalyzer(
         service, scorer, policy, settings.max_image_pixels, executor, queries.cached, model_timeout
     )
+    mirror = start_mirror(settings, sessions, spec.model_id, metrics)
     runner = JobRunner(
         sessions=sessions,
         queries=queries,
         analyzer=analyzer,
-        writer=OutcomeWriter(sessions),
+        writer=OutcomeWriter(sessions, mirror),
         model_id=spec.model_id,
         worker_name=worker_name,
         max_attempts=settings.max_attempts,
@@ -193,13 +200,28 @@ def start_runtime(
         max_attempts=settings.max_attempts,
         retry_backoff=settings.retry_backoff,
         send_chunks=send.chunks,
+        mirror=mirror,
     )
     reconciler = Reconciler(sessions, send.jobs, send.chunks, spec.model_id, lateness(settings))
     stops = [
         start_stall_watchdog(service.batcher.busy_for, float(settings.task_time_limit)),
         reconciler.start(min(30.0, settings.visibility_timeout / 4)),
     ]
-    return WorkerRuntime(spec, backend, service, runner, chunks, executor, stops)
+    return WorkerRuntime(spec, backend, service, runner, chunks, executor, stops, mirror)
+
+
+def start_mirror(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    model_id: str,
+    metrics: WorkerMetrics | None,
+) -> MirrorHook:
+    """The Milvus mirror's thread when `LV_MILVUS_URI` is set (docs/milvus-mirror.md)."""
+    if settings.milvus_uri is None:
+        return NO_MIRROR
+    log.info("mirroring %s's embeddings to Milvus at %s", model_id, settings.milvus_uri)
+    registry = metrics.registry if metrics is not None else None
+    return MirrorWriter(sessions, lambda: open_store(settings), model_id, registry=registry)
 
 
 def make_scorer(
