@@ -139,45 +139,6 @@ def demo(
 
 
 @app.command()
-def train(
-    pairs: Annotated[Path, typer.Option(help="CSV with columns image,text (paths relative to it)")],
-    out: Annotated[Path, typer.Option(help="folder to write the trained local-dir: model to")],
-    model: Annotated[
-        str, typer.Option(help="registry id of the open_clip model to start from")
-    ] = "clip-vit-b32",
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
-    batch_size: Annotated[int, typer.Option(min=2)] = 64,
-    lr: Annotated[float, typer.Option(help="peak learning rate (warm-up, then cosine)")] = 5e-5,
-    seed: int = 0,
-    half: Annotated[bool, typer.Option(help="store the weights in fp16")] = False,
-) -> None:
-    """Fine-tune an open_clip model on image/text pairs; writes a model the registry can name."""
-    from contract.registry import get_spec, load_registry
-    from listing_vision.training import TrainConfig, TrainingError, read_pairs, train_open_clip
-
-    settings = command_settings()
-    spec = get_spec(load_registry(settings.models_file), model)
-    try:
-        report = train_open_clip(
-            spec,
-            read_pairs(pairs),
-            out.resolve(),
-            TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, half=half),
-            log=console.print,
-        )
-    except TrainingError as error:
-        raise SettingsError(str(error)) from None
-    threshold = "" if spec.threshold is None else f"\nthreshold = {spec.threshold}"
-    console.print(
-        f"trained {report.steps} steps (loss {report.first_loss:.3f} -> {report.last_loss:.3f}); "
-        f'add to LV_MODELS_FILE:\n\n[models.{spec.model_id}-finetuned]\nbackend = "open_clip"\n'
-        f'name = "local-dir:{report.out_dir}"{threshold}\n',
-        markup=False,
-        highlight=False,
-    )
-
-
-@app.command()
 def beat() -> None:
     """Run Celery beat: the scheduled rescoring (LV_RESCORE_SCHEDULE) and the watch over runs
     (one per deployment; `up` starts it)."""
@@ -216,6 +177,7 @@ def main() -> None:
         mirror_command,
         run_commands,
         similar_command,
+        train_command,
         workers_command,
     )
 

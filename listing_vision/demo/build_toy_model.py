@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from contract.registry import ModelSpec
+from contract.settings import load_settings
 from listing_vision.demo.catalogue import (
     COLOURS,
     PRODUCTS,
@@ -26,7 +28,7 @@ from listing_vision.demo.catalogue import (
     make_catalogue,
     training_texts,
 )
-from listing_vision.training import TrainConfig, train_open_clip
+from listing_vision.training import TrainConfig, TrainRequest, train
 from worker.categories import DEFAULT_TEMPLATES
 
 TOY_DIR = Path(__file__).with_name("lv-toy")
@@ -159,6 +161,9 @@ def _f1(scores: list[float], truth: list[bool], threshold: float) -> float:
 
 
 def main() -> None:
+    """`build_toy_model [EPOCHS] [OUT]`: OUT defaults to the bundled folder."""
+    epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 12
+    target = Path(sys.argv[2]) if len(sys.argv) > 2 else TOY_DIR
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as scratch_name:
@@ -171,20 +176,28 @@ def main() -> None:
         )
         data = scratch / "pairs"
         data.mkdir()
-        pairs = write_pairs(data, seed=0)
+        write_pairs(data, seed=0)
         spec = ModelSpec("lv-toy", "open_clip", f"local-dir:{start}")
         config = TrainConfig(
-            epochs=int(sys.argv[1]) if len(sys.argv) > 1 else 12,
+            epochs=epochs,
             batch_size=64,
             lr=1e-3,
             weight_decay=0.05,
+            patience=epochs,  # every epoch runs; the best by validation loss is kept
             seed=0,
             half=True,
         )
-        report = train_open_clip(spec, pairs, TOY_DIR, config)
-        calibration = calibrate(TOY_DIR, scratch)
-    (TOY_DIR / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
-    print(f"trained {report.steps} steps, loss {report.first_loss:.3f} -> {report.last_loss:.3f}")
+        request = TrainRequest(
+            spec, data / "pairs.csv", scratch / "trained", val_split=0.05, config=config
+        )
+        report = train(load_settings(), request)
+        target.mkdir(parents=True, exist_ok=True)
+        for item in report.out_dir.iterdir():  # the model, not its checkpoints and record
+            if item.is_file() and item.name != "training.json":
+                shutil.copy2(item, target / item.name)
+        calibration = calibrate(target, scratch)
+    (target / "calibration.json").write_text(json.dumps(calibration, indent=2) + "\n")
+    print(f"trained {report.fit.steps} steps, kept epoch {report.fit.best.epoch}")
     print(f"calibration: {calibration}")
 
 
