@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image, ImageOps
 
@@ -39,6 +40,8 @@ def test_hostile_hosts_each_end_one_listing_failed_at_once(
     stack: Stack, worker: WorkerProcess, producer: Any
 ) -> None:
     tag = uuid.uuid4().hex[:6]
+    worker_memory = psutil.Process(worker.process.pid)
+    rss_before = worker_memory.memory_info().rss
     with serve() as server:
         events = [
             {
@@ -54,6 +57,9 @@ def test_hostile_hosts_each_end_one_listing_failed_at_once(
 
     assert counts["failed"] == len(HOSTILE), (counts, worker.log()[-3000:])
     assert worker.process.poll() is None  # no hostile reply took the worker down
+    # Bounded: the gzip bomb alone would be a 400 MB chunk if its bytes were decoded.
+    grown = worker_memory.memory_info().rss - rss_before
+    assert grown < 150 * 2**20, f"worker RSS grew {grown / 2**20:.0f} MB"
     for route, says in HOSTILE.items():
         listing_id = f"hostile-{tag}-{route.replace('/', '-')}"
         rows = query(
