@@ -221,3 +221,30 @@ def sessions_with_model(stack: Stack, model_id: str) -> sessionmaker[Session]:
             session, ModelSpec(model_id, "open_clip", "x", threshold=0.5)
         )
     return factory
+
+
+@dataclass(frozen=True)
+class OwnServers:
+    """A database of its own (migrated) and a broker database of its own (emptied), on the
+    session's servers: for a module whose workers must not see other modules' jobs."""
+
+    database_url: str
+    broker_url: str
+    engine: Engine
+
+
+def own_servers(stack: Stack, prefix: str, broker_db: int) -> OwnServers:
+    import uuid
+
+    import redis
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with stack.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    database_url = make_url(stack.database_url).set(database=name).render_as_string(False)
+    broker_url = stack.broker_url.rsplit("/", 1)[0] + f"/{broker_db}"
+    redis.Redis.from_url(broker_url).flushdb()
+    engine = make_engine(database_url)
+    upgrade(engine)
+    return OwnServers(database_url, broker_url, engine)

@@ -21,15 +21,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.broker import send_analysis
 from db.embeddings import nearest_listings as pgvector_nearest
-from db.engine import make_engine, make_sessions
-from db.migrate import upgrade
+from db.engine import make_sessions
 from db.milvus import ACTIVE_ALIAS, MilvusStore, collection_name
 from db.mirror import listing_vectors, nearest_listings, stored_vectors
 from db.records import ListingOutcome, ResultRecord
@@ -42,6 +40,7 @@ from tests.integration.conftest import (
     WorkerProcess,
     free_port,
     lv_environment,
+    own_servers,
     settings_from,
     start_worker,
     stop_worker,
@@ -123,14 +122,8 @@ def mirror(
     stack: Stack, models_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Mirror]:
     tmp = tmp_path_factory.mktemp("mirror")
-    name = f"lv_mirror_{uuid.uuid4().hex[:8]}"
-    with stack.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    database_url = make_url(stack.database_url).set(database=name).render_as_string(False)
-    broker_url = stack.broker_url.rsplit("/", 1)[0] + "/11"
-    redis.Redis.from_url(broker_url).flushdb()
-    engine = make_engine(database_url)
-    upgrade(engine)
+    own = own_servers(stack, "lv_mirror", broker_db=11)
+    database_url, broker_url, engine = own.database_url, own.broker_url, own.engine
     root = tmp / "images"
     root.mkdir()
     registry = tmp / "models.toml"

@@ -22,11 +22,10 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Engine, text
 
 from contract.broker import STATS_COMMAND, model_queue, send_chunks
-from db.engine import make_engine, make_sessions
-from db.migrate import upgrade
+from db.engine import make_sessions
 from producer.enqueue import Producer
 from producer.runs import RunProducer
 from tests import images
@@ -34,6 +33,7 @@ from tests.integration.conftest import (
     Stack,
     WorkerProcess,
     lv_environment,
+    own_servers,
     settings_from,
     start_worker,
     stop_worker,
@@ -116,14 +116,8 @@ def catalogue(
     stack: Stack, models_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Catalogue]:
     tmp = tmp_path_factory.mktemp("runs")
-    name = f"lv_runs_{uuid.uuid4().hex[:8]}"
-    with stack.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    database_url = make_url(stack.database_url).set(database=name).render_as_string(False)
-    broker_url = stack.broker_url.rsplit("/", 1)[0] + "/5"
-    redis.Redis.from_url(broker_url).flushdb()
-    engine = make_engine(database_url)
-    upgrade(engine)
+    own = own_servers(stack, "lv_runs", broker_db=5)
+    database_url, broker_url, engine = own.database_url, own.broker_url, own.engine
     root = tmp / "images"
     root.mkdir()
     registry = _registry(tmp, models_file)

@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Engine, text
 
 from contract.thresholds import Thresholds
-from db.engine import make_engine, make_sessions
-from db.migrate import upgrade
+from db.engine import make_sessions
 from db.thresholds import CalibrationSource, NewThreshold, record_calibration, recorded_thresholds
 from listing_vision.demo.catalogue import PRODUCTS, DemoListing, make_catalogue
 from producer.enqueue import Producer
@@ -33,6 +31,7 @@ from tests.integration.conftest import (
     Stack,
     WorkerProcess,
     lv_environment,
+    own_servers,
     settings_from,
     start_worker,
     stop_worker,
@@ -100,14 +99,8 @@ def toolkit(
     stack: Stack, models_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Toolkit]:
     tmp = tmp_path_factory.mktemp("toolkit")
-    name = f"lv_toolkit_{uuid.uuid4().hex[:8]}"
-    with stack.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    database_url = make_url(stack.database_url).set(database=name).render_as_string(False)
-    broker_url = stack.broker_url.rsplit("/", 1)[0] + "/6"
-    redis.Redis.from_url(broker_url).flushdb()
-    engine = make_engine(database_url)
-    upgrade(engine)
+    own = own_servers(stack, "lv_toolkit", broker_db=6)
+    database_url, broker_url, engine = own.database_url, own.broker_url, own.engine
     root = tmp / "images"
     catalogue = make_catalogue(root / "catalogue", 48, seed=31, size=96)
     labelled = make_catalogue(root / "labelled", 160, seed=32, size=96)
