@@ -11,7 +11,6 @@ on the machine (milvus-lite is pure Python, in its own process, on the same core
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
 
+from bench.machine import device_label
 from bench.runs import RESULTS, add_listings, draw_images, timed_run, worker
 from contract.settings import load_settings
 from db.engine import make_engine, make_sessions
@@ -78,11 +77,7 @@ def listings_embedded(engine: Any) -> int:
 
 def main() -> None:
     listings = int(sys.argv[sys.argv.index("--listings") + 1]) if "--listings" in sys.argv else 2000
-    device = (
-        f"cpu-{platform.machine()}"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(0)
-    )
+    device = device_label()
     result: dict[str, Any] = {
         "date": date.today().isoformat(),
         "device": device,

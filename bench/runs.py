@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 import psutil
 import torch
 
+from bench.machine import device_label
 from bench.plots import plot_runs
 from contract.registry import get_spec, load_registry
 from contract.settings import Settings, load_settings
@@ -192,11 +192,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2,000 and 10,000 listings")
     quick = parser.parse_args().quick
     small, large = (2_000, 10_000) if quick else (10_000, 100_000)
-    device = (
-        f"cpu-{platform.machine()}"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(0)
-    )
+    device = device_label()
     result: dict[str, Any] = {
         "date": date.today().isoformat(),
         "device": device,

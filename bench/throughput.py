@@ -44,6 +44,7 @@ import psutil
 import psycopg
 import torch
 
+from bench.machine import device_label
 from bench.noop_worker import NODE as NOOP_NODE
 from bench.peer import PeerListing, run_peer
 from bench.plots import plot_throughput
@@ -622,9 +623,7 @@ def main() -> None:
     args = parser.parse_args()
     quick, profile = args.quick, args.profile
     plan = QUICK if quick else FULL
-    device = (
-        torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu-{platform.machine()}"
-    )
+    device = device_label()
     today = date.today().isoformat()
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
     stem = f"{today}-{slug}{'-quick' if quick else ''}"
