@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from contract.thresholds import Thresholds
 from db.records import ListingRecord
 from tests.unit.test_scoring import FakeEmbedder, info
 from worker.categories import CategoryIndex
@@ -44,7 +45,7 @@ def test_the_best_image_is_the_position_of_the_usable_image_closest_to_the_text(
     index: CategoryIndex,
 ) -> None:
     images, text = listing_images(index)
-    scorer = ListingScorer(info(), index, threshold=0.5)
+    scorer = ListingScorer(info(), index, Thresholds(0.5))
 
     similarity = scorer.similarity(images, text)
     result = scorer.result(LISTING, images, FAILED, similarity)
@@ -58,7 +59,7 @@ def test_the_best_image_is_the_position_of_the_usable_image_closest_to_the_text(
 
 def test_categories_are_those_of_the_best_image_not_the_first(index: CategoryIndex) -> None:
     images, text = listing_images(index)
-    scorer = ListingScorer(info(), index, threshold=0.5)
+    scorer = ListingScorer(info(), index, Thresholds(0.5))
 
     result = scorer.result(LISTING, images, FAILED, scorer.similarity(images, text))
 
@@ -68,10 +69,10 @@ def test_categories_are_those_of_the_best_image_not_the_first(index: CategoryInd
 
 def test_is_match_is_the_similarity_at_or_above_the_threshold(index: CategoryIndex) -> None:
     images, text = listing_images(index)
-    value = ListingScorer(info(), index, 0.0).similarity(images, text).value
+    value = ListingScorer(info(), index, Thresholds(0.0)).similarity(images, text).value
 
     def verdict(threshold: float | None) -> bool | None:
-        scorer = ListingScorer(info(), index, threshold)
+        scorer = ListingScorer(info(), index, Thresholds(threshold))
         return scorer.result(LISTING, images, [], scorer.similarity(images, text)).is_match
 
     assert verdict(value) is True  # at the threshold: a match
@@ -82,7 +83,7 @@ def test_is_match_is_the_similarity_at_or_above_the_threshold(index: CategoryInd
 
 def test_sigmoid_models_judge_the_sigmoid_of_the_best_cosine(index: CategoryIndex) -> None:
     images, text = listing_images(index)
-    scorer = ListingScorer(info("sigmoid", scale=10.0, bias=-5.0), index, threshold=0.5)
+    scorer = ListingScorer(info("sigmoid", scale=10.0, bias=-5.0), index, Thresholds(0.5))
 
     result = scorer.result(LISTING, images, [], scorer.similarity(images, text))
 
@@ -94,7 +95,7 @@ def test_sigmoid_models_judge_the_sigmoid_of_the_best_cosine(index: CategoryInde
 
 def test_an_image_only_model_gives_no_similarity_and_no_verdict(index: CategoryIndex) -> None:
     images, _ = listing_images(index)
-    scorer = ListingScorer(info(), None, threshold=0.5)
+    scorer = ListingScorer(info(), None, Thresholds(0.5))
 
     result = scorer.result(LISTING, images, FAILED, None)
 
