@@ -177,7 +177,9 @@ class InferenceService:
             for i, (pixels, d) in enumerate(zip(unique, decoded, strict=True))
             if isinstance(pixels, torch.Tensor) and (d is None or d.error is None)
         ]
-        if len(usable) + sum(d is not None and d.error is not None for d in decoded) != len(unique):
+        if any(
+            isinstance(p, EncodedJpeg) and d is None for p, d in zip(unique, decoded, strict=True)
+        ):
             raise RuntimeError("an encoded JPEG reached the model undecoded")
         images = self._embed_images([pixels for _, pixels in usable])
         if len(usable) < len(unique):  # a zero row for each image that could not be decoded
@@ -205,11 +207,12 @@ class InferenceService:
         """The batch's prepare step (run while the previous batch is on the model): every
         JPEG of every request decoded in one call on the model's device and measured there;
         each request gets its pixels, and per image its measures or why it failed."""
-        jpegs: dict[int, EncodedJpeg] = {}  # by id: a JPEG shared by requests decodes once
+        # By content (the image's key, its SHA-256): a JPEG in several requests decodes once.
+        jpegs: dict[str | int, EncodedJpeg] = {}
         for request in requests:
-            for item in request.pixels:
+            for key, item in zip(_keys(request), request.pixels, strict=True):
                 if isinstance(item, EncodedJpeg):
-                    jpegs.setdefault(id(item), item)
+                    jpegs.setdefault(key, item)
         if not jpegs:
             return requests
         pixels = decode_jpegs(
@@ -219,7 +222,7 @@ class InferenceService:
             (key, p) for key, p in zip(jpegs, pixels, strict=True) if isinstance(p, torch.Tensor)
         ]
         qualities = measure_quality_batch([p for _, p in good])
-        done: dict[int, tuple[torch.Tensor | EncodedJpeg, DeviceDecoded]] = {}
+        done: dict[str | int, tuple[torch.Tensor | EncodedJpeg, DeviceDecoded]] = {}
         for (key, image), quality in zip(good, qualities, strict=True):
             done[key] = (image, DeviceDecoded(quality=quality))
         for key, failure in zip(jpegs, pixels, strict=True):
@@ -230,7 +233,10 @@ class InferenceService:
                 )
         out = []
         for request in requests:
-            ready = [done.get(id(item), (item, None)) for item in request.pixels]
+            ready = [
+                done.get(key, (item, None))
+                for key, item in zip(_keys(request), request.pixels, strict=True)
+            ]
             out.append(
                 replace(
                     request,
@@ -352,6 +358,13 @@ class OomChunker:
             self._fits = 0
             self.size = min(self.limit, self.size * 2)
             log.info("%s calls back up to %d items", self.tower, self.size)
+
+
+def _keys(request: EmbedRequest) -> tuple[str | int, ...]:
+    """Each image's identity: its key (SHA-256) when the request gives one, else the object."""
+    if len(request.keys) == len(request.pixels):
+        return request.keys
+    return tuple(id(item) for item in request.pixels)
 
 
 def _unique_images(
