@@ -18,6 +18,8 @@ from contract.redis_transport import TRANSPORT
 from contract.settings import Settings
 
 ANALYZE_TASK = "lv.analyze"
+# Several jobs of one `enqueue` call in one message (LV_ENQUEUE_GROUP), analysed together.
+ANALYZE_GROUP_TASK = "lv.analyze_group"
 RUN_CHUNK_TASK = "lv.run_chunk"
 # Beat's own tasks, consumed by the beat process itself on the control queue.
 RESCORE_TASK = "lv.rescore_catalogue"
@@ -60,6 +62,28 @@ class AnalyzeMessage:
     def parse(cls, job_id: str) -> AnalyzeMessage:
         """The message from the task's keyword arguments."""
         return cls(uuid.UUID(job_id))
+
+
+MAX_GROUP = 256  # jobs in one group message at most
+
+
+@dataclass(frozen=True)
+class GroupMessage:
+    """What a group task carries: only its jobs' ids (its task id is a fresh one). Each job
+    keeps its own attempts, outcome and retries; the group only shares a delivery."""
+
+    job_ids: tuple[uuid.UUID, ...]
+
+    def kwargs(self) -> dict[str, list[str]]:
+        """The task's keyword arguments (JSON)."""
+        return {"job_ids": [str(job_id) for job_id in self.job_ids]}
+
+    @classmethod
+    def parse(cls, job_ids: Sequence[str]) -> GroupMessage:
+        """The message from the task's keyword arguments; refuses an empty or oversized one."""
+        if not 1 <= len(job_ids) <= MAX_GROUP:
+            raise ValueError(f"a group message holds 1 to {MAX_GROUP} jobs, not {len(job_ids)}")
+        return cls(tuple(uuid.UUID(job_id) for job_id in job_ids))
 
 
 @dataclass(frozen=True)
@@ -132,18 +156,37 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def send_analysis(app: Celery, job_ids: Sequence[uuid.UUID], model_id: str) -> None:
-    """Publish one analysis task per job on the model's queue; the task id is the job id."""
+def send_analysis(
+    app: Celery,
+    job_ids: Sequence[uuid.UUID],
+    model_id: str,
+    *,
+    group_size: int = 1,
+    countdown: float | None = None,
+) -> None:
+    """Publish the jobs on the model's queue: one analysis task per job (the task id is the
+    job id), or with `group_size` > 1 group tasks of up to that many jobs each, which a worker
+    claims, analyses and commits together (one message, one claim, one transaction). A job
+    left alone in the last group goes as a plain task. `countdown` delays them (a retry)."""
     if not job_ids:
         return
     queue = model_queue(model_id)
+    size = max(1, min(group_size, MAX_GROUP))
+    groups = [job_ids[start : start + size] for start in range(0, len(job_ids), size)]
     with app.producer_or_acquire() as producer, _publish_batch(producer):
-        for job_id in job_ids:
+        for group in groups:
+            kwargs: dict[str, Any]
+            if len(group) == 1:
+                name, kwargs, task_id = ANALYZE_TASK, AnalyzeMessage(group[0]).kwargs(), group[0]
+            else:
+                name, kwargs = ANALYZE_GROUP_TASK, GroupMessage(tuple(group)).kwargs()
+                task_id = uuid.uuid4()
             app.send_task(
-                ANALYZE_TASK,
-                kwargs=AnalyzeMessage(job_id).kwargs(),
+                name,
+                kwargs=kwargs,
                 queue=queue,
-                task_id=str(job_id),
+                task_id=str(task_id),
+                countdown=countdown,
                 producer=producer,
             )
 

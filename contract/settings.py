@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # thread; `auto` is device on CUDA with the tensor input path, else pil.
     decode: Literal["auto", "pil", "device"] = "auto"
     worker_concurrency: int | None = Field(None, ge=1)
+    # Jobs per message when one `enqueue` call carries several events: a worker claims,
+    # analyses and commits a group together (docs/architecture.md). 1: one message per job.
+    enqueue_group: int = Field(16, ge=1, le=256)
     run_chunk_size: int | None = Field(None, ge=1, le=10_000)
     rescore_schedule: str = "0 2 * * *"
     log_level: str = "INFO"

@@ -16,7 +16,13 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from contract.broker import ANALYZE_TASK, RUN_CHUNK_TASK, STATS_COMMAND, make_celery
+from contract.broker import (
+    ANALYZE_GROUP_TASK,
+    ANALYZE_TASK,
+    RUN_CHUNK_TASK,
+    STATS_COMMAND,
+    make_celery,
+)
 from contract.settings import Settings, SettingsError, load_settings
 from listing_vision.embedded import running_urls
 
@@ -53,7 +59,7 @@ celery = app  # what `celery -A listing_vision.celery_app` looks for first
 def _declare_worker_tasks() -> None:
     """The workers' task names, known to this app so Flower's controls (rate limits, time
     limits) accept them; the tasks run only in `listing-vision worker`, never here."""
-    for name in (ANALYZE_TASK, RUN_CHUNK_TASK):
+    for name in (ANALYZE_TASK, ANALYZE_GROUP_TASK, RUN_CHUNK_TASK):
 
         @app.task(name=name, bind=True)
         def declared(self: Any, *args: Any, **kwargs: Any) -> None:

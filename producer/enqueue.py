@@ -111,7 +111,12 @@ class Producer:
         """Hand committed jobs to the broker on the model's queue; the task id is the job id."""
         if not new_jobs:
             return
-        send_analysis(self.celery, [job.job_id for job in new_jobs], spec.model_id)
+        send_analysis(
+            self.celery,
+            [job.job_id for job in new_jobs],
+            spec.model_id,
+            group_size=self.settings.enqueue_group,
+        )
         with self.sessions.begin() as session:
             jobs.mark_sent(session, [job.job_id for job in new_jobs])
 

@@ -12,6 +12,7 @@ out the same is not rewritten.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
@@ -21,7 +22,7 @@ import torch
 
 from db.embeddings import CachedImage
 from db.listing_state import StoredImage, StoredListing
-from db.records import ListingImageRecord, ListingOutcome, ResultRecord
+from db.records import ListingImageRecord, ListingOutcome, ListingRecord, ResultRecord
 from worker.analysis import LookupCached, image_records
 from worker.fetch import FetchPolicy, Validators
 from worker.images import (
@@ -79,6 +80,24 @@ class ChunkAnalyzer:
         """Analyse every listing in `stored`; transient failures are reported, not raised.
         The thresholds are read first: a rescoring run applies those recorded before it."""
         self.scorer.thresholds.refresh()
+        return self._analyze(stored, refetch=refetch, recompute=recompute)
+
+    def analyze_new(self, listings: Sequence[ListingRecord], deadline: float) -> ChunkAnalysis:
+        """Analyse listings as a job does: everything fetched, every row written (a group of
+        jobs from one `enqueue` call). The thresholds in force are the scorer's own: workers
+        re-read them every few seconds, as for single jobs. `deadline` (monotonic seconds):
+        the attempts' end; no fetch or model wait runs past it."""
+        stored = {listing.listing_id: StoredListing(listing, [], None) for listing in listings}
+        return self._analyze(stored, refetch=False, recompute=True, deadline=deadline)
+
+    def _analyze(
+        self,
+        stored: dict[str, StoredListing],
+        *,
+        refetch: bool,
+        recompute: bool,
+        deadline: float | None = None,
+    ) -> ChunkAnalysis:
         found = ChunkAnalysis()
         cached = {
             image.sha256: image.cached
@@ -95,10 +114,11 @@ class ChunkAnalyzer:
             else:
                 resolved[listing_id] = images
         for start in range(0, len(to_fetch), self.group_size):
-            group = self._fetch(to_fetch[start : start + self.group_size], cached, refetch, found)
-            resolved |= self._embed_images(group)
+            states = to_fetch[start : start + self.group_size]
+            group = self._fetch(states, cached, refetch, found, deadline)
+            resolved |= self._embed_images(group, deadline)
         texts = self._texts_to_embed(stored, resolved, recompute)
-        self._score_all(stored, resolved, self._embed_texts(texts), recompute, found)
+        self._score_all(stored, resolved, self._embed_texts(texts, deadline), recompute, found)
         return found
 
     def _fetch(
@@ -107,6 +127,7 @@ class ChunkAnalyzer:
         cached: dict[str, CachedImage],
         refetch: bool,
         found: ChunkAnalysis,
+        deadline: float | None = None,
     ) -> dict[str, _Images]:
         """Fetch (conditionally, with `refetch`) and prepare every image of these listings."""
         if not states:
@@ -117,7 +138,7 @@ class ChunkAnalyzer:
             for request in _image_requests(state, cached if refetch else {}):
                 owners.append(state.listing.listing_id)
                 requests.append(request)
-        results = fetch_each(requests, self.policy, self.executor)
+        results = fetch_each(requests, self.policy, self.executor, deadline)
         by_listing: dict[str, list[Fetched]] = {s.listing.listing_id: [] for s in states}
         for owner, result in zip(owners, results, strict=True):
             if isinstance(result, Exception):
@@ -170,7 +191,15 @@ class ChunkAnalyzer:
     def _reusable(self, state: StoredListing, images: _Images) -> Similarity | None:
         return self.scorer.reused_similarity(state.listing, _placeholder(images), state.result)
 
-    def _embed_images(self, group: dict[str, _Images]) -> dict[str, _Images]:
+    def _model_wait(self, deadline: float | None) -> float:
+        """How long a request may wait for the model: the time limit, or what is left of it."""
+        if deadline is None:
+            return self.model_timeout
+        return max(0.001, min(self.model_timeout, deadline - time.monotonic()))
+
+    def _embed_images(
+        self, group: dict[str, _Images], deadline: float | None = None
+    ) -> dict[str, _Images]:
         """One request to the batcher for the group's new images (deduplicated); their pixels
         are let go as soon as they are embedded."""
         fresh: dict[str, torch.Tensor] = {}
@@ -181,17 +210,20 @@ class ChunkAnalyzer:
         if not fresh:
             return group
         request = EmbedRequest(tuple(fresh.values()), (), tuple(fresh))
-        embedded = self.service.embed(request, self.model_timeout)
+        embedded = self.service.embed(request, self._model_wait(deadline))
         vectors = {
             sha: row.numpy() for sha, row in zip(fresh, embedded.image_embeddings, strict=True)
         }
         return {listing_id: _embedded(images, vectors) for listing_id, images in group.items()}
 
-    def _embed_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def _embed_texts(
+        self, texts: list[str], deadline: float | None = None
+    ) -> dict[str, torch.Tensor]:
         """One request to the batcher for the chunk's texts (deduplicated)."""
         if not texts:
             return {}
-        embedded = self.service.embed(EmbedRequest(texts=tuple(texts)), self.model_timeout)
+        request = EmbedRequest(texts=tuple(texts))
+        embedded = self.service.embed(request, self._model_wait(deadline))
         return dict(zip(texts, embedded.text_embeddings, strict=True))
 
     def _score_all(

@@ -148,7 +148,7 @@ class JobRunner:
         started = time.monotonic()
         claim = claim_job(job_id)
         if isinstance(claim, Unclaimable):
-            return None if claim.reason == "interrupted" else self._unclaimable(job_id, claim)
+            return None if claim.reason == "interrupted" else self.unclaimable(job_id, claim)
         claimed = time.monotonic()
         deadline = claimed + self.time_limit
         try:
@@ -156,7 +156,7 @@ class JobRunner:
         except ListingError as error:
             analysis = ListingAnalysis(ResultRecord("failed", one_line(error)), [])
         except Exception as error:  # transient, or a bug: retried, then dead, never silent
-            return self._after_transient(claim, error)
+            return self.after_transient(claim, error)
         analysed = time.monotonic()
         status = "succeeded" if analysis.result.status == "ok" else "failed"
         if not self._record(_Attempt.of(claim), status, analysis, deadline):
@@ -166,24 +166,36 @@ class JobRunner:
             "analysis": analysed - claimed,
             "write": time.monotonic() - analysed,
         }
+        self.finished(claim, status, seconds, analysis.batch_size, analysis.seconds)
+        return JobReport(_summary(claim.listing.listing_id, analysis.result))
+
+    def finished(
+        self,
+        claim: ClaimedJob,
+        status: str,
+        seconds: dict[str, float],
+        batch_size: int | None,
+        stages: dict[str, float] | None = None,
+    ) -> None:
+        """A committed outcome's metrics and its one log line; `seconds`: claim, analysis,
+        write; `stages`: the analysis's own (fetch, decode, infer), where known."""
         if self.metrics is not None:
-            stages = {"claim": seconds["claim"], **analysis.seconds, "write": seconds["write"]}
+            observed = {"claim": seconds["claim"], **(stages or {}), "write": seconds["write"]}
             if claim.waited is not None:
-                stages["queue_wait"] = claim.waited
-            self.metrics.job(status, stages)
+                observed["queue_wait"] = claim.waited
+            self.metrics.job(status, observed)
         fields = {
-            "job_id": str(job_id),
+            "job_id": str(claim.job_id),
             "listing_id": claim.listing.listing_id,
             "model_id": self.model_id,
             "outcome": status,
             "attempt": claim.attempt,
             **{f"{stage}_ms": round(1000 * value, 1) for stage, value in seconds.items()},
-            "batch_size": analysis.batch_size,
+            "batch_size": batch_size,
         }
-        log.info("job %s %s", job_id, status, extra={"fields": fields})
-        return JobReport(_summary(claim.listing.listing_id, analysis.result))
+        log.info("job %s %s", claim.job_id, status, extra={"fields": fields})
 
-    def _after_transient(self, claim: ClaimedJob, error: Exception) -> JobReport:
+    def after_transient(self, claim: ClaimedJob, error: Exception) -> JobReport:
         message = one_line(error)
         if not isinstance(error, TransientError):
             log.exception("job %s: unexpected error", claim.job_id)
@@ -208,7 +220,7 @@ class JobRunner:
         )
         return JobReport(retry_in=delay)
 
-    def _unclaimable(self, job_id: uuid.UUID, why: Unclaimable) -> JobReport:
+    def unclaimable(self, job_id: uuid.UUID, why: Unclaimable) -> JobReport:
         if why.reason == "running":
             # Its last attempt is live elsewhere, or it was stranded (a worker died, its write
             # failed): keep this delivery until that attempt must have ended, then look again

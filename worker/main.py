@@ -50,6 +50,9 @@ def run_worker(resolved: Settings, model_id: str, gpu: str | None) -> None:
     def send_jobs(job_ids: Sequence[uuid.UUID]) -> None:
         send_analysis(app, job_ids, spec.model_id)
 
+    def resend_jobs(job_ids: Sequence[uuid.UUID], countdown: float | None) -> None:
+        send_analysis(app, job_ids, spec.model_id, countdown=countdown)
+
     def send_run_chunks(chunk_ids: Sequence[uuid.UUID], countdown: float | None) -> None:
         send_chunks(app, chunk_ids, spec.model_id, countdown)
 
@@ -59,7 +62,7 @@ def run_worker(resolved: Settings, model_id: str, gpu: str | None) -> None:
         # One port per worker on a host: LV_METRICS_PORT + the GPU's index.
         metrics.serve(resolved.metrics_port + (int(gpu) if gpu and gpu.isdigit() else 0))
     runtime = start_runtime(
-        resolved, registry, spec, name, Senders(send_jobs, send_run_chunks), metrics
+        resolved, registry, spec, name, Senders(send_jobs, send_run_chunks, resend_jobs), metrics
     )
     # Everything loaded so far (torch, the model, the libraries) lives as long as the process:
     # out of the collector's sight, a full collection no longer walks it (tens of ms each time,

@@ -9,6 +9,8 @@ like any batch, so one bad outcome fails alone; a database outage fails the grou
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,6 +49,24 @@ class OutcomeWriter:
             # in a running group, it may still commit: the retry's claim is fenced by attempt.
             future.cancel()
             raise
+
+    def write_many(self, outcomes: Sequence[JobOutcome], timeout: float) -> list[bool | Exception]:
+        """Commit a group's outcomes (in the writer's next transaction, with whatever else is
+        waiting); each answers as `write` would, or with the error that failed it alone."""
+        futures = [self._batcher.submit(outcome) for outcome in outcomes]
+        deadline = time.monotonic() + timeout
+        answers: list[bool | Exception] = []
+        for future in futures:
+            try:
+                answers.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                future.cancel()
+                raise
+            except Exception as error:  # one bad outcome, split off by the writer
+                if is_outage(error):
+                    raise
+                answers.append(error)
+        return answers
 
     def close(self) -> None:
         """Stop after the outcomes already queued are written."""

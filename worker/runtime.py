@@ -26,6 +26,7 @@ from worker.chunk_analysis import ChunkAnalyzer
 from worker.chunk_runner import ChunkRunner
 from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
+from worker.job_groups import JobGroupRunner, ResendJobs
 from worker.job_runner import JobRunner
 from worker.metrics import WorkerMetrics
 from worker.mirror import NO_MIRROR, MirrorHook, MirrorWriter
@@ -47,6 +48,7 @@ class WorkerRuntime:
     backend: ModelBackend
     service: InferenceService
     runner: JobRunner
+    groups: JobGroupRunner
     chunks: ChunkRunner
     executor: ThreadPoolExecutor
     stops: list[threading.Event] = field(default_factory=list)
@@ -64,10 +66,12 @@ class WorkerRuntime:
 
 @dataclass(frozen=True)
 class Senders:
-    """How the worker publishes work again: jobs, and run chunks (with a delay)."""
+    """How the worker publishes work again: jobs, single jobs with a delay (what a group
+    hands on), and run chunks (with a delay)."""
 
     jobs: SendJobs
     chunks: SendChunks
+    resend: ResendJobs
 
 
 def batch_limits(settings: Settings, spec: ModelSpec) -> tuple[int, float]:
@@ -193,6 +197,13 @@ def start_runtime(
         model_timeout,
         group_size=max_size,
     )
+    # A group's pixels are bounded like a run chunk's: about two batches of them in flight.
+    groups = JobGroupRunner(
+        runner,
+        chunk_analyzer,
+        send.resend,
+        threading.Semaphore(max(2, -(-2 * max_size // settings.enqueue_group))),
+    )
     chunks = ChunkRunner(
         sessions=sessions,
         analyzer=chunk_analyzer,
@@ -207,7 +218,7 @@ def start_runtime(
         start_stall_watchdog(service.batcher.busy_for, float(settings.task_time_limit)),
         reconciler.start(min(30.0, settings.visibility_timeout / 4)),
     ]
-    return WorkerRuntime(spec, backend, service, runner, chunks, executor, stops, mirror)
+    return WorkerRuntime(spec, backend, service, runner, groups, chunks, executor, stops, mirror)
 
 
 def start_mirror(

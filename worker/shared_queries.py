@@ -78,6 +78,18 @@ class SharedQueries:
             future.cancel()  # not yet in a group: never claimed (no attempt counted for it)
             raise
 
+    def claim_now(self, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ClaimedJob | Unclaimable]:
+        """Start an attempt of each of a group message's jobs: one statement in the calling
+        thread (the group is its own group); `interrupted` ones as in `claim`."""
+        with self._sessions() as session:
+            return jobs.claim_many(
+                session,
+                job_ids,
+                worker=self._worker,
+                max_attempts=self._max_attempts,
+                live_for=self._attempt_limit,
+            )
+
     def claim_interrupted(self, job_id: uuid.UUID) -> ClaimedJob | Unclaimable:
         """Start an attempt of `job_id` even if an earlier one never finished (the group claim
         answers such a job `interrupted`); one statement of its own, not grouped: the caller
@@ -110,14 +122,7 @@ class SharedQueries:
             return embeddings.cached_images(session, shas, self._model_id)
 
     def _claim_group(self, job_ids: list[uuid.UUID]) -> list[ClaimedJob | Unclaimable]:
-        with self._sessions() as session:  # autocommit: the claim is one statement
-            claimed = jobs.claim_many(
-                session,
-                job_ids,
-                worker=self._worker,
-                max_attempts=self._max_attempts,
-                live_for=self._attempt_limit,
-            )
+        claimed = self.claim_now(job_ids)  # autocommit: the claim is one statement
         # One job delivered twice in one group: the first delivery runs; the second finds its
         # attempt already taken, as it would a moment later.
         seen: set[uuid.UUID] = set()

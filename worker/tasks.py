@@ -10,11 +10,13 @@ from celery.signals import task_revoked
 from celery.worker.control import inspect_command
 
 from contract.broker import (
+    ANALYZE_GROUP_TASK,
     ANALYZE_TASK,
     RUN_CHUNK_TASK,
     STATS_COMMAND,
     AnalyzeMessage,
     ChunkMessage,
+    GroupMessage,
 )
 from worker.runtime import WorkerRuntime
 
@@ -44,6 +46,16 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         runtime.runner.mark_resent(job)
         raise retry
 
+    @app.task(name=ANALYZE_GROUP_TASK, bind=True, acks_late=True, max_retries=None)
+    def analyze_group(self: Task, job_ids: list[str]) -> dict[str, Any]:
+        group = GroupMessage.parse(job_ids).job_ids
+        report = runtime.groups.run(group, redeliveries=self.request.retries or 0)
+        if report.retry_in is None:
+            return report.summary
+        # Nothing of it was committed: the whole message again (its claimed jobs then come
+        # back `interrupted`, and each is sent on as a single job).
+        raise self.retry(countdown=report.retry_in, max_retries=None)
+
     @app.task(name=RUN_CHUNK_TASK, bind=True, acks_late=True, max_retries=None)
     def run_chunk(self: Task, chunk_id: str) -> dict[str, Any]:
         chunk = ChunkMessage.parse(chunk_id).chunk_id
@@ -60,6 +72,12 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         if job_id:
             # Sent from the consumer's event loop: the database work goes to a pool thread.
             runtime.executor.submit(runtime.runner.revoked, AnalyzeMessage.parse(job_id).job_id)
+
+    @task_revoked.connect(sender=analyze_group, weak=False)
+    def on_group_revoked(request: Any = None, **_: Any) -> None:
+        kwargs = getattr(request, "kwargs", None) or {}
+        for job_id in GroupMessage.parse(kwargs.get("job_ids") or []).job_ids:
+            runtime.executor.submit(runtime.runner.revoked, job_id)
 
     @inspect_command(name=STATS_COMMAND)
     def lv_stats(state: Any) -> dict[str, Any]:
