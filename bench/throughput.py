@@ -5,8 +5,9 @@ shared and noisy, so absolute numbers from different days do not compare):
 2. a no-op drain: messages/s of a worker shaped like `listing-vision worker` whose task does
    nothing (bench/noop_worker.py), the ceiling Celery and the broker allow;
 3. the peer: a plain per-listing loop (bench/peer.py), the shape of the services replaced;
-4. the pipeline: listings/s from the first enqueue to the last committed result, one message per
-   listing through a real worker, at the default batch size and at a few others;
+4. the pipeline: listings/s from the first enqueue to the last committed result through a real
+   worker, as `enqueue` sends them (LV_ENQUEUE_GROUP jobs per message) at the default batch
+   size and at a few others, and with one message per listing (against the no-op drain);
 5. latency under a trickle: enqueue-to-commit per listing at a steady low rate, idle worker;
 6. a simulated accelerator (`backend = "sim"`): pipeline listings/s against the simulated
    model's own images/s, for four model sizes;
@@ -391,11 +392,19 @@ def model_calls(producer: Producer, name: str) -> dict[str, int]:
 
 
 def measured_run(
-    settings: Settings, listener: ResultListener, model_id: str, listings: Sequence[PeerListing]
+    settings: Settings,
+    listener: ResultListener,
+    model_id: str,
+    listings: Sequence[PeerListing],
+    group: int | None = None,
 ) -> dict[str, Any]:
     """`timed_enqueue` of all but the first 8 listings, which warm the worker up first (first
-    connections, first batch shapes); with the model calls the measured listings made."""
+    connections, first batch shapes); with the model calls the measured listings made.
+    `group`: jobs per message (LV_ENQUEUE_GROUP; 1: single-listing messages), else the
+    setting's default."""
     name = worker_name(model_id, None)
+    if group is not None:
+        settings = settings.model_copy(update={"enqueue_group": group})
     with Producer(settings) as producer:
         timed_enqueue(producer, listener, model_id, listings[:8])
         before = model_calls(producer, name)
@@ -405,6 +414,7 @@ def measured_run(
     images = after.get("images", 0) - before.get("images", 0)
     row["image_calls"] = calls
     row["mean_image_batch"] = round(images / calls, 1) if calls else None
+    row["enqueue_group"] = settings.enqueue_group
     return row
 
 
@@ -492,10 +502,15 @@ def run_pipeline(bench: Bench, result: dict[str, Any]) -> None:
     plan, settings = bench.plan, bench.settings
     listings = bench.listings("pipe", plan.pipeline_listings + 8)
     trickled = bench.listings("trickle", plan.trickle_events + 1)
+    singles = bench.listings("single", plan.pipeline_listings + 8)
     with pipeline_worker(settings, TOY, "default"):
         headline = measured_run(settings, bench.listener, TOY, listings)
         headline["batch_max_size"] = settings.batch_max_size
         print_pipeline(headline, f"default ({settings.batch_max_size})")
+        single = measured_run(settings, bench.listener, TOY, singles, group=1)
+        single["batch_max_size"] = settings.batch_max_size
+        print_pipeline(single, "one per message")
+        result["pipeline_single_messages"] = single
         print("peer (plain loop, batch 1, one commit per listing; the worker idles):", flush=True)
         peer_listings = listings[8 : 8 + plan.peer_listings]
         result["peer"] = bench_peer(settings, bench.registry, peer_listings)
@@ -561,10 +576,13 @@ def run_simulated(bench: Bench) -> list[dict[str, Any]]:
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each ratio with its target (if any) and whether it is met."""
     headline = result["pipeline"]["listings_per_s"]
+    # The no-op drain is of one-job messages: against it, the pipeline fed the same shape.
+    single = result["pipeline_single_messages"]["listings_per_s"]
     values = {
-        "pipeline_vs_noop_drain": headline / result["noop_drain"]["messages_per_s"],
-        "pipeline_vs_noop_worker_drain": headline / result["noop_drain"]["worker_drain_per_s"],
+        "pipeline_vs_noop_drain": single / result["noop_drain"]["messages_per_s"],
+        "pipeline_vs_noop_worker_drain": single / result["noop_drain"]["worker_drain_per_s"],
         "pipeline_vs_peer": headline / result["peer"]["listings_per_s"],
+        "pipeline_grouped_vs_noop_drain": headline / result["noop_drain"]["messages_per_s"],
         "trickle_p95_ms": result["trickle"]["p95_ms"],
     }
     for row in result["simulated"]:
@@ -604,6 +622,8 @@ def print_summary(result: dict[str, Any]) -> None:
     print(f"  {'no-op drain of a full queue (msg/s)':34} {noop['worker_drain_per_s']:>10}")
     print(f"  {'peer (listings/s)':34} {result['peer']['listings_per_s']:>10}")
     print(f"  {'pipeline, default (listings/s)':34} {result['pipeline']['listings_per_s']:>10}")
+    single = result["pipeline_single_messages"]["listings_per_s"]
+    print(f"  {'pipeline, one per message':34} {single:>10}")
     for row in result["checks"]:
         target = f"{row['op']} {row['target']}" if row["target"] is not None else ""
         met = {True: "yes", False: "NO", None: ""}[row["met"]]

@@ -33,8 +33,10 @@ from worker.images import (
     fetch_each,
     prepare_images,
 )
-from worker.inference import EmbedRequest, InferenceService
+from worker.inference import EmbedRequest, InferenceService, Ticket
+from worker.quality import ImageQuality
 from worker.scorer import ListingScorer, Scored, Similarity, UsableImages, failed_result
+from worker.tensor_input import EncodedJpeg
 
 _TOLERANCE = 1e-6  # a float that moved less than this has not changed
 
@@ -48,6 +50,7 @@ class ChunkAnalysis:
     failed: int = 0
     unchanged: int = 0
     transient: dict[str, str] = field(default_factory=dict)  # listing_id -> why
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage: fetch, decode, infer
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,24 @@ class ChunkAnalyzer:
         self.scorer.thresholds.refresh()
         return self._analyze(stored, refetch=refetch, recompute=recompute)
 
-    def analyze_new(self, listings: Sequence[ListingRecord], deadline: float) -> ChunkAnalysis:
-        """Analyse listings as a job does: everything fetched, every row written (a group of
-        jobs from one `enqueue` call). The thresholds in force are the scorer's own: workers
-        re-read them every few seconds, as for single jobs. `deadline` (monotonic seconds):
-        the attempts' end; no fetch or model wait runs past it."""
+    def analyze_new(
+        self, listings: Sequence[ListingRecord], deadline: float, ticket: Ticket | None = None
+    ) -> ChunkAnalysis:
+        """Analyse listings as jobs do (a group of jobs, `worker.job_groups`): everything
+        fetched, every row written, images and texts in one request to the model. The
+        thresholds in force are the scorer's own (workers re-read them every few seconds).
+        `deadline` (monotonic seconds): the attempts' end; no fetch or model wait runs past
+        it. `ticket`: the group announced its request to the batcher already."""
         stored = {listing.listing_id: StoredListing(listing, [], None) for listing in listings}
-        return self._analyze(stored, refetch=False, recompute=True, deadline=deadline)
+        texts = [listing.text for listing in listings] if self.scorer.scores_text else []
+        return self._analyze(
+            stored,
+            refetch=False,
+            recompute=True,
+            deadline=deadline,
+            texts=list(dict.fromkeys(texts)),
+            ticket=ticket,
+        )
 
     def _analyze(
         self,
@@ -97,7 +111,10 @@ class ChunkAnalyzer:
         refetch: bool,
         recompute: bool,
         deadline: float | None = None,
+        texts: Sequence[str] = (),
+        ticket: Ticket | None = None,
     ) -> ChunkAnalysis:
+        """`texts`: embedded with the first images, in one request (`ticket`: announced)."""
         found = ChunkAnalysis()
         cached = {
             image.sha256: image.cached
@@ -113,12 +130,19 @@ class ChunkAnalyzer:
                 to_fetch.append(state)
             else:
                 resolved[listing_id] = images
+        text_rows: dict[str, torch.Tensor] = {}
         for start in range(0, len(to_fetch), self.group_size):
             states = to_fetch[start : start + self.group_size]
             group = self._fetch(states, cached, refetch, found, deadline)
-            resolved |= self._embed_images(group, deadline)
-        texts = self._texts_to_embed(stored, resolved, recompute)
-        self._score_all(stored, resolved, self._embed_texts(texts, deadline), recompute, found)
+            began = time.monotonic()
+            embedded, rows = self._embed_images(group, deadline, texts, ticket)
+            _add(found.seconds, "infer", time.monotonic() - began)
+            resolved |= embedded
+            text_rows |= rows
+            texts, ticket = (), None
+        wanted = self._texts_to_embed(stored, resolved, recompute)
+        text_rows |= self._embed_texts([t for t in wanted if t not in text_rows], deadline)
+        self._score_all(stored, resolved, text_rows, recompute, found)
         return found
 
     def _fetch(
@@ -138,6 +162,7 @@ class ChunkAnalyzer:
             for request in _image_requests(state, cached if refetch else {}):
                 owners.append(state.listing.listing_id)
                 requests.append(request)
+        began = time.monotonic()
         results = fetch_each(requests, self.policy, self.executor, deadline)
         by_listing: dict[str, list[Fetched]] = {s.listing.listing_id: [] for s in states}
         for owner, result in zip(owners, results, strict=True):
@@ -149,6 +174,8 @@ class ChunkAnalyzer:
             f for owner, items in by_listing.items() if owner not in found.transient for f in items
         ]
         more = self.lookup_cached([f.sha256 for f in fetched if not isinstance(f, FailedImage)])
+        fetched_at = time.monotonic()
+        _add(found.seconds, "fetch", fetched_at - began)
         info = self.service.backend.info
         prepared = prepare_images(
             fetched,
@@ -157,7 +184,9 @@ class ChunkAnalyzer:
             max_pixels=self.max_pixels,
             draft_size=max(info.image_size, 256),
             executor=self.executor,
+            encode=self.service.encoded,
         )
+        _add(found.seconds, "decode", time.monotonic() - fetched_at)
         out: dict[str, _Images] = {}
         index = 0
         for owner, items in by_listing.items():
@@ -198,23 +227,37 @@ class ChunkAnalyzer:
         return max(0.001, min(self.model_timeout, deadline - time.monotonic()))
 
     def _embed_images(
-        self, group: dict[str, _Images], deadline: float | None = None
-    ) -> dict[str, _Images]:
+        self,
+        group: dict[str, _Images],
+        deadline: float | None = None,
+        texts: Sequence[str] = (),
+        ticket: Ticket | None = None,
+    ) -> tuple[dict[str, _Images], dict[str, torch.Tensor]]:
         """One request to the batcher for the group's new images (deduplicated); their pixels
-        are let go as soon as they are embedded."""
-        fresh: dict[str, torch.Tensor] = {}
+        are let go as soon as they are embedded. JPEGs left encoded (`LV_DECODE`) are decoded
+        and measured in the batch: each gets its blur and brightness, or fails alone."""
+        fresh: dict[str, torch.Tensor | EncodedJpeg] = {}
         for images in group.values():
             for image in images.usable:
-                if isinstance(image.pixels, torch.Tensor):  # runs decode with Pillow
+                if image.pixels is not None:
                     fresh.setdefault(image.facts.sha256, image.pixels)
-        if not fresh:
-            return group
-        request = EmbedRequest(tuple(fresh.values()), (), tuple(fresh))
-        embedded = self.service.embed(request, self._model_wait(deadline))
-        vectors = {
-            sha: row.numpy() for sha, row in zip(fresh, embedded.image_embeddings, strict=True)
+        if not fresh and not texts:
+            return group, {}
+        request = EmbedRequest(tuple(fresh.values()), tuple(texts), tuple(fresh))
+        embedded = self.service.embed(request, self._model_wait(deadline), ticket)
+        text_rows = dict(zip(texts, embedded.text_embeddings, strict=True))
+        errors = embedded.errors or (None,) * len(fresh)
+        qualities = embedded.qualities or (None,) * len(fresh)
+        outcome: dict[str, _Embedded] = {
+            sha: _Embedded(row.numpy() if error is None else None, quality, error)
+            for sha, row, quality, error in zip(
+                fresh, embedded.image_embeddings, qualities, errors, strict=True
+            )
         }
-        return {listing_id: _embedded(images, vectors) for listing_id, images in group.items()}
+        embedded_group = {
+            listing_id: _embedded(images, outcome) for listing_id, images in group.items()
+        }
+        return embedded_group, text_rows
 
     def _embed_texts(
         self, texts: list[str], deadline: float | None = None
@@ -289,6 +332,10 @@ class ChunkAnalyzer:
         )
 
 
+def _add(seconds: dict[str, float], stage: str, spent: float) -> None:
+    seconds[stage] = seconds.get(stage, 0.0) + spent
+
+
 def _from_store(state: StoredListing) -> _Images | None:
     """The listing's images as stored, if that is its current list and every usable image is
     embedded by this model (None: it must be fetched)."""
@@ -328,17 +375,34 @@ def _vector(image: PreparedImage) -> np.ndarray:
     return image.cached_embedding
 
 
-def _embedded(images: _Images, vectors: dict[str, np.ndarray]) -> _Images:
-    """The listing's images with their new vectors in place of their pixels."""
-    usable, new = [], {}
+@dataclass(frozen=True)
+class _Embedded:
+    """What the batch made of one new image: its vector, and for a JPEG it decoded its
+    measures, or why it could not decode it."""
+
+    vector: np.ndarray | None
+    quality: ImageQuality | None
+    error: str | None
+
+
+def _embedded(images: _Images, outcome: dict[str, _Embedded]) -> _Images:
+    """The listing's images with their new vectors in place of their pixels (an image the
+    batch could not decode becomes a failed one)."""
+    usable, failed, new = [], list(images.failed), {}
     for image in images.usable:
-        vector = vectors.get(image.facts.sha256) if image.pixels is not None else None
-        if vector is None:
+        done = outcome.get(image.facts.sha256) if image.pixels is not None else None
+        if done is None:
             usable.append(image)
             continue
-        usable.append(replace(image, pixels=None, cached_embedding=vector))
-        new[image.facts.sha256] = vector
-    return _Images(usable, images.failed, images.fetched, new)
+        if done.error is not None or done.vector is None:
+            failed.append(FailedImage(image.position, image.url, done.error or "not embedded"))
+            continue
+        facts = image.facts
+        if done.quality is not None:
+            facts = replace(facts, blur=done.quality.blur, brightness=done.quality.brightness)
+        usable.append(replace(image, facts=facts, pixels=None, cached_embedding=done.vector))
+        new[image.facts.sha256] = done.vector
+    return _Images(usable, sorted(failed, key=lambda f: f.position), images.fetched, new)
 
 
 def _placeholder(images: _Images) -> UsableImages:

@@ -1,27 +1,31 @@
-"""A group message's jobs (one `enqueue` call's events, LV_ENQUEUE_GROUP at a time), run together.
+"""Jobs run in groups: the deliveries that arrive together, claimed, analysed and committed as one.
 
-One delivery, one claim statement, one fetch-decode-embed pass over all their images (the run
-chunks' analyzer), one commit: the per-job costs of a single job (a Celery message, thread
-hand-offs at the claim, the batcher and the writer) are paid once per group. Each job keeps its
-own attempt, outcome, log line and metrics. Whatever a job cannot finish here goes back to the
-broker as a plain single-job message, where the single path's rules apply unchanged:
+Every delivery (a single-job message, or a group message: one `enqueue` call's events,
+LV_ENQUEUE_GROUP at a time) hands its job ids to a shared queue; a few group threads each take
+what is waiting (up to a group's size) and run it: one claim statement, one fetch-decode-embed
+pass over all their images and texts (the run chunks' analyzer: one request to the model), one
+commit. The per-job costs of the old path (thread hand-offs at the claim, the cache lookup, the
+batcher and the writer, each a GIL round trip) are paid once per group: on two CPU cores a
+worker's CPU per listing halved. Each job keeps its own attempt, outcome, log line and metrics.
 
-- a job whose earlier attempt never finished (`interrupted`: perhaps it killed its worker) runs
-  alone there, so a poison listing no longer takes its group with it;
-- a transient failure is retried there after its backoff (or recorded `dead` at the cap);
+What a group cannot finish follows the single-job rules (`worker.job_runner`):
+- a job whose earlier attempt never finished (`interrupted`: perhaps it killed its worker) is
+  claimed and run alone, one such job at a time, so a poison listing takes no group with it;
+- a transient failure is retried after its backoff, or recorded `dead` at the cap;
 - a job whose attempt is live elsewhere is looked at again once that attempt must have ended.
-
-Database trouble before the outcomes are committed retries the whole message; its jobs then
-come back `interrupted` and each goes its own way.
+A single-job delivery does that through its own message (a Celery retry); a group message
+sends such jobs on as single-job messages.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -32,89 +36,213 @@ from contract.errors import TransientError, one_line
 from db import jobs
 from db.jobs import ClaimedJob
 from db.records import JobOutcome
-from worker.chunk_analysis import ChunkAnalyzer
-from worker.job_runner import WRITE_TIMEOUT, JobRunner
+from worker.chunk_analysis import ChunkAnalysis, ChunkAnalyzer
+from worker.inference import Ticket
+from worker.job_runner import WRITE_TIMEOUT, JobReport, JobRunner, summary_of
 from worker.retries import backoff_seconds
 
 log = logging.getLogger(__name__)
+_FAILURES_SHOWN = 5  # failed listings named in a group message's summary (Flower shows it)
+_WAIT = 3600.0  # seconds a delivery waits for its group; each step has its own shorter limit
 
 # Publish jobs again as single-job messages, after `countdown` seconds (None: now).
 ResendJobs = Callable[[Sequence[uuid.UUID], float | None], None]
 
 
+class Alone:
+    """A job to claim and run on its own (`interrupted`, or a second job of one listing)."""
+
+
+ALONE = Alone()
+Decision = JobReport | Alone
+
+
 @dataclass(frozen=True)
 class GroupReport:
-    """What the group task hands back to Celery: counts (shown in Flower) or a retry delay."""
+    """What a group message's task hands back to Celery: counts (Flower shows them) or, when
+    nothing of it could be done, a retry of the whole message."""
 
     summary: dict[str, Any] = field(default_factory=dict)
     retry_in: float | None = None
 
 
-@dataclass
-class JobGroupRunner:
-    """Runs deliveries of group messages; `runner` is the single-job runner whose rules
-    (records, retries, the unclaimable) each job still follows."""
+class JobGroups:
+    """The shared queue and its group threads; `run_one` and `run_message` block until their
+    jobs are decided. `threads` groups run at once: enough to decode the next batch while one
+    is on the model, and a bound on the pixels held."""
 
-    runner: JobRunner
-    analyzer: ChunkAnalyzer
-    resend: ResendJobs
-    # Groups analysed at once: enough to fill the next batch while one runs, and a bound on
-    # the pixels held (each group fetches and decodes all its images before embedding them).
-    in_flight: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(8))
+    def __init__(
+        self,
+        runner: JobRunner,
+        analyzer: ChunkAnalyzer,
+        resend: ResendJobs,
+        *,
+        max_group: int,
+        threads: int,
+    ) -> None:
+        self.runner = runner
+        self.analyzer = analyzer
+        self.resend = resend
+        self.max_group = max_group
+        self._waiting: queue.SimpleQueue[tuple[uuid.UUID, Future[Decision]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"job-group-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def run(self, job_ids: Sequence[uuid.UUID], redeliveries: int = 0) -> GroupReport:
-        """Run one delivery of a group message."""
+    def close(self) -> None:
+        for _ in self._threads:
+            self._waiting.put(None)
+
+    # -- deliveries -----------------------------------------------------------------------
+
+    def run_one(self, job_id: uuid.UUID, redeliveries: int = 0) -> JobReport:
+        """One single-job delivery: run with whatever else is waiting; alone if it must be."""
         try:
-            with self.in_flight:
-                return self._run(job_ids)
+            decision = self._decide([job_id])[job_id]
+        except (SQLAlchemyError, FutureTimeout) as error:
+            log.warning("job %s: database trouble, will retry: %s", job_id, one_line(error))
+            return self._retry(redeliveries)
+        except Exception:
+            log.exception("job %s: unexpected error outside the analysis, will retry", job_id)
+            return self._retry(redeliveries)
+        if isinstance(decision, Alone):
+            return self.runner.run(job_id, redeliveries)
+        return self._capped(decision)
+
+    def run_message(self, job_ids: Sequence[uuid.UUID], redeliveries: int = 0) -> GroupReport:
+        """One group message's delivery: its jobs decided; what is left sent on alone."""
+        try:
+            decisions = self._decide(job_ids)
         except (SQLAlchemyError, FutureTimeout) as error:
             log.warning("group of %d jobs: database trouble, will retry: %s", len(job_ids), error)
+            return GroupReport(retry_in=self._retry(redeliveries).retry_in)
         except Exception:
             log.exception("group of %d jobs: unexpected error, will retry", len(job_ids))
-        delay = backoff_seconds(redeliveries + 2, self.runner.retry_backoff)
-        return GroupReport(retry_in=min(delay, self.runner.retry_ceiling))
-
-    def _run(self, job_ids: Sequence[uuid.UUID]) -> GroupReport:
-        runner = self.runner
-        started = time.monotonic()
-        answers = runner.queries.claim_now(job_ids)
-        claimed_at = time.monotonic()
-        claims: dict[str, ClaimedJob] = {}
-        later: dict[uuid.UUID, float | None] = {}  # job -> countdown of its single message
-        summary = {"jobs": len(job_ids), "succeeded": 0, "failed": 0, "resent": 0}
-        for job_id, answer in answers.items():
-            if isinstance(answer, ClaimedJob) and answer.listing.listing_id not in claims:
-                claims[answer.listing.listing_id] = answer
-            elif isinstance(answer, ClaimedJob) or answer.reason == "interrupted":
-                # A second job of one listing, or one whose last attempt never finished:
-                # alone, as a single job (which claims an interrupted job on its own).
+            return GroupReport(retry_in=self._retry(redeliveries).retry_in)
+        summary: dict[str, Any] = {"jobs": len(job_ids), "succeeded": 0, "failed": 0}
+        errors: dict[str, str] = {}
+        later: dict[uuid.UUID, float | None] = {}
+        for job_id, decision in decisions.items():
+            if isinstance(decision, Alone):
                 later[job_id] = None
-            else:
-                report = runner.unclaimable(job_id, answer)
-                if report.retry_in is not None:
-                    later[job_id] = report.retry_in
-        if claims:
-            self._analyse_and_write(claims, claimed_at - started, later, summary)
-        self._send_back(later)
-        summary["resent"] = len(later)
+            elif decision.retry_in is not None:
+                later[job_id] = self._capped(decision).retry_in
+            elif decision.summary.get("status") == "ok":
+                summary["succeeded"] += 1
+            elif decision.summary.get("status") == "failed":
+                summary["failed"] += 1
+                if len(errors) < _FAILURES_SHOWN:
+                    errors[decision.summary["listing_id"]] = decision.summary.get("error", "")
+        self._send_on(later)
+        summary["sent_on"] = len(later)
+        if errors:
+            summary["errors"] = errors
         return GroupReport(summary)
 
-    def _analyse_and_write(
-        self,
-        claims: dict[str, ClaimedJob],
-        claim_seconds: float,
-        later: dict[uuid.UUID, float | None],
-        summary: dict[str, int],
-    ) -> None:
+    def _capped(self, report: JobReport) -> JobReport:
+        """A retry waits at most the runner's ceiling (see `worker.runtime.retry_ceiling`)."""
+        ceiling = self.runner.retry_ceiling
+        if report.retry_in is not None and report.retry_in > ceiling:
+            return JobReport(report.summary, ceiling)
+        return report
+
+    def _retry(self, redeliveries: int) -> JobReport:
+        delay = backoff_seconds(redeliveries + 2, self.runner.retry_backoff)
+        return JobReport(retry_in=min(delay, self.runner.retry_ceiling))
+
+    def _decide(self, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Decision]:
+        futures: list[tuple[uuid.UUID, Future[Decision]]] = []
+        for job_id in job_ids:
+            future: Future[Decision] = Future()
+            futures.append((job_id, future))
+            self._waiting.put((job_id, future))
+        return {job_id: future.result(timeout=_WAIT) for job_id, future in futures}
+
+    def _send_on(self, later: dict[uuid.UUID, float | None]) -> None:
+        """Publish the jobs a group message hands on, then record them as sent. A publish that
+        fails leaves the queued ones unsent, for the reconciler."""
+        by_delay: dict[float | None, list[uuid.UUID]] = {}
+        for job_id, countdown in later.items():
+            by_delay.setdefault(countdown, []).append(job_id)
+        for countdown, job_ids in by_delay.items():
+            try:
+                self.resend(job_ids, countdown)
+            except Exception as error:
+                log.warning("could not send %d jobs on: %s", len(job_ids), one_line(error))
+                with self.runner.sessions.begin() as session:
+                    jobs.unmark_sent(session, job_ids)
+                continue
+            with self.runner.sessions.begin() as session:
+                jobs.mark_sent(session, job_ids)
+
+    # -- the group threads ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            first = self._waiting.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < self.max_group:
+                try:
+                    more = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:  # closing: finish this group first
+                    self._waiting.put(None)
+                    break
+                group.append(more)
+            futures = [future for _, future in group if future.set_running_or_notify_cancel()]
+            if not futures:
+                continue
+            try:
+                decided = self.run_group([job_id for job_id, _ in group])
+            except BaseException as error:  # the whole group's trouble: each delivery's
+                for future in futures:
+                    future.set_exception(error)
+                continue
+            for job_id, future in group:
+                if not future.done():
+                    future.set_result(decided[job_id])
+
+    def run_group(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Decision]:
+        """Claim, analyse and commit `job_ids` together; each job's decision."""
+        runner = self.runner
+        decided: dict[uuid.UUID, Decision] = {}
+        with runner.analyzer.service.coming() as ticket:
+            started = time.monotonic()
+            answers = runner.queries.claim_now(job_ids)
+            claimed_at = time.monotonic()
+            claims: dict[str, ClaimedJob] = {}
+            for job_id in job_ids:
+                answer = answers[job_id]
+                if job_id in decided or any(c.job_id == job_id for c in claims.values()):
+                    decided.setdefault(job_id, JobReport({"skipped": "duplicate"}))
+                elif isinstance(answer, ClaimedJob) and answer.listing.listing_id not in claims:
+                    claims[answer.listing.listing_id] = answer
+                elif isinstance(answer, ClaimedJob) or answer.reason == "interrupted":
+                    decided[job_id] = ALONE
+                else:
+                    decided[job_id] = runner.unclaimable(job_id, answer)
+            if claims:
+                decided |= self._analyse(claims, claimed_at - started, ticket)
+        return decided
+
+    def _analyse(
+        self, claims: dict[str, ClaimedJob], claim_seconds: float, ticket: Ticket
+    ) -> dict[uuid.UUID, Decision]:
         runner = self.runner
         claimed_at = time.monotonic()
+        listings = [claim.listing for claim in claims.values()]
         try:
-            listings = [claim.listing for claim in claims.values()]
-            found = self.analyzer.analyze_new(listings, claimed_at + runner.time_limit)
-        except Exception as error:  # the model timed out, or a bug: each job retries alone
-            for claim in claims.values():
-                self._transient(claim, error, later)
-            return
+            found = self.analyzer.analyze_new(listings, claimed_at + runner.time_limit, ticket)
+        except Exception as error:  # the model timed out, or a bug: each job's own retry
+            return {c.job_id: runner.after_transient(c, error) for c in claims.values()}
         analysed_at = time.monotonic()
         outcomes: list[JobOutcome] = []
         for analysed in found.outcomes:
@@ -129,37 +257,28 @@ class JobGroupRunner:
             "analysis": analysed_at - claimed_at,
             "write": time.monotonic() - analysed_at,
         }
+        decided: dict[uuid.UUID, Decision] = {}
         for job, answer in zip(outcomes, written, strict=True):
             claim = claims[job.listing.listing_id]
             if isinstance(answer, Exception):
-                self._transient(claim, answer, later)
-            elif answer:
-                summary[job.job_status] += 1
-                runner.finished(claim, job.job_status, seconds, len(claims))
+                decided[claim.job_id] = runner.after_transient(claim, answer)
+            elif not answer:  # a later attempt holds the job: this one reports nothing
+                decided[claim.job_id] = JobReport({"skipped": "superseded"})
+            else:
+                runner.finished(claim, job.job_status, seconds, len(claims), _stages(job, found))
+                decided[claim.job_id] = JobReport(
+                    summary_of(claim.listing.listing_id, job.listing.result)
+                )
         for listing_id, why in found.transient.items():
-            self._transient(claims[listing_id], TransientError(why), later)
+            claim = claims[listing_id]
+            decided[claim.job_id] = runner.after_transient(claim, TransientError(why))
+        return decided
 
-    def _transient(
-        self, claim: ClaimedJob, error: Exception, later: dict[uuid.UUID, float | None]
-    ) -> None:
-        """A job this group could not finish: retried as a single job (or recorded dead)."""
-        report = self.runner.after_transient(claim, error)
-        if report.retry_in is not None:
-            later[claim.job_id] = min(report.retry_in, self.runner.retry_ceiling)
 
-    def _send_back(self, later: dict[uuid.UUID, float | None]) -> None:
-        """Publish the jobs this group hands on, then record them as sent. A publish that
-        fails leaves them unsent for the reconciler (they are `queued` or `running`)."""
-        by_delay: dict[float | None, list[uuid.UUID]] = {}
-        for job_id, countdown in later.items():
-            by_delay.setdefault(countdown, []).append(job_id)
-        for countdown, job_ids in by_delay.items():
-            try:
-                self.resend(job_ids, countdown)
-            except Exception as error:
-                log.warning("could not send %d jobs back: %s", len(job_ids), one_line(error))
-                with self.runner.sessions.begin() as session:
-                    jobs.unmark_sent(session, job_ids)
-                continue
-            with self.runner.sessions.begin() as session:
-                jobs.mark_sent(session, job_ids)
+def _stages(job: JobOutcome, found: ChunkAnalysis) -> dict[str, float]:
+    """The group's stage times, as this job's: no model stage for a listing none of whose
+    images could be used (as for a single job, which never reaches the model then)."""
+    result = job.listing.result
+    if result.images_failed == result.images_total:
+        return {stage: spent for stage, spent in found.seconds.items() if stage != "infer"}
+    return found.seconds

@@ -167,7 +167,7 @@ class JobRunner:
             "write": time.monotonic() - analysed,
         }
         self.finished(claim, status, seconds, analysis.batch_size, analysis.seconds)
-        return JobReport(_summary(claim.listing.listing_id, analysis.result))
+        return JobReport(summary_of(claim.listing.listing_id, analysis.result))
 
     def finished(
         self,
@@ -206,7 +206,7 @@ class JobRunner:
             reason = f"gave up after {claim.attempt} attempts: {message}"
             analysis = ListingAnalysis(ResultRecord("failed", reason), [])
             self._record(_Attempt.of(claim), "dead", analysis)
-            return JobReport(_summary(claim.listing.listing_id, analysis.result))
+            return JobReport(summary_of(claim.listing.listing_id, analysis.result))
         with self.sessions.begin() as session:
             if not jobs.note_retry(session, claim.job_id, claim.attempt, message):
                 return _superseded(claim)
@@ -239,7 +239,7 @@ class JobRunner:
         version = listing.updated_at if listing else None
         analysis = ListingAnalysis(ResultRecord("failed", reason), [])
         self._record(_Attempt(job_id, why.listing_id, why.attempts, version), "dead", analysis)
-        return JobReport(_summary(why.listing_id, analysis.result))
+        return JobReport(summary_of(why.listing_id, analysis.result))
 
     def _record(
         self,
@@ -275,7 +275,7 @@ def _superseded(claim: ClaimedJob) -> JobReport:
     return JobReport({"listing_id": claim.listing.listing_id, "skipped": "superseded"})
 
 
-def _summary(listing_id: str, result: ResultRecord) -> dict[str, Any]:
+def summary_of(listing_id: str, result: ResultRecord) -> dict[str, Any]:
     summary: dict[str, Any] = {"listing_id": listing_id, "status": result.status}
     if result.error:
         summary["error"] = result.error

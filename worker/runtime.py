@@ -26,7 +26,7 @@ from worker.chunk_analysis import ChunkAnalyzer
 from worker.chunk_runner import ChunkRunner
 from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
-from worker.job_groups import JobGroupRunner, ResendJobs
+from worker.job_groups import JobGroups, ResendJobs
 from worker.job_runner import JobRunner
 from worker.metrics import WorkerMetrics
 from worker.mirror import NO_MIRROR, MirrorHook, MirrorWriter
@@ -48,7 +48,7 @@ class WorkerRuntime:
     backend: ModelBackend
     service: InferenceService
     runner: JobRunner
-    groups: JobGroupRunner
+    groups: JobGroups
     chunks: ChunkRunner
     executor: ThreadPoolExecutor
     stops: list[threading.Event] = field(default_factory=list)
@@ -57,6 +57,7 @@ class WorkerRuntime:
     def close(self) -> None:
         for stop in self.stops:
             stop.set()
+        self.groups.close()
         self.service.close()
         self.runner.queries.close()
         self.runner.writer.close()
@@ -197,12 +198,15 @@ def start_runtime(
         model_timeout,
         group_size=max_size,
     )
-    # A group's pixels are bounded like a run chunk's: about two batches of them in flight.
-    groups = JobGroupRunner(
+    # Groups of up to half a batch, enough of them at once for two batches: one on the model
+    # while the next is fetched and decoded (and a bound on the pixels held).
+    group_size = max(1, max_size // 2)
+    groups = JobGroups(
         runner,
         chunk_analyzer,
         send.resend,
-        threading.Semaphore(max(2, -(-2 * max_size // settings.enqueue_group))),
+        max_group=group_size,
+        threads=max(2, -(-2 * max_size // group_size)),
     )
     chunks = ChunkRunner(
         sessions=sessions,

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.signals import task_revoked
+from celery.worker import state as worker_state
 from celery.worker.control import inspect_command
 
 from contract.broker import (
@@ -33,7 +34,7 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     )
     def analyze(self: Task, job_id: str) -> dict[str, Any]:
         job = AnalyzeMessage.parse(job_id).job_id
-        report = runtime.runner.run(job, redeliveries=self.request.retries or 0)
+        report = runtime.groups.run_one(job, redeliveries=self.request.retries or 0)
         if report.retry_in is None:
             if report.summary.get("status") == "failed":
                 # Its row is committed; the task fails too, so Flower counts and shows it with
@@ -46,11 +47,29 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
         runtime.runner.mark_resent(job)
         raise retry
 
-    @app.task(name=ANALYZE_GROUP_TASK, bind=True, acks_late=True, max_retries=None)
+    @app.task(
+        name=ANALYZE_GROUP_TASK,
+        bind=True,
+        acks_late=True,
+        max_retries=None,
+        throws=(ListingFailed,),
+    )
     def analyze_group(self: Task, job_ids: list[str]) -> dict[str, Any]:
         group = GroupMessage.parse(job_ids).job_ids
-        report = runtime.groups.run(group, redeliveries=self.request.retries or 0)
+        # A job revoked by its id (Flower, `celery control revoke`) while it waited in a group
+        # is in every worker's revoked set: it ends `failed` as a revoked single job does.
+        revoked = [job_id for job_id in group if str(job_id) in worker_state.revoked]
+        for job_id in revoked:
+            runtime.runner.revoked(job_id)
+        group = tuple(job_id for job_id in group if job_id not in revoked)
+        if not group:
+            return {"jobs": len(revoked), "revoked": len(revoked)}
+        report = runtime.groups.run_message(group, redeliveries=self.request.retries or 0)
         if report.retry_in is None:
+            if report.summary.get("failed"):
+                # As a single job's: Flower counts the group failed and shows which listings
+                # failed and why (their rows are committed).
+                raise ListingFailed(group_failure(report.summary))
             return report.summary
         # Nothing of it was committed: the whole message again (its claimed jobs then come
         # back `interrupted`, and each is sent on as a single job).
@@ -88,3 +107,12 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
             "batches": asdict(runtime.service.batcher.stats),
             "model_calls": asdict(runtime.service.calls),
         }
+
+
+def group_failure(summary: dict[str, Any]) -> str:
+    """A group's failed listings in one line: how many, then the first few with their errors."""
+    errors = summary.get("errors") or {}
+    named = "; ".join(f"{listing_id}: {error}" for listing_id, error in errors.items())
+    more = summary["failed"] - len(errors)
+    tail = f"; and {more} more" if more > 0 else ""
+    return f"{summary['failed']} of {summary['jobs']} listings failed: {named}{tail}"

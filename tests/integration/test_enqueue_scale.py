@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from typing import Any
 
@@ -37,10 +39,20 @@ def test_one_enqueue_call_records_and_sends_14000_listings(stack: Stack, produce
             p=f"{prefix}%",
         )
         assert sent[0]["n"] == 14_000
-        assert client.llen(queue) - before == 14_000
+        # In group messages of LV_ENQUEUE_GROUP (16) jobs: 875 messages carry every job once.
+        bodies = client.lrange(queue, 0, -1)[: client.llen(queue) - before]
+        assert len(bodies) == 875
+        carried = [job for body in bodies for job in _job_ids(body)]
+        assert sorted(carried) == sorted(map(str, report.job_ids))
     finally:
         client.delete(queue)
         with stack.engine.begin() as connection:
             connection.exec_driver_sql(
                 "DELETE FROM listings WHERE listing_id LIKE %s", (f"{prefix}%",)
             )
+
+
+def _job_ids(raw: bytes) -> list[str]:
+    """The job ids a message carries (kombu's Redis envelope: base64 JSON body)."""
+    _, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+    return list(kwargs["job_ids"]) if "job_ids" in kwargs else [kwargs["job_id"]]

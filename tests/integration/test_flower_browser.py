@@ -97,10 +97,12 @@ def stack(
 
 
 def enqueue(stack: Stack, events: list[dict[str, str]], *args: str) -> int:
+    """`listing-vision enqueue`, one message per job (LV_ENQUEUE_GROUP=1): what is checked
+    here is Flower's view and control of each job as its own task."""
     answer = subprocess.run(
         [sys.executable, "-m", "listing_vision", "enqueue", "-", *args],
         input="\n".join(json.dumps(event) for event in events),
-        env=stack.env,
+        env={**stack.env, "LV_ENQUEUE_GROUP": "1"},
         capture_output=True,
         text=True,
         timeout=240,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.tiny_models import save_tiny_dinov2, save_tiny_open_clip
 from worker.analysis import ListingAnalyzer
 from worker.backends import create_backend
 from worker.categories import CategoryIndex
+from worker.chunk_analysis import ChunkAnalyzer
 from worker.fetch import FetchPolicy
 from worker.inference import InferenceService
 from worker.scorer import ListingScorer
@@ -193,3 +195,54 @@ def test_an_attempt_past_its_time_limit_is_a_transient_failure(root: Path) -> No
     with pytest.raises(TransientError, match="did not answer"):
         analysis.analyze(listing(root, "blue.jpg"), deadline=time.monotonic() + 0.03)
     assert analysis.analyze(listing(root, "red.jpg"), deadline=time.monotonic() + 30).result
+
+
+@pytest.mark.parametrize("decode", ["pil", "device"])
+def test_a_group_of_listings_comes_out_as_each_listing_alone(
+    root: Path, tmp_path: Path, decode: str
+) -> None:
+    """A group message's listings (the chunk analyzer's `analyze_new`) get the rows and
+    images a single job gets, JPEGs decoded in the job or in the batch (LV_DECODE)."""
+    name = f"local-dir:{save_tiny_open_clip(tmp_path / 'c')}"
+    spec = ModelSpec("m", "open_clip", name, threshold=0.0)
+    single = analyzer(spec, root, with_categories=True, input_path="tensor", decode=decode)
+    assert single.service.decodes_on_device == (decode == "device")
+    group = ChunkAnalyzer(
+        single.service,
+        single.scorer,
+        single.policy,
+        single.max_pixels,
+        single.executor,
+        single.lookup_cached,
+        "m",
+        30.0,
+        group_size=8,
+    )
+    wanted = [
+        ("red.jpg", "damaged.jpg", "green.png"),
+        ("blue.jpg",),
+        ("damaged.jpg",),
+        ("broken.jpg", "red.jpg"),
+    ]
+    records = [
+        replace(listing(root, *names), listing_id=f"g-{n}") for n, names in enumerate(wanted)
+    ]
+
+    found = group.analyze_new(records, deadline=time.monotonic() + 60)
+
+    assert not found.transient and len(found.outcomes) == len(records)
+    by_id = {outcome.listing_id: outcome for outcome in found.outcomes}
+    for record in records:
+        alone, together = single.analyze(record), by_id[record.listing_id]
+        assert together.result.status == alone.result.status, record.listing_id
+        assert together.result.error == alone.result.error
+        assert together.result.images_failed == alone.result.images_failed
+        if alone.result.similarity is not None:
+            assert together.result.similarity == pytest.approx(alone.result.similarity, abs=1e-4)
+        assert [i.error for i in together.images] == [i.error for i in alone.images]
+        for want, got in zip(alone.images, together.images, strict=True):
+            if want.facts is not None and got.facts is not None:
+                assert got.facts.blur == pytest.approx(want.facts.blur, rel=1e-6)
+                assert got.facts.brightness == pytest.approx(want.facts.brightness, abs=1e-6)
+        assert together.new_embeddings.keys() == alone.new_embeddings.keys()
+    assert by_id["g-2"].result.status == "failed"  # its only JPEG fails in the batch
