@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from contract.broker import (
     ANALYZE_GROUP_TASK,
@@ -32,6 +33,9 @@ from tests.unit.fetch_servers import serve
 pytestmark = pytest.mark.slow
 COLOURS = ["red", "blue", "green", "gold", "purple", "teal"]
 SHAPES = ["circle", "square", "triangle"]
+# A size of this module's own: the session's database is shared, and other modules' similarity
+# searches must not find these images.
+SIZE = (73, 67)
 COMPARED = "status, error, similarity, is_match, top_category, category_mismatch, images_failed"
 
 
@@ -40,7 +44,7 @@ def _events(image_root: Path, prefix: str) -> list[dict[str, Any]]:
     events = []
     for i, colour in enumerate(COLOURS):
         path = images.save(
-            images.product_image(colour, SHAPES[i % 3]), image_root / f"group-{colour}.jpg"
+            images.product_image(colour, SHAPES[i % 3], SIZE), image_root / f"group-{colour}.jpg"
         )
         events.append({"title": f"{colour} mug", "image_urls": [path.as_uri()]})
     events[1]["image_urls"].append(events[2]["image_urls"][0])
@@ -97,7 +101,7 @@ def test_a_group_hands_its_interrupted_and_transient_jobs_on_as_single_jobs(
     """An interrupted job (an earlier attempt never finished: it may have killed its worker)
     runs alone; a transient failure is retried alone to its cap; the rest finish together."""
     prefix = f"hand-{uuid.uuid4().hex[:6]}"
-    good = images.save(images.product_image("red", "circle"), image_root / "hand-red.jpg")
+    good = images.save(images.product_image("red", "circle", SIZE), image_root / "hand-red.jpg")
     sessions = make_sessions(stack.engine)
     with serve() as server:
         urls = [good.as_uri(), good.as_uri(), good.as_uri(), f"{server.base_url}/status/503"]
@@ -111,11 +115,15 @@ def test_a_group_hands_its_interrupted_and_transient_jobs_on_as_single_jobs(
             jobs.create_jobs(session, new_jobs)
         ids = [job.job_id for job in new_jobs]
         interrupted = ids[1]
-        query_update = (
-            "UPDATE jobs SET status = 'running', attempts = 1, started_at = now() "
-            "- interval '1 hour', worker = 'a dead worker' WHERE job_id = :j RETURNING job_id"
-        )
-        assert query(stack, query_update, j=interrupted)
+        with stack.engine.begin() as connection:
+            updated = connection.execute(
+                text(
+                    "UPDATE jobs SET status = 'running', attempts = 1, started_at = now() "
+                    "- interval '1 hour', worker = 'a dead worker' WHERE job_id = :j"
+                ),
+                {"j": interrupted},
+            )
+            assert updated.rowcount == 1
         app = make_celery(settings_from(worker.env))
         send_analysis(app, ids, "tiny", group_size=len(ids))
         deadline_rows = _wait_finished(stack, ids, timeout=90)
@@ -171,7 +179,7 @@ def test_a_job_revoked_by_its_id_while_in_a_group_ends_failed_and_the_rest_run(
 ) -> None:
     """`celery control revoke JOB_ID` (Flower's revoke) reaches jobs waiting in a group too."""
     prefix = f"rvk-{uuid.uuid4().hex[:6]}"
-    good = images.save(images.product_image("blue", "square"), image_root / "rvk.jpg")
+    good = images.save(images.product_image("blue", "square", SIZE), image_root / "rvk.jpg")
     records = [
         ListingRecord(f"{prefix}-{n}", f"box {n}", None, None, [good.as_uri()], None)
         for n in range(3)
