@@ -345,57 +345,6 @@ def to_device(image: torch.Tensor, device: torch.device) -> torch.Tensor:
 # Decoding
 
 
-def decode_batch(
-    blobs: Sequence[bytes],
-    device: torch.device | str,
-    *,
-    max_pixels: int,
-    draft_size: int | None = None,
-) -> list[torch.Tensor | Exception]:
-    """Each blob to a uint8 RGB (3, H, W) tensor on `device`, or its own exception (mostly
-    `ImageRejected`, as `worker.decode` words it).
-
-    On CUDA, well-formed RGB or greyscale JPEGs are decoded together by nvJPEG, with the EXIF
-    orientation applied; every other image (and any JPEG nvJPEG refuses) goes through Pillow via
-    `worker.decode.decode_image`, with the same pixel limit, transparency on white and `draft`.
-    """
-    device = torch.device(device)
-    results: list[torch.Tensor | Exception | None] = [None] * len(blobs)
-    on_gpu: list[tuple[int, int]] = []  # (index, EXIF orientation)
-    if device.type == "cuda":
-        for index, data in enumerate(blobs):
-            try:
-                header = _nvjpeg_candidate(data, max_pixels)
-            except ImageRejected as error:
-                results[index] = error
-                continue
-            if header is not None:
-                on_gpu.append((index, header[0]))
-    for index, decoded in zip(
-        [i for i, _ in on_gpu], _decode_jpegs_on(device, blobs, on_gpu), strict=True
-    ):
-        results[index] = decoded
-    return [
-        _decode_with_pillow(data, device, max_pixels, draft_size) if result is None else result
-        for data, result in zip(blobs, results, strict=True)
-    ]
-
-
-def _decode_with_pillow(
-    data: bytes, device: torch.device, max_pixels: int, draft_size: int | None
-) -> torch.Tensor | Exception:
-    try:
-        decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
-    except ImageRejected as error:
-        return error
-    except Exception as error:  # a decoder bug on odd input: this image only
-        return ImageRejected(f"could not decode image: {one_line(error)}")
-    pixels = torch.from_numpy(np.array(decoded.pixels, dtype=np.uint8))  # (H, W, 3)
-    # Moved as (H, W, 3) and viewed as (3, H, W): channels-last is also the layout the uint8
-    # resize kernel is fastest on.
-    return to_device(pixels, device).permute(2, 0, 1)
-
-
 @dataclass(frozen=True)
 class EncodedJpeg:
     """A JPEG left encoded for the model's batch to decode on the device (`LV_DECODE`): only
@@ -427,10 +376,9 @@ def decode_jpegs(
     CUDA, libjpeg on the CPU: the same code path, tested there); one the decoder refuses goes
     through Pillow, which words why it cannot be read."""
     device = torch.device(device)
-    chosen = [(i, jpeg.orientation) for i, jpeg in enumerate(jpegs)]
-    decoded = _decode_jpegs_on(device, [jpeg.data for jpeg in jpegs], chosen)
+    decoded = _decode_jpegs_on(device, jpegs)
     return [
-        _decode_with_pillow(jpeg.data, device, max_pixels, None) if image is None else image
+        _decode_with_pillow(jpeg.data, device, max_pixels) if image is None else image
         for jpeg, image in zip(jpegs, decoded, strict=True)
     ]
 
@@ -456,15 +404,15 @@ def _nvjpeg_candidate(data: bytes, max_pixels: int) -> tuple[int, int, int] | No
 
 
 def _decode_jpegs_on(
-    device: torch.device, blobs: Sequence[bytes], chosen: list[tuple[int, int]]
+    device: torch.device, jpegs: Sequence[EncodedJpeg]
 ) -> list[torch.Tensor | None]:
-    """The chosen (index, orientation) blobs decoded in one call on `device` (nvJPEG on CUDA);
-    on an error each image is tried alone, and None leaves it to Pillow."""
-    if not chosen:
+    """The JPEGs decoded in one call on `device` (nvJPEG on CUDA) and turned upright; on an
+    error each image is tried alone, and None leaves it to Pillow."""
+    if not jpegs:
         return []
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    encoded = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i, _ in chosen]
+    encoded = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
     try:
         decoded: list[torch.Tensor | None] = list(
             decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
@@ -472,8 +420,8 @@ def _decode_jpegs_on(
     except Exception:  # nvJPEG returns nothing when any image fails
         decoded = [_decode_one(data, device) for data in encoded]
     return [
-        None if image is None else apply_orientation(image, orientation)
-        for image, (_, orientation) in zip(decoded, chosen, strict=True)
+        None if image is None else apply_orientation(image, jpeg.orientation)
+        for image, jpeg in zip(decoded, jpegs, strict=True)
     ]
 
 
@@ -485,6 +433,21 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
         return image
     except Exception:  # left to Pillow, which words the reason
         return None
+
+
+def _decode_with_pillow(
+    data: bytes, device: torch.device, max_pixels: int
+) -> torch.Tensor | Exception:
+    try:
+        decoded = decode_image(data, max_pixels=max_pixels)
+    except ImageRejected as error:
+        return error
+    except Exception as error:  # a decoder bug on odd input: this image only
+        return ImageRejected(f"could not decode image: {one_line(error)}")
+    pixels = torch.from_numpy(np.array(decoded.pixels, dtype=np.uint8))  # (H, W, 3)
+    # Moved as (H, W, 3) and viewed as (3, H, W): channels-last is also the layout the uint8
+    # resize kernel is fastest on.
+    return to_device(pixels, device).permute(2, 0, 1)
 
 
 def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -14,17 +14,18 @@ from tests.tiny_models import load_tiny_backends
 from tests.unit.test_tensor_input import (
     KINDS,
     MAX_PIXELS,
-    SIZES,
+    decode_like_the_worker,
     encode,
+    jpegs,
     one_level,
     pil_tensor,
     sample_blobs,
     textured,
-    with_orientation,
 )
 from worker.backends.base import ModelBackend
 from worker.decode import decode_image
-from worker.tensor_input import decode_batch, preprocess_batch
+from worker.inference import InferenceService
+from worker.tensor_input import encoded_jpeg, preprocess_batch, to_device
 
 CUDA = torch.device("cuda")
 
@@ -34,49 +35,43 @@ def backends(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelBackend
     return load_tiny_backends(tmp_path_factory.mktemp("gpu-input"))
 
 
-def jpegs() -> list[bytes]:
-    """Colour, grey and EXIF-rotated JPEGs of varied sizes: all go to nvJPEG."""
-    colour = [encode(textured(w, h, seed=i), "JPEG", quality=90) for i, (w, h) in enumerate(SIZES)]
-    grey = encode(textured(90, 60).convert("L"), "JPEG", quality=90)
-    rotated = [with_orientation(textured(64, 40), o) for o in (3, 6, 8)]
-    return [*colour, grey, *rotated]
-
-
-def test_nvjpeg_decode_matches_pillow_and_failures_stay_per_image(tmp_path: Path) -> None:
+def test_nvjpeg_decode_matches_the_cpu_and_failures_stay_per_image(tmp_path: Path) -> None:
     png = encode(textured(50, 30), "PNG")
     truncated = truncated_jpeg(tmp_path / "cut.jpg").read_bytes()
     blobs = [*jpegs(), png, truncated, b"\xff\xd8 not a jpeg \xff\xd9"]
 
-    on_gpu = decode_batch(blobs, CUDA, max_pixels=MAX_PIXELS)
-    on_cpu = decode_batch(blobs, "cpu", max_pixels=MAX_PIXELS)
+    on_gpu = decode_like_the_worker(blobs, CUDA)
+    on_cpu = decode_like_the_worker(blobs, "cpu")
 
-    for got, want in zip(on_gpu[:-2], on_cpu[:-2], strict=True):
+    for got, want in zip(on_gpu[:-3], on_cpu[:-3], strict=True):
         assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)
         assert got.device.type == "cuda" and got.dtype == torch.uint8
         assert got.shape == want.shape  # EXIF orientation applied on the GPU too
         difference = (got.cpu().float() - want.float()).abs()
         assert difference.mean().item() < 2.0  # IDCT and chroma upsampling differ slightly
-    assert torch.equal(on_gpu[-3].cpu(), on_cpu[-3])  # the PNG went through Pillow
+    assert encoded_jpeg(png, MAX_PIXELS) is None  # the PNG went through Pillow
+    png_on_gpu, png_on_cpu = on_gpu[-3], on_cpu[-3]
+    assert isinstance(png_on_gpu, torch.Tensor) and isinstance(png_on_cpu, torch.Tensor)
+    assert torch.equal(png_on_gpu, png_on_cpu)
     assert isinstance(on_gpu[-2], ImageRejected) and isinstance(on_gpu[-1], ImageRejected)
 
 
-def test_the_pixel_limit_holds_on_the_gpu_path() -> None:
+def test_the_pixel_limit_holds_on_the_gpu_path(backends: dict[str, ModelBackend]) -> None:
     large = encode(textured(300, 200), "JPEG")
-
-    (decoded,) = decode_batch([large], CUDA, max_pixels=50_000)
-
-    assert isinstance(decoded, ImageRejected) and "LV_MAX_IMAGE_PIXELS" in str(decoded)
+    service = InferenceService(backends["open_clip"], max_size=4, max_wait_s=0.0, max_pixels=50_000)
+    try:
+        assert service.decodes_on_device  # auto: JPEGs are left for nvJPEG on CUDA
+        with pytest.raises(ImageRejected, match="LV_MAX_IMAGE_PIXELS"):
+            service.encoded(large)  # refused from its header, never sent to the GPU
+    finally:
+        service.close()
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_preprocess_on_cuda_equals_the_cpu(kind: str, backends: dict[str, ModelBackend]) -> None:
     spec = backends[kind].input_spec()
     assert spec is not None
-    images = [
-        d
-        for d in decode_batch(sample_blobs(), "cpu", max_pixels=MAX_PIXELS)
-        if isinstance(d, torch.Tensor)
-    ]
+    images = [d for d in decode_like_the_worker(sample_blobs()) if isinstance(d, torch.Tensor)]
 
     on_gpu = preprocess_batch(images, spec, CUDA)  # CPU tensors copied through pinned memory
     on_cpu = preprocess_batch(images, spec, "cpu")
@@ -98,7 +93,7 @@ def test_gpu_tensor_path_embeds_as_the_backends_own_preprocess(
     reference = torch.stack(
         [backend.preprocess(decode_image(b, max_pixels=MAX_PIXELS).pixels) for b in blobs]
     )
-    decoded = decode_batch(blobs, CUDA, max_pixels=MAX_PIXELS)
+    decoded = decode_like_the_worker(blobs, CUDA)  # JPEGs on the GPU, the rest on the CPU
     images = [d for d in decoded if isinstance(d, torch.Tensor)]
     assert len(images) == len(blobs)
 
@@ -111,11 +106,13 @@ def test_gpu_tensor_path_embeds_as_the_backends_own_preprocess(
 
 def test_a_pillow_decoded_image_reaches_the_gpu_intact() -> None:
     image = pil_tensor(textured(40, 30))
+    (decoded,) = decode_like_the_worker([encode(textured(40, 30), "PNG")], CUDA)
+    assert isinstance(decoded, torch.Tensor) and decoded.device.type == "cpu"  # the job's tensor
 
-    (decoded,) = decode_batch([encode(textured(40, 30), "PNG")], CUDA, max_pixels=MAX_PIXELS)
+    moved = to_device(decoded, CUDA)  # as `preprocess_batch` moves it: through pinned memory
 
-    assert isinstance(decoded, torch.Tensor) and decoded.device.type == "cuda"
-    assert torch.equal(decoded.cpu(), image)
+    assert moved.device.type == "cuda"
+    assert torch.equal(moved.cpu(), image)
 
 
 def test_jpegs_decoded_in_a_cuda_batch_measure_and_embed_as_the_pillow_path(

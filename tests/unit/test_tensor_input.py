@@ -22,9 +22,11 @@ from worker.backends import create_backend
 from worker.backends.base import ModelBackend
 from worker.decode import decode_image
 from worker.tensor_input import (
+    EncodedJpeg,
     InputSpec,
     apply_orientation,
-    decode_batch,
+    decode_jpegs,
+    encoded_jpeg,
     input_spec_from_hf,
     input_spec_from_open_clip,
     preprocess_batch,
@@ -69,6 +71,46 @@ def with_orientation(image: Image.Image, orientation: int) -> bytes:
     return encode(image, "JPEG", quality=95, exif=exif.tobytes())
 
 
+def jpegs() -> list[bytes]:
+    """Colour, grey and EXIF-rotated JPEGs of varied sizes: all left encoded for the batch."""
+    colour = [encode(textured(w, h, seed=i), "JPEG", quality=90) for i, (w, h) in enumerate(SIZES)]
+    grey = encode(textured(90, 60).convert("L"), "JPEG", quality=90)
+    rotated = [with_orientation(textured(64, 40), o) for o in (3, 6, 8)]
+    return [*colour, grey, *rotated]
+
+
+def pil_tensor(image: Image.Image) -> torch.Tensor:
+    """An image as uint8 (3, H, W), converted as `InferenceService.preprocess` converts it."""
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def decode_like_the_worker(
+    blobs: list[bytes], device: torch.device | str = "cpu", *, max_pixels: int = MAX_PIXELS
+) -> list[torch.Tensor | Exception]:
+    """Each blob decoded as the worker decodes it with `LV_DECODE=device`: a JPEG that
+    `encoded_jpeg` accepts goes, with the others, to one `decode_jpegs` call on `device` (the
+    model's batch); any other image through Pillow's `decode_image` (the job's thread), to a
+    uint8 CPU tensor. A refusal is that image's result, never the batch's."""
+    jobs = [_job_step(blob, max_pixels) for blob in blobs]
+    batch = iter(
+        decode_jpegs(
+            [item for item in jobs if isinstance(item, EncodedJpeg)], device, max_pixels=max_pixels
+        )
+    )
+    return [next(batch) if isinstance(item, EncodedJpeg) else item for item in jobs]
+
+
+def _job_step(blob: bytes, max_pixels: int) -> EncodedJpeg | torch.Tensor | Exception:
+    """What `worker.images.prepare_images` does with one image: left encoded, or decoded."""
+    try:
+        jpeg = encoded_jpeg(blob, max_pixels)
+        if jpeg is not None:
+            return jpeg
+        return pil_tensor(decode_image(blob, max_pixels=max_pixels).pixels)
+    except ImageRejected as error:
+        return error
+
+
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelBackend]:
     return load_tiny_backends(tmp_path_factory.mktemp("tensor-input"))
@@ -91,8 +133,9 @@ def reference_pixels(backend: ModelBackend, blobs: list[bytes]) -> torch.Tensor:
 def tensor_pixels(
     backend: ModelBackend, blobs: list[bytes], spec: InputSpec | None = None
 ) -> torch.Tensor:
-    """The new path: `decode_batch`, then `preprocess_batch` with the backend's spec."""
-    decoded = decode_batch(blobs, "cpu", max_pixels=MAX_PIXELS)
+    """The tensor path: decoded as the worker decodes, then `preprocess_batch` with the
+    backend's spec."""
+    decoded = decode_like_the_worker(blobs)
     images = [d for d in decoded if isinstance(d, torch.Tensor)]
     assert len(images) == len(blobs), decoded
     spec = spec or backend.input_spec()
@@ -300,18 +343,12 @@ def test_preprocess_batch_outputs_the_asked_dtype_and_refuses_an_empty_batch(
 # -- decoding ---------------------------------------------------------------------------------
 
 
-def pil_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+def test_jpegs_decoded_in_a_batch_give_pillows_pixels_exactly() -> None:
+    blobs = jpegs()
+    encoded = [encoded_jpeg(blob, MAX_PIXELS) for blob in blobs]
+    assert all(jpeg is not None for jpeg in encoded)
 
-
-def test_decode_batch_on_the_cpu_gives_pillows_pixels_exactly() -> None:
-    blobs = [
-        *sample_blobs(),
-        encode(textured(60, 40).convert("L"), "JPEG"),
-        with_orientation(textured(60, 40), 6),
-    ]
-
-    decoded = decode_batch(blobs, "cpu", max_pixels=MAX_PIXELS)
+    decoded = decode_jpegs([j for j in encoded if j is not None], "cpu", max_pixels=MAX_PIXELS)
 
     for blob, tensor in zip(blobs, decoded, strict=True):
         assert isinstance(tensor, torch.Tensor)
@@ -320,23 +357,41 @@ def test_decode_batch_on_the_cpu_gives_pillows_pixels_exactly() -> None:
         assert torch.equal(tensor, want)
 
 
-def test_decode_batch_uses_draft_for_large_jpegs_as_decode_does() -> None:
+def test_in_a_mixed_batch_only_jpegs_reach_the_decoder_and_all_give_pillows_pixels() -> None:
+    image = textured(60, 40, seed=5)
+    others = [encode(image, f) for f in ("WEBP", "GIF", "BMP", "TIFF")]
+    blobs = [*sample_blobs(), *others, encode(image.convert("CMYK"), "JPEG")]
+    expected_jpegs = sum(1 for i in range(len(SIZES)) if i % 2 == 0)  # sample_blobs' JPEGs
+
+    left_encoded = [encoded_jpeg(blob, MAX_PIXELS) is not None for blob in blobs]
+    decoded = decode_like_the_worker(blobs)
+
+    assert sum(left_encoded) == expected_jpegs  # PNG, WEBP, ..., CMYK JPEG: Pillow's
+    for blob, tensor in zip(blobs, decoded, strict=True):
+        assert isinstance(tensor, torch.Tensor)
+        assert torch.equal(tensor, pil_tensor(decode_image(blob, max_pixels=MAX_PIXELS).pixels))
+
+
+def test_a_large_jpeg_is_drafted_by_pillow_and_decoded_whole_in_the_batch() -> None:
     blob = encode(textured(1600, 1200), "JPEG", quality=90)
+    jpeg = encoded_jpeg(blob, MAX_PIXELS)
+    assert jpeg is not None
 
-    (decoded,) = decode_batch([blob], "cpu", max_pixels=MAX_PIXELS, draft_size=256)
+    drafted = decode_image(blob, max_pixels=MAX_PIXELS, draft_size=256)
+    (whole,) = decode_jpegs([jpeg], "cpu", max_pixels=MAX_PIXELS)
 
-    assert isinstance(decoded, torch.Tensor)
-    assert tuple(decoded.shape) == (3, 300, 400)  # decoded at 1/4 scale, still >= 256 a side
-    want = pil_tensor(decode_image(blob, max_pixels=MAX_PIXELS, draft_size=256).pixels)
-    assert torch.equal(decoded, want)
+    assert drafted.pixels.size == (400, 300)  # decoded at 1/4 scale, still >= 256 a side
+    assert (drafted.width, drafted.height) == (jpeg.width, jpeg.height) == (1600, 1200)
+    assert isinstance(whole, torch.Tensor) and tuple(whole.shape) == (3, 1200, 1600)
+    assert torch.equal(whole, pil_tensor(decode_image(blob, max_pixels=MAX_PIXELS).pixels))
 
 
 def test_a_corrupt_image_becomes_its_own_error_and_the_rest_decode(tmp_path: Path) -> None:
-    good = encode(textured(40, 30), "PNG")
+    good_png, good_jpeg = encode(textured(40, 30), "PNG"), encode(textured(40, 30), "JPEG")
     truncated = truncated_jpeg(tmp_path / "cut.jpg").read_bytes()
-    blobs = [good, b"not an image at all", truncated, b"", good]
+    blobs = [good_png, b"not an image at all", truncated, b"", good_jpeg]
 
-    decoded = decode_batch(blobs, "cpu", max_pixels=MAX_PIXELS)
+    decoded = decode_like_the_worker(blobs)
 
     assert [type(d).__name__ for d in decoded] == [
         "Tensor",
@@ -352,19 +407,21 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path: Path
     bomb = png_claiming_size(tmp_path / "bomb.png", 30_000, 30_000).read_bytes()
     large_jpeg = encode(textured(300, 200), "JPEG")
 
-    decoded = decode_batch([bomb, large_jpeg], "cpu", max_pixels=50_000)
-
-    assert all(isinstance(d, ImageRejected) for d in decoded)
-    assert "LV_MAX_IMAGE_PIXELS" in str(decoded[0]) and "LV_MAX_IMAGE_PIXELS" in str(decoded[1])
+    # The batch path's guard: the JPEG is refused from its header, never left for the device.
     with pytest.raises(ImageRejected, match="LV_MAX_IMAGE_PIXELS"):
-        tensor_input.encoded_jpeg(large_jpeg, max_pixels=50_000)  # the device path's guard
+        encoded_jpeg(large_jpeg, max_pixels=50_000)
+    assert encoded_jpeg(bomb, max_pixels=50_000) is None  # not a JPEG: Pillow's to refuse
+    # The Pillow path (every other format, and JPEGs with LV_DECODE=pil) refuses both too.
+    for blob in (bomb, large_jpeg):
+        with pytest.raises(ImageRejected, match="LV_MAX_IMAGE_PIXELS"):
+            decode_image(blob, max_pixels=50_000)
 
 
 def test_only_complete_rgb_or_grey_jpegs_are_sent_to_nvjpeg(tmp_path: Path) -> None:
     image = textured(40, 30)
 
     def candidate(data: bytes, max_pixels: int) -> tuple[int, int, int] | None:
-        jpeg = tensor_input.encoded_jpeg(data, max_pixels)
+        jpeg = encoded_jpeg(data, max_pixels)
         return None if jpeg is None else (jpeg.orientation, jpeg.width, jpeg.height)
 
     assert candidate(encode(image, "JPEG"), MAX_PIXELS) == (1, 40, 30)
