@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from contract.errors import TransientError, one_line
 from db.embeddings import CachedImage
 from db.listing_state import StoredImage, StoredListing
 from db.records import ListingImageRecord, ListingOutcome, ListingRecord, ResultRecord
@@ -51,6 +52,8 @@ class ChunkAnalysis:
     unchanged: int = 0
     transient: dict[str, str] = field(default_factory=dict)  # listing_id -> why
     seconds: dict[str, float] = field(default_factory=dict)  # per stage: fetch, decode, infer
+    # Per listing that reached the model: the units (images, or 1) of the batch that served it.
+    batch_units: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -94,14 +97,9 @@ class ChunkAnalyzer:
         `deadline` (monotonic seconds): the attempts' end; no fetch or model wait runs past
         it. `ticket`: the group announced its request to the batcher already."""
         stored = {listing.listing_id: StoredListing(listing, [], None) for listing in listings}
-        texts = [listing.text for listing in listings] if self.scorer.scores_text else []
+        texts = {r.listing_id: r.text for r in listings} if self.scorer.scores_text else {}
         return self._analyze(
-            stored,
-            refetch=False,
-            recompute=True,
-            deadline=deadline,
-            texts=list(dict.fromkeys(texts)),
-            ticket=ticket,
+            stored, refetch=False, recompute=True, deadline=deadline, texts=texts, ticket=ticket
         )
 
     def _analyze(
@@ -111,10 +109,11 @@ class ChunkAnalyzer:
         refetch: bool,
         recompute: bool,
         deadline: float | None = None,
-        texts: Sequence[str] = (),
+        texts: dict[str, str] | None = None,
         ticket: Ticket | None = None,
     ) -> ChunkAnalysis:
-        """`texts`: embedded with the first images, in one request (`ticket`: announced)."""
+        """`texts` (by listing): embedded with the first images, each with its listing's
+        request (`ticket`: announced)."""
         found = ChunkAnalysis()
         cached = {
             image.sha256: image.cached
@@ -135,11 +134,11 @@ class ChunkAnalyzer:
             states = to_fetch[start : start + self.group_size]
             group = self._fetch(states, cached, refetch, found, deadline)
             began = time.monotonic()
-            embedded, rows = self._embed_images(group, deadline, texts, ticket)
+            embedded, rows = self._embed_images(group, found, deadline, texts, ticket)
             _add(found.seconds, "infer", time.monotonic() - began)
             resolved |= embedded
             text_rows |= rows
-            texts, ticket = (), None
+            texts, ticket = None, None
         wanted = self._texts_to_embed(stored, resolved, recompute)
         text_rows |= self._embed_texts([t for t in wanted if t not in text_rows], deadline)
         self._score_all(stored, resolved, text_rows, recompute, found)
@@ -224,39 +223,76 @@ class ChunkAnalyzer:
         """How long a request may wait for the model: the time limit, or what is left of it."""
         if deadline is None:
             return self.model_timeout
-        return max(0.001, min(self.model_timeout, deadline - time.monotonic()))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransientError(
+                f"the attempt ran past LV_TASK_TIME_LIMIT ({self.model_timeout:g}s) before "
+                "its images reached the model"
+            )
+        return min(self.model_timeout, left)
 
     def _embed_images(
         self,
         group: dict[str, _Images],
+        found: ChunkAnalysis,
         deadline: float | None = None,
-        texts: Sequence[str] = (),
+        texts: dict[str, str] | None = None,
         ticket: Ticket | None = None,
     ) -> tuple[dict[str, _Images], dict[str, torch.Tensor]]:
-        """One request to the batcher for the group's new images (deduplicated); their pixels
-        are let go as soon as they are embedded. JPEGs left encoded (`LV_DECODE`) are decoded
-        and measured in the batch: each gets its blur and brightness, or fails alone."""
-        fresh: dict[str, torch.Tensor | EncodedJpeg] = {}
-        for images in group.values():
-            for image in images.usable:
-                if image.pixels is not None:
-                    fresh.setdefault(image.facts.sha256, image.pixels)
-        if not fresh and not texts:
+        """One request per listing for the group's new images (deduplicated) and `texts` (by
+        listing), all submitted at once: batched together, yet a request the model refuses
+        fails only its listing (and those sharing its images), reported in `found.transient`.
+        Pixels are let go as soon as they are embedded. JPEGs left encoded (`LV_DECODE`) are
+        decoded and measured in the batch: each gets its blur and brightness, or fails alone."""
+        texts = texts or {}
+        owners: list[str] = []
+        requests: list[EmbedRequest] = []
+        taken: set[str] = set()
+        for listing_id in dict.fromkeys([*group, *texts]):
+            fresh: dict[str, torch.Tensor | EncodedJpeg] = {}
+            for image in group[listing_id].usable if listing_id in group else []:
+                sha = image.facts.sha256
+                if image.pixels is not None and sha not in taken:
+                    fresh[sha] = image.pixels
+                    taken.add(sha)
+            text = texts.get(listing_id)
+            text_part = (text,) if text is not None and text not in taken else ()
+            if text is not None:
+                taken.add(text)
+            if fresh or text_part:
+                owners.append(listing_id)
+                requests.append(EmbedRequest(tuple(fresh.values()), text_part, tuple(fresh)))
+        if not requests:
+            if ticket is not None:
+                ticket.withdraw()
             return group, {}
-        request = EmbedRequest(tuple(fresh.values()), tuple(texts), tuple(fresh))
-        embedded = self.service.embed(request, self._model_wait(deadline), ticket)
-        text_rows = dict(zip(texts, embedded.text_embeddings, strict=True))
-        errors = embedded.errors or (None,) * len(fresh)
-        qualities = embedded.qualities or (None,) * len(fresh)
-        outcome: dict[str, _Embedded] = {
-            sha: _Embedded(row.numpy() if error is None else None, quality, error)
+        answers = self.service.embed_many(requests, self._model_wait(deadline), ticket)
+        outcome: dict[str, _Embedded] = {}
+        text_rows: dict[str, torch.Tensor] = {}
+        lost: dict[str, str] = {}  # image SHA-256 or text -> why its request failed
+        for owner, request, answer in zip(owners, requests, answers, strict=True):
+            if isinstance(answer, Exception):
+                why = one_line(answer)
+                lost.update(dict.fromkeys([*request.keys, *request.texts], why))
+                found.transient.setdefault(owner, why)
+                continue
+            found.batch_units[owner] = answer.batch_units
+            text_rows.update(zip(request.texts, answer.text_embeddings, strict=True))
+            errors = answer.errors or (None,) * len(request.keys)
+            qualities = answer.qualities or (None,) * len(request.keys)
             for sha, row, quality, error in zip(
-                fresh, embedded.image_embeddings, qualities, errors, strict=True
-            )
-        }
-        embedded_group = {
-            listing_id: _embedded(images, outcome) for listing_id, images in group.items()
-        }
+                request.keys, answer.image_embeddings, qualities, errors, strict=True
+            ):
+                outcome[sha] = _Embedded(row.numpy() if error is None else None, quality, error)
+        embedded_group: dict[str, _Images] = {}
+        for listing_id, images in group.items():
+            needs = [i.facts.sha256 for i in images.usable if i.pixels is not None]
+            needs += [texts[listing_id]] if listing_id in texts else []
+            failure = next((lost[key] for key in needs if key in lost), None)
+            if failure is not None:  # its own request failed, or the one holding a shared image
+                found.transient.setdefault(listing_id, failure)
+                continue
+            embedded_group[listing_id] = _embedded(images, outcome)
         return embedded_group, text_rows
 
     def _embed_texts(

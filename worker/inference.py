@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -134,6 +135,26 @@ class InferenceService:
         except FutureTimeout:
             future.cancel()
             raise TransientError(f"the model did not answer within {timeout:.0f}s") from None
+
+    def embed_many(
+        self, requests: Sequence[EmbedRequest], timeout: float, ticket: Ticket | None = None
+    ) -> list[EmbedResult | Exception]:
+        """Several requests at once (a group's listings, one request each): batched together,
+        yet each answers alone, so an item the model refuses fails only its own request."""
+        if ticket is not None:
+            ticket.withdraw()
+        futures = [self.batcher.submit(r, eager=ticket is not None) for r in requests]
+        deadline = time.monotonic() + timeout
+        answers: list[EmbedResult | Exception] = []
+        for future in futures:
+            try:
+                answers.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                future.cancel()
+                answers.append(TransientError(f"the model did not answer within {timeout:.0f}s"))
+            except Exception as error:  # this request's own failure, split off by the batcher
+                answers.append(error)
+        return answers
 
     def embed_texts(self, texts: list[str], timeout: float = 300.0) -> torch.Tensor:
         """Text embeddings through the same batcher: the category list at start-up, and a

@@ -84,7 +84,8 @@ class JobGroups:
         self.analyzer = analyzer
         self.resend = resend
         self.max_group = max_group
-        self._waiting: queue.SimpleQueue[tuple[uuid.UUID, Future[Decision]] | None] = (
+        # One entry per delivery: its jobs stay together in one group.
+        self._waiting: queue.SimpleQueue[list[tuple[uuid.UUID, Future[Decision]]] | None] = (
             queue.SimpleQueue()
         )
         self._threads = [
@@ -94,9 +95,21 @@ class JobGroups:
         for thread in self._threads:
             thread.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the groups running, then fail what still waits (its deliveries retry)."""
         for _ in self._threads:
             self._waiting.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        while True:
+            try:
+                delivery = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            for _, future in delivery or []:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(TransientError("the worker is stopping"))
 
     # -- deliveries -----------------------------------------------------------------------
 
@@ -138,7 +151,9 @@ class JobGroups:
                 summary["failed"] += 1
                 if len(errors) < _FAILURES_SHOWN:
                     errors[decision.summary["listing_id"]] = decision.summary.get("error", "")
-        self._send_on(later)
+        if not self._send_on(later):
+            # Its finished jobs are skipped when it comes back; the rest are sent on again.
+            return GroupReport(retry_in=self._retry(redeliveries).retry_in)
         summary["sent_on"] = len(later)
         if errors:
             summary["errors"] = errors
@@ -156,16 +171,13 @@ class JobGroups:
         return JobReport(retry_in=min(delay, self.runner.retry_ceiling))
 
     def _decide(self, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Decision]:
-        futures: list[tuple[uuid.UUID, Future[Decision]]] = []
-        for job_id in job_ids:
-            future: Future[Decision] = Future()
-            futures.append((job_id, future))
-            self._waiting.put((job_id, future))
-        return {job_id: future.result(timeout=_WAIT) for job_id, future in futures}
+        delivery: list[tuple[uuid.UUID, Future[Decision]]] = [(j, Future()) for j in job_ids]
+        self._waiting.put(delivery)
+        return {job_id: future.result(timeout=_WAIT) for job_id, future in delivery}
 
-    def _send_on(self, later: dict[uuid.UUID, float | None]) -> None:
-        """Publish the jobs a group message hands on, then record them as sent. A publish that
-        fails leaves the queued ones unsent, for the reconciler."""
+    def _send_on(self, later: dict[uuid.UUID, float | None]) -> bool:
+        """Publish the jobs a group message hands on, then record them as sent (best effort:
+        the reconciler may send one again, which is harmless). False when a publish failed."""
         by_delay: dict[float | None, list[uuid.UUID]] = {}
         for job_id, countdown in later.items():
             by_delay.setdefault(countdown, []).append(job_id)
@@ -174,11 +186,13 @@ class JobGroups:
                 self.resend(job_ids, countdown)
             except Exception as error:
                 log.warning("could not send %d jobs on: %s", len(job_ids), one_line(error))
+                return False
+            try:
                 with self.runner.sessions.begin() as session:
-                    jobs.unmark_sent(session, job_ids)
-                continue
-            with self.runner.sessions.begin() as session:
-                jobs.mark_sent(session, job_ids)
+                    jobs.mark_sent(session, job_ids)
+            except SQLAlchemyError as error:
+                log.warning("could not record %d jobs as sent: %s", len(job_ids), one_line(error))
+        return True
 
     # -- the group threads ----------------------------------------------------------------
 
@@ -187,7 +201,7 @@ class JobGroups:
             first = self._waiting.get()
             if first is None:
                 return
-            group = [first]
+            group = list(first)
             while len(group) < self.max_group:
                 try:
                     more = self._waiting.get_nowait()
@@ -196,45 +210,58 @@ class JobGroups:
                 if more is None:  # closing: finish this group first
                     self._waiting.put(None)
                     break
-                group.append(more)
-            futures = [future for _, future in group if future.set_running_or_notify_cancel()]
-            if not futures:
+                group.extend(more)
+            running = [(j, f) for j, f in group if f.set_running_or_notify_cancel()]
+            if not running:
                 continue
             try:
-                decided = self.run_group([job_id for job_id, _ in group])
+                decided = self.run_group([job_id for job_id, _ in running])
             except BaseException as error:  # the whole group's trouble: each delivery's
-                for future in futures:
+                for _, future in running:
                     future.set_exception(error)
                 continue
-            for job_id, future in group:
-                if not future.done():
-                    future.set_result(decided[job_id])
+            for job_id, future in running:
+                future.set_result(decided[job_id])
 
     def run_group(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Decision]:
-        """Claim, analyse and commit `job_ids` together; each job's decision."""
+        """Claim, analyse and commit `job_ids` together; each job's decision. Two jobs of one
+        listing run one after the other, each on its own claim (a listing is analysed once
+        per round)."""
         runner = self.runner
         decided: dict[uuid.UUID, Decision] = {}
         with runner.analyzer.service.coming() as ticket:
             started = time.monotonic()
             answers = runner.queries.claim_now(job_ids)
-            claimed_at = time.monotonic()
-            claims: dict[str, ClaimedJob] = {}
-            for job_id in job_ids:
+            claim_seconds = time.monotonic() - started
+            rounds: list[dict[str, ClaimedJob]] = []
+            for job_id in dict.fromkeys(job_ids):  # a job delivered twice: decided once
                 answer = answers[job_id]
-                if job_id in decided or any(c.job_id == job_id for c in claims.values()):
-                    decided.setdefault(job_id, JobReport({"skipped": "duplicate"}))
-                elif isinstance(answer, ClaimedJob) and answer.listing.listing_id not in claims:
-                    claims[answer.listing.listing_id] = answer
-                elif isinstance(answer, ClaimedJob) or answer.reason == "interrupted":
+                if isinstance(answer, ClaimedJob):
+                    listing_id = answer.listing.listing_id
+                    free = next((r for r in rounds if listing_id not in r), None)
+                    if free is None:
+                        free = {}
+                        rounds.append(free)
+                    free[listing_id] = answer
+                elif answer.reason == "interrupted":
                     decided[job_id] = ALONE
                 else:
-                    decided[job_id] = runner.unclaimable(job_id, answer)
-            if claims:
-                decided |= self._analyse(claims, claimed_at - started, ticket)
+                    decided[job_id] = self._guarded(job_id, runner.unclaimable, job_id, answer)
+            for number, claims in enumerate(rounds):
+                decided |= self._analyse(claims, claim_seconds, ticket if number == 0 else None)
         return decided
 
+    def _guarded(self, job_id: uuid.UUID, step: Callable[..., JobReport], *args: Any) -> JobReport:
+        """One job's own database step (a dead record, a retry note): its failure is that
+        job's retry, never the whole group's."""
+        try:
+            return step(*args)
+        except Exception as error:
+            log.warning("job %s: could not record its outcome, will retry: %s", job_id, error)
+            return self._retry(0)
+
     def _analyse(
-        self, claims: dict[str, ClaimedJob], claim_seconds: float, ticket: Ticket
+        self, claims: dict[str, ClaimedJob], claim_seconds: float, ticket: Ticket | None
     ) -> dict[uuid.UUID, Decision]:
         runner = self.runner
         claimed_at = time.monotonic()
@@ -242,14 +269,15 @@ class JobGroups:
         try:
             found = self.analyzer.analyze_new(listings, claimed_at + runner.time_limit, ticket)
         except Exception as error:  # the model timed out, or a bug: each job's own retry
-            return {c.job_id: runner.after_transient(c, error) for c in claims.values()}
+            return {c.job_id: self._transient(c, error) for c in claims.values()}
         analysed_at = time.monotonic()
         outcomes: list[JobOutcome] = []
         for analysed in found.outcomes:
             claim = claims[analysed.listing_id]
             status = "succeeded" if analysed.result.status == "ok" else "failed"
             listing = replace(analysed, job_id=claim.job_id)
-            outcomes.append(JobOutcome(claim.job_id, claim.attempt, status, listing, len(claims)))
+            units = found.batch_units.get(analysed.listing_id)
+            outcomes.append(JobOutcome(claim.job_id, claim.attempt, status, listing, units))
         wait = min(WRITE_TIMEOUT, max(1.0, claimed_at + runner.time_limit - time.monotonic()))
         written = runner.writer.write_many(outcomes, timeout=wait) if outcomes else []
         seconds = {
@@ -261,18 +289,22 @@ class JobGroups:
         for job, answer in zip(outcomes, written, strict=True):
             claim = claims[job.listing.listing_id]
             if isinstance(answer, Exception):
-                decided[claim.job_id] = runner.after_transient(claim, answer)
+                decided[claim.job_id] = self._transient(claim, answer)
             elif not answer:  # a later attempt holds the job: this one reports nothing
                 decided[claim.job_id] = JobReport({"skipped": "superseded"})
             else:
-                runner.finished(claim, job.job_status, seconds, len(claims), _stages(job, found))
+                stages = _stages(job, found)
+                runner.finished(claim, job.job_status, seconds, job.batch_size, stages)
                 decided[claim.job_id] = JobReport(
                     summary_of(claim.listing.listing_id, job.listing.result)
                 )
         for listing_id, why in found.transient.items():
             claim = claims[listing_id]
-            decided[claim.job_id] = runner.after_transient(claim, TransientError(why))
+            decided[claim.job_id] = self._transient(claim, TransientError(why))
         return decided
+
+    def _transient(self, claim: ClaimedJob, error: Exception) -> JobReport:
+        return self._guarded(claim.job_id, self.runner.after_transient, claim, error)
 
 
 def _stages(job: JobOutcome, found: ChunkAnalysis) -> dict[str, float]:

@@ -95,8 +95,8 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     @task_revoked.connect(sender=analyze_group, weak=False)
     def on_group_revoked(request: Any = None, **_: Any) -> None:
         kwargs = getattr(request, "kwargs", None) or {}
-        for job_id in GroupMessage.parse(kwargs.get("job_ids") or []).job_ids:
-            runtime.executor.submit(runtime.runner.revoked, job_id)
+        for job_id in kwargs.get("job_ids") or []:  # a malformed message has nothing to end
+            runtime.executor.submit(runtime.runner.revoked, AnalyzeMessage.parse(job_id).job_id)
 
     @inspect_command(name=STATS_COMMAND)
     def lv_stats(state: Any) -> dict[str, Any]:

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from contract.broker import STATS_COMMAND
+from producer.enqueue import Producer
 from tests import images
-from tests.integration.conftest import Stack, query, start_worker, stop_worker
+from tests.integration.conftest import Stack, query, settings_from, start_worker, stop_worker
 from worker.main import worker_name
 
 pytestmark = pytest.mark.slow
@@ -43,8 +44,10 @@ def test_64_single_listing_messages_are_served_in_few_model_calls(
     name = worker_name("tiny-batch", None)
     try:
         before = _stats(producer, name)
-        report = producer.enqueue(events, model="tiny-batch")
-        assert len(report.job_ids) == 64  # one message per listing
+        # One message per listing (LV_ENQUEUE_GROUP=1): the worker batches across messages.
+        with Producer(settings_from({**worker_env, "LV_ENQUEUE_GROUP": "1"})) as single:
+            report = single.enqueue(events, model="tiny-batch")
+        assert len(report.job_ids) == 64
         counts = producer.wait(report.job_ids, timeout=180)
         after = _stats(producer, name)
     finally:
@@ -58,7 +61,11 @@ def test_64_single_listing_messages_are_served_in_few_model_calls(
     assert after["model_calls"]["images"] - before["model_calls"]["images"] == 63
     rows = {
         r["listing_id"]: r
-        for r in query(stack, "SELECT * FROM model_results WHERE model_id = 'tiny-batch'")
+        for r in query(
+            stack,
+            "SELECT * FROM model_results WHERE model_id = 'tiny-batch' AND listing_id = ANY(:ids)",
+            ids=[event["listing_id"] for event in events],
+        )
     }
     assert rows["b-17"]["status"] == "failed" and "truncated" in rows["b-17"]["error"]
     assert all(r["status"] == "ok" for k, r in rows.items() if k != "b-17")
