@@ -9,9 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import Engine, text
@@ -25,6 +27,7 @@ from producer.enqueue import Producer
 from tests.tiny_models import save_tiny_open_clip
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,14 @@ def producer(stack: Stack, worker_env: dict[str, str]) -> Iterator[Producer]:
     settings = settings_from(worker_env)
     with Producer(settings) as instance:
         yield instance
+
+
+def together(*calls: Callable[[], T]) -> list[T]:
+    """The calls' results, the calls made at once (independent commands, each a process of its
+    own: their start-ups overlap instead of queueing)."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
 
 
 def query(stack: Stack, sql: str, **params: object) -> list[dict]:  # type: ignore[type-arg]
