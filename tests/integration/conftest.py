@@ -9,9 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from sqlalchemy import Engine, text
@@ -25,6 +27,7 @@ from producer.enqueue import Producer
 from tests.tiny_models import save_tiny_open_clip
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -144,10 +147,8 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def start_worker(
-    stack: Stack, env: dict[str, str], log_path: Path, model: str = "tiny", timeout: float = 120
-) -> WorkerProcess:
-    """`listing-vision worker` as a real subprocess; returns once its model is loaded."""
+def spawn_worker(env: dict[str, str], log_path: Path, model: str = "tiny") -> WorkerProcess:
+    """`listing-vision worker` as a real subprocess, not waited for (see `wait_ready`)."""
     output = open(log_path, "wb")  # noqa: SIM115
     process = subprocess.Popen(
         [sys.executable, "-m", "listing_vision", "worker", "--model", model],
@@ -155,25 +156,60 @@ def start_worker(
         stdout=output,
         stderr=subprocess.STDOUT,
     )
-    worker = WorkerProcess(process, log_path, env)
+    return WorkerProcess(process, log_path, env)
+
+
+def wait_ready(worker: WorkerProcess, timeout: float = 120) -> WorkerProcess:
+    """Returns once the worker's model is loaded and it consumes its queue."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"worker exited with {process.returncode}:\n{worker.log()[-4000:]}")
+        if worker.process.poll() is not None:
+            code = worker.process.returncode
+            pytest.fail(f"worker exited with {code}:\n{worker.log()[-4000:]}")
         if "ready." in worker.log():
             return worker
         time.sleep(0.2)
-    process.kill()
+    worker.process.kill()
     pytest.fail(f"worker not ready within {timeout}s:\n{worker.log()[-4000:]}")
 
 
-def stop_worker(worker: WorkerProcess) -> None:
-    worker.process.terminate()
+def start_worker(
+    stack: Stack, env: dict[str, str], log_path: Path, model: str = "tiny", timeout: float = 120
+) -> WorkerProcess:
+    """`listing-vision worker` as a real subprocess; returns once its model is loaded."""
+    return wait_ready(spawn_worker(env, log_path, model), timeout)
+
+
+def start_workers(
+    wanted: Sequence[tuple[dict[str, str], Path, str]], timeout: float = 120
+) -> list[WorkerProcess]:
+    """Several workers (env, log, model each), started together: their start-ups (imports, model
+    loads) overlap instead of queueing. Returns once all are ready."""
+    workers = [spawn_worker(env, log_path, model) for env, log_path, model in wanted]
     try:
-        worker.process.wait(60)
-    except subprocess.TimeoutExpired:
-        worker.process.kill()
-        worker.process.wait()
+        return [wait_ready(worker, timeout) for worker in workers]
+    except BaseException:  # pytest.fail too: none is left running
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait()
+        raise
+
+
+def stop_worker(worker: WorkerProcess) -> None:
+    stop_workers([worker])
+
+
+def stop_workers(workers: Sequence[WorkerProcess]) -> None:
+    """SIGTERM (a warm shutdown) to all at once, then wait for each; SIGKILL after 60 s."""
+    for worker in workers:
+        worker.process.terminate()
+    for worker in workers:
+        try:
+            worker.process.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -196,6 +232,14 @@ def producer(stack: Stack, worker_env: dict[str, str]) -> Iterator[Producer]:
     settings = settings_from(worker_env)
     with Producer(settings) as instance:
         yield instance
+
+
+def together(*calls: Callable[[], T]) -> list[T]:
+    """The calls' results, the calls made at once (independent commands, each a process of its
+    own: their start-ups overlap instead of queueing)."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
 
 
 def query(stack: Stack, sql: str, **params: object) -> list[dict]:  # type: ignore[type-arg]

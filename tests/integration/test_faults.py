@@ -114,7 +114,7 @@ def test_a_database_restarted_mid_run_is_ridden_out_by_the_same_worker(
 def test_two_hundred_listings_all_end_after_a_kill_and_a_new_worker(
     stack: Stack, worker_env: dict[str, str], producer: Any, image_root: Path, tmp_path: Path
 ) -> None:
-    """Defect 14, scaled down (visibility timeout 45 s and time limit 30 s there, 8 s and 5 s
+    """Defect 14, scaled down (visibility timeout 45 s and time limit 30 s there, 5 s and 3 s
     here; 300 s to finish there, 90 s here): 1 of 200 listings never reached a terminal state
     after the worker was SIGKILLed mid-run and a new one started. Every job must end, once."""
     prefix = f"d14-{uuid.uuid4().hex[:6]}"

@@ -16,7 +16,7 @@ from db import jobs, listings, registered_models
 from db.engine import make_sessions
 from db.jobs import NewJob
 from db.records import ListingRecord
-from tests.integration.conftest import Stack, WorkerProcess, free_port
+from tests.integration.conftest import Stack, WorkerProcess, free_port, together
 
 pytestmark = pytest.mark.slow
 
@@ -86,9 +86,11 @@ def test_a_probe_asks_about_its_own_model_and_host(
         )
         jobs.create_jobs(session, [NewJob(uuid.uuid4(), listing_id, "lv-toy")])
     try:
-        tiny = health(worker_env, "--model", "tiny", "--here", "--stall", "0")
-        toy = health(worker_env, "--model", "lv-toy", "--here", "--stall", "0")
-        beat_like = health(worker_env, "--here", "--stall", "0")
+        tiny, toy, beat_like = together(
+            lambda: health(worker_env, "--model", "tiny", "--here", "--stall", "0"),
+            lambda: health(worker_env, "--model", "lv-toy", "--here", "--stall", "0"),
+            lambda: health(worker_env, "--here", "--stall", "0"),
+        )
     finally:
         with stack.engine.begin() as connection:
             connection.exec_driver_sql("DELETE FROM listings WHERE listing_id = %s", (listing_id,))

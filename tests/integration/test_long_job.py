@@ -30,7 +30,7 @@ from tests.integration.conftest import Stack, query, start_worker, stop_worker
 from tests.integration.fault_helpers import MODEL, assert_one_row_each
 
 pytestmark = pytest.mark.slow
-VISIBILITY = 8
+VISIBILITY = 5
 HOLD = 30.0  # seconds the first request is held open: far past the visibility timeout
 
 
@@ -122,7 +122,7 @@ def test_a_job_held_past_the_visibility_timeout_is_not_run_twice(
     env = {
         **worker_env,
         "LV_VISIBILITY_TIMEOUT": str(VISIBILITY),
-        "LV_TASK_TIME_LIMIT": "5",
+        "LV_TASK_TIME_LIMIT": "3",
         "LV_FETCH_TIMEOUT": "60",  # the host's own deadline would allow the whole slow answer
         "LV_MAX_ATTEMPTS": "3",
     }

@@ -42,8 +42,8 @@ from tests.integration.conftest import (
     lv_environment,
     own_servers,
     settings_from,
-    start_worker,
-    stop_worker,
+    start_workers,
+    stop_workers,
 )
 from tests.integration.test_metrics import scrape
 from tests.tiny_models import save_tiny_open_clip
@@ -67,12 +67,21 @@ class Mirror:
 
     @contextlib.contextmanager
     def worker(self, model: str = "mir-a", **env: str) -> Iterator[WorkerProcess]:
-        log = self.tmp / f"worker-{model}-{uuid.uuid4().hex[:6]}.log"
-        process = start_worker(None, {**self.env, **env}, log, model=model)  # type: ignore[arg-type]
-        try:
+        with self.workers(model, **env) as (process,):
             yield process
+
+    @contextlib.contextmanager
+    def workers(self, *models: str, **env: str) -> Iterator[list[WorkerProcess]]:
+        """One worker per model, started together."""
+        wanted = [
+            ({**self.env, **env}, self.tmp / f"worker-{m}-{uuid.uuid4().hex[:6]}.log", m)
+            for m in models
+        ]
+        processes = start_workers(wanted)
+        try:
+            yield processes
         finally:
-            stop_worker(process)
+            stop_workers(processes)
 
     def producer(self) -> Producer:
         return Producer(settings_from(self.env))
@@ -317,11 +326,7 @@ def test_reindex_points_the_alias_at_the_new_models_collection_and_rollback_back
     mirror: Mirror,
 ) -> None:
     assert mirror.store.alias_target() == collection_name("mir-a")
-    with (
-        mirror.worker("mir-a"),
-        mirror.worker("mir-b"),
-        mirror.producer() as producer,
-    ):
+    with mirror.workers("mir-a", "mir-b"), mirror.producer() as producer:
         run_id = RunProducer(producer).start_reindex("mir-b")
         _wait_for(
             lambda: (

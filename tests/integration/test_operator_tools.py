@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests import images
-from tests.integration.conftest import WorkerProcess
+from tests.integration.conftest import WorkerProcess, together
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +49,11 @@ def test_workers_prints_each_workers_batching_figures(
     )
     assert producer.wait(report.job_ids, timeout=60, poll_interval=0.2)["succeeded"] == 3
 
-    shown = run(worker_env, "-m", "listing_vision", "workers")
-    as_json = run(worker_env, "-m", "listing_vision", "workers", "--json")
+    # The session's worker answers within milliseconds; the default wait for replies is 5 s.
+    shown, as_json = together(
+        lambda: run(worker_env, "-m", "listing_vision", "workers", "--timeout", "2"),
+        lambda: run(worker_env, "-m", "listing_vision", "workers", "--json", "--timeout", "2"),
+    )
 
     assert shown.returncode == 0, shown.stderr
     assert "tiny.cpu@" in shown.stdout and "model tiny on cpu" in shown.stdout

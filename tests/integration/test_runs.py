@@ -35,8 +35,8 @@ from tests.integration.conftest import (
     lv_environment,
     own_servers,
     settings_from,
-    start_worker,
-    stop_worker,
+    start_workers,
+    stop_workers,
 )
 from tests.tiny_models import save_tiny_open_clip
 from worker.main import worker_name
@@ -76,10 +76,23 @@ class Catalogue:
     tmp: Path
     listing_ids: list[str]
 
-    def worker(
-        self, model: str = "tiny", **env: str
-    ) -> contextlib.AbstractContextManager[WorkerProcess]:
-        return _worker(self, model, env)
+    @contextlib.contextmanager
+    def worker(self, model: str = "tiny", **env: str) -> Iterator[WorkerProcess]:
+        with self.workers(model, **env) as (process,):
+            yield process
+
+    @contextlib.contextmanager
+    def workers(self, *models: str, **env: str) -> Iterator[list[WorkerProcess]]:
+        """One worker per model, started together."""
+        wanted = [
+            ({**self.env, **env}, self.tmp / f"worker-{m}-{uuid.uuid4().hex[:6]}.log", m)
+            for m in models
+        ]
+        processes = start_workers(wanted)
+        try:
+            yield processes
+        finally:
+            stop_workers(processes)
 
     def producer(self) -> Producer:
         return Producer(settings_from(self.env))
@@ -99,16 +112,6 @@ class Catalogue:
                 return run
             time.sleep(0.2)
         pytest.fail(f"run still {run['status']} after {timeout}s: {run}")
-
-
-@contextlib.contextmanager
-def _worker(catalogue: Catalogue, model: str, env: dict[str, str]) -> Iterator[WorkerProcess]:
-    log = catalogue.tmp / f"worker-{model}-{uuid.uuid4().hex[:6]}.log"
-    process = start_worker(None, {**catalogue.env, **env}, log, model=model)  # type: ignore[arg-type]
-    try:
-        yield process
-    finally:
-        stop_worker(process)
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +277,7 @@ def test_cancel_then_resume_finishes_the_rest_without_redoing_a_listing(
             runs.cancel(run_id)
             _wait_for(lambda: not _open_chunks(catalogue, run_id, "running"), "running chunks")
             cancelled = catalogue.run(run_id)
+            catalogue.server.delay = 0.0  # the cancel has landed mid-run: the rest may be quick
             runs.resume(run_id)
             resumed = catalogue.wait_run(run_id)
     finally:
@@ -296,7 +300,10 @@ def test_a_worker_killed_mid_chunk_loses_and_duplicates_nothing(catalogue: Catal
                 doomed.process.send_signal(signal.SIGKILL)
                 doomed.process.wait()
             catalogue.server.delay = 0.0
-            with catalogue.worker():
+            # A visibility timeout shorter than a worker's start (its chunks, unslowed, take
+            # well under a second): the replacement's start-up scan finds the killed chunk's
+            # message due at once, or its reconciler re-sends it after 2 x 4 + 3 s, not 2 x 12 + 5.
+            with catalogue.worker(LV_VISIBILITY_TIMEOUT="4", LV_TASK_TIME_LIMIT="3"):
                 run = catalogue.wait_run(run_id, timeout=180)
     finally:
         catalogue.server.delay = 0.0
@@ -368,11 +375,7 @@ def test_reindex_switches_atomically_to_a_model_of_another_dimension_and_rolls_b
     catalogue: Catalogue,
 ) -> None:
     poller = _Poller(catalogue.engine)
-    with (
-        catalogue.worker("tiny"),
-        catalogue.worker("tiny-wide"),
-        catalogue.producer() as producer,
-    ):
+    with catalogue.workers("tiny", "tiny-wide"), catalogue.producer() as producer:
         runs = RunProducer(producer)
         poller.start()
         run_id = runs.start_reindex("tiny-wide")

@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,11 @@ from tests.integration.conftest import (
     lv_environment,
     own_servers,
     settings_from,
+    spawn_worker,
     start_worker,
     stop_worker,
+    together,
+    wait_ready,
 )
 from tests.tiny_models import save_tiny_open_clip
 from worker.thresholds import RecordedThresholds
@@ -102,13 +105,10 @@ def toolkit(
     own = own_servers(stack, "lv_toolkit", broker_db=6)
     database_url, broker_url, engine = own.database_url, own.broker_url, own.engine
     root = tmp / "images"
-    catalogue = make_catalogue(root / "catalogue", 48, seed=31, size=96)
-    labelled = make_catalogue(root / "labelled", 160, seed=32, size=96)
-    labelled_path = tmp / "labelled.jsonl"
-    labelled_path.write_text("\n".join(labelled_line(item) for item in labelled) + "\n")
+    root.mkdir()
     categories = tmp / "categories.txt"
     categories.write_text("\n".join(PRODUCTS) + "\n")
-    siglip = save_tiny_open_clip(tmp / "tiny-siglip", siglip=True, seed=5)
+    siglip = tmp / "tiny-siglip"  # saved while the worker starts (it loads toy-cal only)
     registry = tmp / "models.toml"
     registry.write_text(
         models_file.read_text()
@@ -129,8 +129,15 @@ def toolkit(
         LV_RUN_CHUNK_SIZE="16",
         LV_HOME=str(tmp / "home"),
     )
-    worker = start_worker(None, env, tmp / "worker.log", model="toy-cal")  # type: ignore[arg-type]
+    worker = spawn_worker(env, tmp / "worker.log", model="toy-cal")
     try:
+        # The images and the SigLIP-style model are drawn while the worker starts.
+        catalogue = make_catalogue(root / "catalogue", 48, seed=31, size=96)
+        labelled = make_catalogue(root / "labelled", 160, seed=32, size=96)
+        labelled_path = tmp / "labelled.jsonl"
+        labelled_path.write_text("\n".join(labelled_line(item) for item in labelled) + "\n")
+        save_tiny_open_clip(siglip, siglip=True, seed=5)
+        wait_ready(worker)
         with Producer(settings_from(env)) as producer:
             report = producer.enqueue([item.event() for item in catalogue])
             counts = producer.wait(report.job_ids, timeout=120)
@@ -261,11 +268,13 @@ def test_a_worker_reads_new_thresholds_when_its_table_is_stale_or_on_refresh(
 def test_calibrate_show_lists_and_reset_retires(
     toolkit: Toolkit, calibrated: subprocess.CompletedProcess[str]
 ) -> None:
-    shown = toolkit.cli("calibrate", "--show")
+    shown, history = together(
+        lambda: toolkit.cli("calibrate", "--show"),
+        lambda: toolkit.cli("calibrate", "--show", "--history", "--model", "toy-cal"),
+    )
     assert shown.returncode == 0, shown.stderr
     assert "toy-cal" in shown.stdout and "(model-wide)" in shown.stdout
     # The labelled file's calibration, in force or (after another test's) retired.
-    history = toolkit.cli("calibrate", "--show", "--history", "--model", "toy-cal")
     print(history.stdout)
     assert "labelled.jsonl" in history.stdout and f"{HAND_PICKED:.4f}" in history.stdout
 
@@ -362,19 +371,14 @@ def test_similar_text_finds_listings_showing_it_through_the_index(toolkit: Toolk
 
     shown = Counter((item.shows_colour, item.shows_product) for item in toolkit.catalogue)
     colour, product = shown.most_common(1)[0][0]
-    rows = _jsonl(
-        toolkit.cli(
-            "similar",
-            "--text",
-            f"{colour} {product}",
-            "--model",
-            "toy-cal",
-            "-k",
-            "3",
-            "--format",
-            "jsonl",
-        )
+    found, both = together(
+        lambda: toolkit.cli(
+            *("similar", "--text", f"{colour} {product}", "--model", "toy-cal"),
+            *("-k", "3", "--format", "jsonl"),
+        ),
+        lambda: toolkit.cli("similar", "demo-0001", "--text", "red mug"),
     )
+    rows = _jsonl(found)
     by_id = {item.listing_id: item for item in toolkit.catalogue}
     assert len(rows) == 3
     top = by_id[rows[0]["listing_id"]]
@@ -394,8 +398,6 @@ def test_similar_text_finds_listings_showing_it_through_the_index(toolkit: Toolk
             .all()
         )
     assert any(index_name("toy-cal") in line for line in plan), plan
-
-    both = toolkit.cli("similar", "demo-0001", "--text", "red mug")
     assert both.returncode == 2 and "give one of" in both.stderr
 
 
@@ -410,14 +412,19 @@ def test_similar_models_fuses_the_rankings_of_two_indexed_models(toolkit: Toolki
     finally:
         stop_worker(worker)
     query = toolkit.catalogue[0].listing_id
+
+    def similar(*argv: str) -> Callable[[], subprocess.CompletedProcess[str]]:
+        return lambda: toolkit.cli("similar", query, *argv)
+
+    by_toy, by_tiny, by_both, table = together(
+        similar("--model", "toy-cal", "-k", "50", "--format", "jsonl"),
+        similar("--model", "tiny", "-k", "50", "--format", "jsonl"),
+        similar("--models", "toy-cal,tiny", "-k", "5", "--format", "jsonl"),
+        similar("--models", "toy-cal,tiny", "-k", "5"),
+    )
     single = {
-        model: [
-            row["listing_id"]
-            for row in _jsonl(
-                toolkit.cli("similar", query, "--model", model, "-k", "50", "--format", "jsonl")
-            )
-        ]
-        for model in ("toy-cal", "tiny")
+        "toy-cal": [row["listing_id"] for row in _jsonl(by_toy)],
+        "tiny": [row["listing_id"] for row in _jsonl(by_tiny)],
     }
     assert len(single["toy-cal"]) == len(single["tiny"]) == len(toolkit.catalogue) - 1
 
@@ -425,15 +432,12 @@ def test_similar_models_fuses_the_rankings_of_two_indexed_models(toolkit: Toolki
         return sum(1 / (60 + ranking.index(listing_id) + 1) for ranking in single.values())
 
     expected = sorted(single["tiny"], key=lambda i: (-rrf(i), i))[:5]
-    fused = _jsonl(
-        toolkit.cli("similar", query, "--models", "toy-cal,tiny", "-k", "5", "--format", "jsonl")
-    )
+    fused = _jsonl(by_both)
     assert [row["listing_id"] for row in fused] == expected
     for row in fused:
         assert row["rrf_score"] == pytest.approx(rrf(row["listing_id"]))
         assert row["ranks"]["toy-cal"] == single["toy-cal"].index(row["listing_id"]) + 1
     assert query not in [row["listing_id"] for row in fused]
-    table = toolkit.cli("similar", query, "--models", "toy-cal,tiny", "-k", "5")
     assert table.returncode == 0 and "fused (RRF)" in table.stdout
 
 
@@ -448,30 +452,28 @@ def test_similar_image_finds_a_near_duplicate_first_through_the_fetch_guard(
     local = toolkit.tmp / "query" / "near-duplicate.jpg"
     local.parent.mkdir(exist_ok=True)
     copy.save(local, quality=75)
-    rows = _jsonl(
-        toolkit.cli(
-            "similar", "--image", str(local), "--model", "toy-cal", "-k", "3", "--format", "jsonl"
-        )
-    )
-    assert rows[0]["listing_id"] == original.listing_id, rows
-    assert rows[0]["similarity"] > 0.95
-
     copy.save(image_root / "toolkit-near-duplicate.jpg", quality=75)
     url = f"{image_server}/toolkit-near-duplicate.jpg"
-    by_url = _jsonl(toolkit.cli("similar", "--image", url, "-k", "1", "--format", "jsonl"))
-    assert by_url[0]["listing_id"] == original.listing_id  # the active model: toy-cal
-
-    guarded = subprocess.run(
-        [sys.executable, "-m", "listing_vision", "similar", "--image", url],
-        env={**toolkit.env, "LV_ALLOWED_PRIVATE_NETWORKS": ""},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert guarded.returncode == 2, guarded.stderr
-    assert "127.0.0.1" in guarded.stderr and "error:" in guarded.stderr
-
     not_image = toolkit.tmp / "query" / "notes.txt"
     not_image.write_text("not a picture")
-    refused = toolkit.cli("similar", "--image", str(not_image))
+    by_file, by_url, guarded, refused = together(
+        lambda: toolkit.cli(
+            "similar", "--image", str(local), "--model", "toy-cal", "-k", "3", "--format", "jsonl"
+        ),
+        lambda: toolkit.cli("similar", "--image", url, "-k", "1", "--format", "jsonl"),
+        lambda: subprocess.run(
+            [sys.executable, "-m", "listing_vision", "similar", "--image", url],
+            env={**toolkit.env, "LV_ALLOWED_PRIVATE_NETWORKS": ""},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
+        lambda: toolkit.cli("similar", "--image", str(not_image)),
+    )
+    rows = _jsonl(by_file)
+    assert rows[0]["listing_id"] == original.listing_id, rows
+    assert rows[0]["similarity"] > 0.95
+    assert _jsonl(by_url)[0]["listing_id"] == original.listing_id  # the active model: toy-cal
+    assert guarded.returncode == 2, guarded.stderr
+    assert "127.0.0.1" in guarded.stderr and "error:" in guarded.stderr
     assert refused.returncode == 2 and "image" in refused.stderr, refused.stderr
