@@ -61,15 +61,7 @@ class ListingAnalyzer:
             return self._analyze(listing, own, deadline)
 
     def _model_wait(self, deadline: float | None) -> float:
-        if deadline is None:
-            return self.model_timeout
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TransientError(
-                f"the attempt ran past LV_TASK_TIME_LIMIT ({self.model_timeout:g}s) before "
-                "its images reached the model"
-            )
-        return left
+        return model_wait(deadline, self.model_timeout)
 
     def _analyze(
         self, listing: ListingRecord, ticket: Ticket, deadline: float | None
@@ -124,6 +116,20 @@ class ListingAnalyzer:
         result = self.scorer.result(listing, images, failed, similarity)
         new_embeddings = {sha: row.tolist() for sha, row in new_rows.items()}
         return ListingAnalysis(result, records, new_embeddings, embedded.batch_units, seconds)
+
+
+def model_wait(deadline: float | None, limit: float) -> float:
+    """How long a request may wait for the model: `limit` (LV_TASK_TIME_LIMIT), or what is
+    left of the attempt's `deadline` (monotonic seconds); raises once nothing is left."""
+    if deadline is None:
+        return limit
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TransientError(
+            f"the attempt ran past LV_TASK_TIME_LIMIT ({limit:g}s) before its images reached "
+            "the model"
+        )
+    return min(limit, left)
 
 
 def _all_failed(

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from contract.errors import TransientError, one_line
+from contract.errors import one_line
 from db.embeddings import CachedImage
 from db.listing_state import StoredImage, StoredListing
 from db.records import ListingImageRecord, ListingOutcome, ListingRecord, ResultRecord
-from worker.analysis import LookupCached, image_records
+from worker.analysis import LookupCached, image_records, model_wait
 from worker.fetch import FetchPolicy, Validators
 from worker.images import (
     FailedImage,
@@ -220,16 +220,7 @@ class ChunkAnalyzer:
         return self.scorer.reused_similarity(state.listing, _placeholder(images), state.result)
 
     def _model_wait(self, deadline: float | None) -> float:
-        """How long a request may wait for the model: the time limit, or what is left of it."""
-        if deadline is None:
-            return self.model_timeout
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TransientError(
-                f"the attempt ran past LV_TASK_TIME_LIMIT ({self.model_timeout:g}s) before "
-                "its images reached the model"
-            )
-        return min(self.model_timeout, left)
+        return model_wait(deadline, self.model_timeout)
 
     def _embed_images(
         self,

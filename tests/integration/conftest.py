@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -198,6 +200,21 @@ def start_workers(
 
 def stop_worker(worker: WorkerProcess) -> None:
     stop_workers([worker])
+
+
+@contextlib.contextmanager
+def running_workers(
+    env: dict[str, str], logs: Path, *models: str, **extra: str
+) -> Iterator[list[WorkerProcess]]:
+    """One worker per model (`env` plus `extra`), started together and stopped together."""
+    wanted = [
+        ({**env, **extra}, logs / f"worker-{m}-{uuid.uuid4().hex[:6]}.log", m) for m in models
+    ]
+    processes = start_workers(wanted)
+    try:
+        yield processes
+    finally:
+        stop_workers(processes)
 
 
 def stop_workers(workers: Sequence[WorkerProcess]) -> None:

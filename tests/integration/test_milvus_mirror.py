@@ -13,8 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +41,8 @@ from tests.integration.conftest import (
     free_port,
     lv_environment,
     own_servers,
+    running_workers,
     settings_from,
-    start_workers,
-    stop_workers,
 )
 from tests.integration.test_metrics import scrape
 from tests.tiny_models import save_tiny_open_clip
@@ -70,18 +69,9 @@ class Mirror:
         with self.workers(model, **env) as (process,):
             yield process
 
-    @contextlib.contextmanager
-    def workers(self, *models: str, **env: str) -> Iterator[list[WorkerProcess]]:
+    def workers(self, *models: str, **env: str) -> AbstractContextManager[list[WorkerProcess]]:
         """One worker per model, started together."""
-        wanted = [
-            ({**self.env, **env}, self.tmp / f"worker-{m}-{uuid.uuid4().hex[:6]}.log", m)
-            for m in models
-        ]
-        processes = start_workers(wanted)
-        try:
-            yield processes
-        finally:
-            stop_workers(processes)
+        return running_workers(self.env, self.tmp, *models, **env)
 
     def producer(self) -> Producer:
         return Producer(settings_from(self.env))

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,9 +35,8 @@ from tests.integration.conftest import (
     WorkerProcess,
     lv_environment,
     own_servers,
+    running_workers,
     settings_from,
-    start_workers,
-    stop_workers,
 )
 from tests.tiny_models import save_tiny_open_clip
 from worker.main import worker_name
@@ -81,18 +81,9 @@ class Catalogue:
         with self.workers(model, **env) as (process,):
             yield process
 
-    @contextlib.contextmanager
-    def workers(self, *models: str, **env: str) -> Iterator[list[WorkerProcess]]:
+    def workers(self, *models: str, **env: str) -> AbstractContextManager[list[WorkerProcess]]:
         """One worker per model, started together."""
-        wanted = [
-            ({**self.env, **env}, self.tmp / f"worker-{m}-{uuid.uuid4().hex[:6]}.log", m)
-            for m in models
-        ]
-        processes = start_workers(wanted)
-        try:
-            yield processes
-        finally:
-            stop_workers(processes)
+        return running_workers(self.env, self.tmp, *models, **env)
 
     def producer(self) -> Producer:
         return Producer(settings_from(self.env))
