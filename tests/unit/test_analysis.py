@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -246,3 +247,46 @@ def test_a_group_of_listings_comes_out_as_each_listing_alone(
                 assert got.facts.brightness == pytest.approx(want.facts.brightness, abs=1e-6)
         assert together.new_embeddings.keys() == alone.new_embeddings.keys()
     assert by_id["g-2"].result.status == "failed"  # its only JPEG fails in the batch
+
+
+def test_an_item_the_model_refuses_fails_only_its_listing_in_a_group(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request per listing: the batcher splits a failing batch down to the request that
+    fails, so a listing whose text the model refuses (injected) is retried alone, and the
+    rest of its group is scored."""
+    name = f"local-dir:{save_tiny_open_clip(tmp_path / 'c')}"
+    spec = ModelSpec("m", "open_clip", name, threshold=0.0)
+    single = analyzer(spec, root, with_categories=True)
+    group = ChunkAnalyzer(
+        single.service,
+        single.scorer,
+        single.policy,
+        single.max_pixels,
+        single.executor,
+        single.lookup_cached,
+        "m",
+        30.0,
+        group_size=8,
+    )
+    backend = single.service.backend
+    real = backend.embed_texts
+
+    def refuse_poison(texts: Any) -> torch.Tensor:
+        if any("POISON" in text for text in texts):
+            raise RuntimeError("injected: the text tower refuses this one")
+        return real(texts)
+
+    monkeypatch.setattr(backend, "embed_texts", refuse_poison)
+    records = [
+        replace(listing(root, "red.jpg"), listing_id="ok-1"),
+        replace(listing(root, "blue.jpg"), listing_id="bad", title="POISON mug"),
+        replace(listing(root, "green.png"), listing_id="ok-2"),
+    ]
+
+    found = group.analyze_new(records, deadline=time.monotonic() + 60)
+
+    assert set(found.transient) == {"bad"}
+    assert "injected" in found.transient["bad"]
+    assert sorted(o.listing_id for o in found.outcomes) == ["ok-1", "ok-2"]
+    assert all(o.result.status == "ok" for o in found.outcomes)
