@@ -14,7 +14,8 @@ import pytest
 import redis
 
 from contract.broker import model_queue
-from tests.integration.conftest import Stack, query, start_worker, stop_worker
+from producer.enqueue import Producer
+from tests.integration.conftest import Stack, query, settings_from, start_worker, stop_worker
 from tests.integration.fault_helpers import (
     MODEL,
     SHORT,
@@ -35,7 +36,11 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     prefix = f"kill-{uuid.uuid4().hex[:6]}"
     env = {**worker_env, **SHORT}
     doomed = start_worker(stack, env, tmp_path / "doomed.log", model=MODEL)
-    report = producer.enqueue(catalogue(image_root, prefix, 48), model=MODEL)
+    # One message per job: 48 jobs in three group messages can all commit in one transaction
+    # before the first poll sees any, and nothing would be left to kill mid-run. The worker
+    # still runs the deliveries that arrive together as groups.
+    with Producer(settings_from({**worker_env, "LV_ENQUEUE_GROUP": "1"})) as single:
+        report = single.enqueue(catalogue(image_root, prefix, 48), model=MODEL)
     try:
         wait_until_some_succeeded(producer, report.job_ids, doomed)
         doomed.process.send_signal(signal.SIGKILL)  # mid-run: messages unacked, jobs running
