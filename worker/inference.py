@@ -20,7 +20,13 @@ from worker.backends.base import ModelBackend
 from worker.batching import DynamicBatcher
 from worker.device_quality import measure_quality_batch
 from worker.quality import ImageQuality
-from worker.tensor_input import EncodedJpeg, InputSpec, decode_jpegs, encoded_jpeg, preprocess_batch
+from worker.tensor_input import (
+    EncodedJpeg,
+    InputSpec,
+    decode_jpegs,
+    encoded_jpeg,
+    resize_and_crop,
+)
 
 log = logging.getLogger(__name__)
 _TEXT_CALL_LIMIT = 256  # texts per text-tower call
@@ -103,7 +109,7 @@ class InferenceService:
             units=lambda request: len(request.pixels) or 1,
             name=f"batcher-{backend.spec.model_id}",
             expecting=lambda: self._coming,
-            prepare=self._decode_on_device if self.decodes_on_device else None,
+            prepare=self._prepare if self.input_spec is not None else None,
         )
 
     @contextmanager
@@ -189,7 +195,30 @@ class InferenceService:
     def _model_input(self, chunk: list[torch.Tensor]) -> torch.Tensor:
         if self.input_spec is None:
             return torch.stack(chunk)
-        return preprocess_batch(chunk, self.input_spec, self.backend.device, self.backend.dtype)
+        # The tensor path: `_prepare` resized and cropped these already (uint8, on the device).
+        return self.backend.model_input(torch.stack(chunk), self.input_spec)
+
+    def _prepare(self, requests: list[EmbedRequest]) -> list[EmbedRequest]:
+        """The tensor path's batch step run one batch ahead, while the previous batch is on
+        the model: JPEGs decoded on the device (`LV_DECODE`), then every image resized and
+        cropped there, still uint8; the model call itself only normalises and runs."""
+        if self.decodes_on_device:
+            requests = self._decode_on_device(requests)
+        spec = self.input_spec
+        assert spec is not None
+        done: dict[str | int, torch.Tensor] = {}  # by content: an image in two requests once
+        out = []
+        for request in requests:
+            pixels: list[torch.Tensor | EncodedJpeg] = []
+            for key, item in zip(_keys(request), request.pixels, strict=True):
+                if isinstance(item, torch.Tensor):
+                    if key not in done:
+                        done[key] = resize_and_crop(item, spec, self.backend.device)
+                    pixels.append(done[key])
+                else:
+                    pixels.append(item)  # a JPEG that failed to decode: it stays encoded
+            out.append(replace(request, pixels=tuple(pixels)))
+        return out
 
     def _run_batch(self, requests: list[EmbedRequest]) -> list[EmbedResult]:
         slots, unique, decoded = _unique_images(requests)

@@ -254,11 +254,25 @@ def preprocess_batch(
     if not images:
         raise ValueError("preprocess_batch needs at least one image")
     device = torch.device(device)
-    crops = [_crop(_resize(to_device(image, device), spec), spec) for image in images]
-    batch = torch.stack(crops).to(torch.float32)
+    return normalise(torch.stack([resize_and_crop(i, spec, device) for i in images]), spec, dtype)
+
+
+def resize_and_crop(image: torch.Tensor, spec: InputSpec, device: torch.device) -> torch.Tensor:
+    """One uint8 (3, H, W) image, resized and cropped on `device`: still uint8, at the spec's
+    output size. The worker's batches do this one batch ahead (`InferenceService`)."""
+    return _crop(_resize(to_device(image, device), spec), spec)
+
+
+def normalise(
+    batch: torch.Tensor, spec: InputSpec, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 (N, 3, H, W) to `(uint8 * rescale - mean) / std` in `dtype`, on the batch's
+    device; in place on one float32 copy (a fresh buffer this size costs page faults)."""
+    device = batch.device
     mean = torch.tensor(spec.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((batch * spec.rescale - mean) / std).to(dtype)
+    pixels = batch.to(torch.float32, copy=True)
+    return pixels.mul_(spec.rescale).sub_(mean).div_(std).to(dtype)
 
 
 def resized_size(height: int, width: int, spec: InputSpec) -> tuple[int, int]:

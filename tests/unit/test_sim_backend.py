@@ -13,6 +13,7 @@ from PIL import Image
 from contract.registry import ModelSpec, load_registry
 from worker.backends import create_backend
 from worker.backends.sim import SIMULATED
+from worker.inference import EmbedRequest, InferenceService
 
 
 def sim(name: str) -> ModelSpec:
@@ -78,3 +79,46 @@ def test_an_unknown_simulated_model_is_refused_by_name() -> None:
 
 def test_no_built_in_entry_is_simulated() -> None:
     assert all(spec.backend != "sim" for spec in load_registry().values())
+
+
+@pytest.mark.parametrize("name", ["ViT-H-14-378-quickgelu", "ViT-B-32"])
+def test_the_tensor_path_gives_the_embeddings_of_the_pil_path(name: str) -> None:
+    """On the tensor path the sim normalises only the grid it reads (device time); the host
+    still decodes, resizes and crops, and the embeddings are the PIL path's."""
+    backend = create_backend(sim(name))
+    backend.load()
+    images = [_textured(256, 256, seed) for seed in range(3)] + [_textured(300, 180, 9)]
+    answers = {}
+    for path in ("pil", "tensor"):
+        service = InferenceService(backend, max_size=8, max_wait_s=0.0, input_path=path)
+        try:
+            request = EmbedRequest(pixels=tuple(service.preprocess(i) for i in images))
+            answers[path] = service.embed(request, timeout=30).image_embeddings
+        finally:
+            service.close()
+    spec = backend.input_spec()
+
+    assert spec is not None and spec.output_size == (backend.info.image_size,) * 2
+    cosine = torch.nn.functional.cosine_similarity(answers["pil"], answers["tensor"])
+    assert cosine.min() >= 0.999
+
+
+def test_the_model_input_on_the_tensor_path_is_a_normalised_grid() -> None:
+    backend = create_backend(sim("ViT-H-14-378-quickgelu"))
+    backend.load()
+    spec = backend.input_spec()
+    assert spec is not None
+    batch = torch.full((5, 3, 378, 378), 255, dtype=torch.uint8)
+
+    grid = backend.model_input(batch, spec)
+
+    assert grid.shape == (5, 3, 8, 8) and grid.dtype == torch.float32
+    expected = (1.0 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    assert torch.allclose(grid[0, :, 0, 0], expected)
+
+
+def _textured(width: int, height: int, seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (height // 8 + 1, width // 8 + 1, 3), generator=generator)
+    pixels = base.repeat_interleave(8, 0).repeat_interleave(8, 1)[:height, :width]
+    return Image.fromarray(pixels.to(torch.uint8).numpy(), "RGB")

@@ -322,8 +322,9 @@ def test_hf_pil_backend_processors_are_read_too() -> None:
 
 def test_a_base_backend_has_no_spec_and_keeps_pil() -> None:
     backend = create_backend(ModelSpec("sim", "sim", "ViT-B-32"))
+    backend.load()
 
-    assert backend.input_spec() is None
+    assert ModelBackend.input_spec(backend) is None  # what a backend gets unless it says
 
 
 def test_preprocess_batch_outputs_the_asked_dtype_and_refuses_an_empty_batch(

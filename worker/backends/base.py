@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from contract.registry import ModelSpec
-from worker.tensor_input import InputSpec
+from worker.tensor_input import InputSpec, normalise, to_device
 
 Scoring = Literal["cosine", "sigmoid"]
 
@@ -99,6 +99,11 @@ class ModelBackend(ABC):
             raise TypeError(f"model {self.spec.model_id} has no text encoder")
         with torch.inference_mode():
             return _normalise(self._embed_texts(list(texts)))
+
+    def model_input(self, batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+        """The tensor path's last step: a uint8 (N, 3, H, W) batch, resized and cropped
+        already, rescaled and normalised on the device in the model's dtype."""
+        return normalise(to_device(batch, self.device), spec, self.dtype)
 
     def input_spec(self) -> InputSpec | None:
         """What `preprocess` does, for the batched tensor path (`worker.tensor_input`); None
