@@ -59,7 +59,9 @@ def plot_throughput(result: dict[str, Any], out: Path) -> Path:
     fig, (rates, latency, simulated) = plt.subplots(1, 3, figsize=(16, 4.6))
     _plot_rates(rates, result)
     _plot_latency(latency, result.get("trickle"))
-    _plot_simulated(simulated, result.get("simulated", []))
+    _plot_simulated(
+        simulated, result.get("simulated", []), result.get("simulated_pil_path") or None
+    )
     title = "quick run, " if result.get("quick") else ""
     fig.suptitle(f"Throughput, {title}{result['device']} ({result['date']})", fontsize=10)
     fig.tight_layout()
@@ -132,10 +134,15 @@ def _plot_latency(ax: Any, trickle: dict[str, Any] | None) -> None:
     ax.legend(fontsize=7, loc="lower right")
 
 
-def _plot_simulated(ax: Any, rows: list[dict[str, Any]]) -> None:
+def _plot_simulated(
+    ax: Any, rows: list[dict[str, Any]], pil_row: dict[str, Any] | None = None
+) -> None:
+    """One bar per simulated model (tensor input path), and the PIL path's bar where run."""
     ax.set_title("simulated accelerator: pipeline / model alone", fontsize=9)
     if not rows:
         return
+    if pil_row is not None:
+        rows = [*rows, {**pil_row, "simulated": f"{pil_row['simulated']}\n(PIL input path)"}]
     names = [r["simulated"] for r in rows]
     bars = ax.bar(names, [r["ratio_to_model_only"] for r in rows], color="#4472c4")
     for bar, row in zip(bars, rows, strict=True):

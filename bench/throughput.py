@@ -10,7 +10,8 @@ shared and noisy, so absolute numbers from different days do not compare):
    size and at a few others, and with one message per listing (against the no-op drain);
 5. latency under a trickle: enqueue-to-commit per listing at a steady low rate, idle worker;
 6. a simulated accelerator (`backend = "sim"`): pipeline listings/s against the simulated
-   model's own images/s, for four model sizes;
+   model's own images/s, for four model sizes, on a GPU host's input path (`LV_INPUT_PATH=
+   tensor`), and for the first once more on the PIL path;
 7. with --profile, a py-spy flame graph of the worker during an extra pipeline run.
 
     python -m bench.throughput [--quick] [--profile]
@@ -544,33 +545,46 @@ def run_profile(bench: Bench, out: Path) -> dict[str, Any]:
     return {**report, "pipeline_under_profiler": row}
 
 
-def run_simulated(bench: Bench) -> list[dict[str, Any]]:
-    """Each simulated model: its images/s alone, then listings/s through a real worker."""
-    rows = []
+# A simulated accelerator stands for a GPU host, so its workers take that host's input path
+# (resize and crop batched one batch ahead, the normalise pass on the device); Pillow still
+# decodes on the CPU. The first model is measured once more on the PIL path, for comparison.
+SIM_INPUT_PATH = "tensor"
+
+
+def run_simulated(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each simulated model: its images/s alone, then listings/s through a real worker on the
+    tensor input path; and the first model's pipeline on the PIL path."""
+    rows, pil_row = [], {}
     for model_id, (name, batch) in SIM_MODELS.items():
         alone = bench_model(bench.registry, model_id, [batch], bench.plan.sim_seconds)[0]
         model_only = sim_model_only(bench.registry, model_id, batch, bench.plan.sim_seconds)
-        listings = bench.listings(model_id, batch * bench.plan.sim_batches + 8)
-        with pipeline_worker(bench.settings, model_id, "sim"):
-            row = measured_run(bench.settings, bench.listener, model_id, listings)
-        bound = simulated_bound(name, batch)
-        row.update(
-            simulated=name,
-            batch_max_size=batch,
-            model_only_images_per_s=alone["images_per_s"],
-            model_only_listings_per_s=round(model_only, 1),
-            ratio_to_model_only=round(row["listings_per_s"] / model_only, 3),
-            device_bound_listings_per_s=round(bound, 1),
-            ratio_to_device_bound=round(row["listings_per_s"] / bound, 3),
-        )
-        print_pipeline(row, f"sim batch {batch}")
-        print(
-            f"    ratio to model alone {row['ratio_to_model_only']:.3f}, "
-            f"to image+text device bound {row['ratio_to_device_bound']:.3f}",
-            flush=True,
-        )
-        rows.append(row)
-    return rows
+        paths = [SIM_INPUT_PATH, "pil"] if not rows else [SIM_INPUT_PATH]
+        for path in paths:
+            listings = bench.listings(model_id, batch * bench.plan.sim_batches + 8)
+            with pipeline_worker(bench.settings, model_id, f"sim-{path}", LV_INPUT_PATH=path):
+                row = measured_run(bench.settings, bench.listener, model_id, listings)
+            bound = simulated_bound(name, batch)
+            row.update(
+                simulated=name,
+                input_path=path,
+                batch_max_size=batch,
+                model_only_images_per_s=alone["images_per_s"],
+                model_only_listings_per_s=round(model_only, 1),
+                ratio_to_model_only=round(row["listings_per_s"] / model_only, 3),
+                device_bound_listings_per_s=round(bound, 1),
+                ratio_to_device_bound=round(row["listings_per_s"] / bound, 3),
+            )
+            print_pipeline(row, f"sim batch {batch}, {path} input path")
+            print(
+                f"    ratio to model alone {row['ratio_to_model_only']:.3f}, "
+                f"to image+text device bound {row['ratio_to_device_bound']:.3f}",
+                flush=True,
+            )
+            if path == SIM_INPUT_PATH:
+                rows.append(row)
+            else:
+                pil_row = row
+    return rows, pil_row
 
 
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -678,7 +692,7 @@ def main() -> None:
                 print("pipeline (embedded PostgreSQL and Valkey, one worker process):", flush=True)
                 run_pipeline(bench, result)
                 print("simulated accelerator:", flush=True)
-                result["simulated"] = run_simulated(bench)
+                result["simulated"], result["simulated_pil_path"] = run_simulated(bench)
                 if profile:
                     print("profile (py-spy on the worker):", flush=True)
                     flame = RESULTS / f"{stem}-worker-flame.svg"

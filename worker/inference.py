@@ -350,9 +350,11 @@ def decodes_on_device(backend: ModelBackend, spec: InputSpec | None, decode: str
 
 
 def tensor_input_spec(backend: ModelBackend, input_path: str) -> InputSpec | None:
-    """The tensor path's spec when it is asked for (or `auto` on CUDA) and the backend's
-    preprocessing can be reproduced exactly; else None (the backend's own transform)."""
-    if input_path == "pil" or (input_path == "auto" and backend.device.type != "cuda"):
+    """The tensor path's spec unless `pil` is asked for, when the backend's preprocessing can
+    be reproduced exactly; else None (the backend's own transform). `auto` takes the tensor
+    path on the CPU too: with the resize one batch ahead it measured faster there as well
+    (docs/architecture.md)."""
+    if input_path == "pil":
         return None
     spec = backend.input_spec()
     if spec is None:

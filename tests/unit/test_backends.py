@@ -201,7 +201,7 @@ def test_batched_service_returns_each_request_its_own_embeddings(
     model = backend("open_clip", model_dirs["open_clip"])
     # A wait long enough that all 32 threads submit within it even on a loaded machine; the
     # batch of 64 images then fills and runs at once.
-    service = InferenceService(model, max_size=64, max_wait_s=3.0)
+    service = InferenceService(model, max_size=64, max_wait_s=3.0, input_path="pil")
     requests = [
         EmbedRequest((model.preprocess(images()[i % 8]),) * (1 + i % 3), (f"text {i}",))
         for i in range(32)
@@ -224,7 +224,7 @@ def test_an_image_shared_by_listings_in_one_batch_is_embedded_once(
     from concurrent.futures import ThreadPoolExecutor
 
     model = backend("open_clip", model_dirs["open_clip"])
-    service = InferenceService(model, max_size=64, max_wait_s=0.5)
+    service = InferenceService(model, max_size=64, max_wait_s=0.5, input_path="pil")
     shared, other = (model.preprocess(images()[i]) for i in (0, 1))
     requests = [
         EmbedRequest((shared,), ("variant small",), ("sha-shared",)),

@@ -190,6 +190,23 @@ def test_an_undecodable_jpeg_fails_alone_in_its_batch(backends: dict[str, ModelB
     assert result.image_embeddings[1].abs().sum().item() == 0.0
 
 
+def test_auto_takes_the_tensor_input_path_on_the_cpu_where_the_backend_allows_it(
+    backends: dict[str, ModelBackend],
+) -> None:
+    auto = InferenceService(backends["open_clip"], max_size=4, max_wait_s=0.0)
+    asked_pil = InferenceService(
+        backends["open_clip"], max_size=4, max_wait_s=0.0, input_path="pil"
+    )
+    try:
+        assert auto.input_spec == backends["open_clip"].input_spec()
+        assert asked_pil.input_spec is None
+        pixels = auto.preprocess(photo(40, 30).convert("RGB"))
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 30, 40)  # resized in batch
+    finally:
+        auto.close()
+        asked_pil.close()
+
+
 def test_auto_decodes_with_pillow_on_the_cpu(backends: dict[str, ModelBackend]) -> None:
     auto = InferenceService(backends["open_clip"], max_size=4, max_wait_s=0.0, decode="auto")
     pil_input = InferenceService(

@@ -38,7 +38,7 @@ class Memory:
 
 @pytest.fixture
 def service(backend: ModelBackend, monkeypatch: pytest.MonkeyPatch) -> Iterator[InferenceService]:
-    running = InferenceService(backend, max_size=16, max_wait_s=0.0)
+    running = InferenceService(backend, max_size=16, max_wait_s=0.0, input_path="pil")
     yield running
     running.close()
 
