@@ -554,7 +554,8 @@ SIM_INPUT_PATH = "tensor"
 def run_simulated(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each simulated model: its images/s alone, then listings/s through a real worker on the
     tensor input path; and the first model's pipeline on the PIL path."""
-    rows, pil_row = [], {}
+    rows: list[dict[str, Any]] = []
+    pil_row: dict[str, Any] = {}
     for model_id, (name, batch) in SIM_MODELS.items():
         alone = bench_model(bench.registry, model_id, [batch], bench.plan.sim_seconds)[0]
         model_only = sim_model_only(bench.registry, model_id, batch, bench.plan.sim_seconds)
