@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
+# `make test` runs the suite on TEST_WORKERS pytest-xdist processes, each test file whole on one
+# (each process starts its own embedded servers and workers); TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) ## run the whole test suite (real PostgreSQL, Valkey and worker processes)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP) ## unit tests only
 	$(BIN)/pytest -q tests/unit

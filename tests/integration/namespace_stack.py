@@ -1,7 +1,8 @@
 """The whole stack inside a network namespace of its own, for redirects to private, loopback
 and metadata addresses (run by test_namespace_redirects.py as
-`python -m tests.integration.namespace_stack HOME` after the namespace's loopback was given
-169.254.169.254, 10.20.30.40 and 10.99.0.1; never run on a real network).
+`python -m tests.integration.namespace_stack HOME MODEL_DIR`, MODEL_DIR the session's tiny
+open_clip folder, after the namespace's loopback was given 169.254.169.254, 10.20.30.40 and
+10.99.0.1; never run on a real network).
 
 An image host on 10.99.0.1 (the one private network the worker is allowed) redirects to each
 forbidden address, where a listener records any request it gets. Prints one JSON object: the
@@ -28,7 +29,6 @@ from db.migrate import upgrade
 from listing_vision.embedded import EmbeddedServers
 from producer.enqueue import Producer
 from tests import images
-from tests.tiny_models import save_tiny_open_clip
 
 FORBIDDEN = {
     "metadata": ("169.254.169.254", 80),
@@ -70,14 +70,13 @@ def listen(address: tuple[str, int], seen: list[str], routes: dict[str, bytes]) 
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
 
-def main(home: Path) -> None:
+def main(home: Path, model_dir: Path) -> None:
     seen: dict[str, list[str]] = {name: [] for name in [*FORBIDDEN, "host"]}
     for name, address in FORBIDDEN.items():
         listen(address, seen[name], {})
     photo = images.save(images.product_image("gold", "circle"), home / "ok.jpg").read_bytes()
     listen(HOST, seen["host"], {"ok.jpg": photo})
 
-    model_dir = save_tiny_open_clip(home / "tiny-clip")
     models = home / "models.toml"
     models.write_text(
         f'[models.tiny]\nbackend = "open_clip"\nname = "local-dir:{model_dir}"\nthreshold = 0.1\n'
@@ -146,4 +145,4 @@ def run_listings(env: dict[str, str], log: Path) -> dict[str, dict[str, str | No
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SETUP = (
     "ip link set lo up && ip addr add 169.254.169.254/32 dev lo && "
     "ip addr add 10.20.30.40/32 dev lo && ip addr add 10.99.0.1/32 dev lo || exit 77; "
-    'exec "$0" -m tests.integration.namespace_stack "$1"'
+    'exec "$0" -m tests.integration.namespace_stack "$1" "$2"'
 )
 
 
@@ -38,7 +38,7 @@ def unshare_command() -> list[str] | str:
 
 
 def test_redirects_to_metadata_private_and_loopback_addresses_are_refused_unvisited(
-    tmp_path: Path,
+    tmp_path: Path, model_dir: Path
 ) -> None:
     command = unshare_command()
     if isinstance(command, str):
@@ -48,7 +48,7 @@ def test_redirects_to_metadata_private_and_loopback_addresses_are_refused_unvisi
     home = tmp_path / "ns"
     home.mkdir()
     done = subprocess.run(
-        [*command, "sh", "-c", SETUP, sys.executable, str(home)],
+        [*command, "sh", "-c", SETUP, sys.executable, str(home), str(model_dir)],
         capture_output=True,
         text=True,
         timeout=280,
