@@ -575,15 +575,15 @@ def run_simulated(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     tensor input path; and the first model's pipeline on the PIL path."""
     rows: list[dict[str, Any]] = []
     pil_row: dict[str, Any] = {}
-    for model_id, (name, batch) in SIM_MODELS.items():
+    for index, (model_id, (name, batch)) in enumerate(SIM_MODELS.items()):
         alone = bench_model(bench.registry, model_id, [batch], bench.plan.sim_seconds)[0]
         model_only = sim_model_only(bench.registry, model_id, batch, bench.plan.sim_seconds)
-        paths = [SIM_INPUT_PATH, "pil"] if not rows else [SIM_INPUT_PATH]
+        bound = simulated_bound(name, batch)
+        paths = (SIM_INPUT_PATH, "pil") if index == 0 else (SIM_INPUT_PATH,)
         for path in paths:
             listings = bench.listings(model_id, batch * bench.plan.sim_batches + 8)
             with pipeline_worker(bench.settings, model_id, f"sim-{path}", LV_INPUT_PATH=path):
                 row = measured_run(bench.settings, bench.listener, model_id, listings)
-            bound = simulated_bound(name, batch)
             row.update(
                 simulated=name,
                 input_path=path,

@@ -267,7 +267,8 @@ def normalise(
     batch: torch.Tensor, spec: InputSpec, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """uint8 (N, 3, H, W) to `(uint8 * rescale - mean) / std` in `dtype`, on the batch's
-    device; in place on one float32 copy (a fresh buffer this size costs page faults)."""
+    device; in place on its one float32 copy, as every further buffer this size would be
+    fresh memory, and fresh memory costs page faults."""
     device = batch.device
     mean = torch.tensor(spec.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
