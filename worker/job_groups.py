@@ -228,6 +228,20 @@ class JobGroups:
         listing run one after the other, each on its own claim (a listing is analysed once
         per round)."""
         runner = self.runner
+        # A job another thread here claims or runs (a second delivery of it) is left to the
+        # single-job path, which waits for that attempt instead of taking the job from it.
+        held = runner.live.try_hold(job_ids)
+        decided: dict[uuid.UUID, Decision] = {j: ALONE for j in job_ids if j not in held}
+        try:
+            decided |= self._claim_and_analyse([j for j in job_ids if j in held])
+        finally:
+            runner.live.release(held)
+        return decided
+
+    def _claim_and_analyse(self, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, Decision]:
+        if not job_ids:
+            return {}
+        runner = self.runner
         decided: dict[uuid.UUID, Decision] = {}
         with runner.analyzer.service.coming() as ticket:
             started = time.monotonic()

@@ -25,6 +25,7 @@ from db.jobs import ClaimedJob, Unclaimable
 from db.records import JobOutcome, ListingOutcome, ResultRecord
 from worker.analysis import ListingAnalysis, ListingAnalyzer
 from worker.inference import Ticket
+from worker.live_jobs import LiveJobs
 from worker.metrics import WorkerMetrics
 from worker.outcomes import OutcomeWriter
 from worker.retries import backoff_seconds
@@ -76,6 +77,8 @@ class JobRunner:
     retry_ceiling: float = float("inf")
     # Held by the one interrupted job (an earlier attempt never finished) running at a time.
     _alone: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # The jobs a thread of this process claims or runs now (shared with the job groups).
+    live: LiveJobs = field(default_factory=LiveJobs, init=False, repr=False)
 
     def run(self, job_id: uuid.UUID, redeliveries: int = 0) -> JobReport:
         """Run one delivery of `job_id`. Database trouble (an outage, a lock or pool timeout)
@@ -89,7 +92,12 @@ class JobRunner:
 
     def _run_safely(self, job_id: uuid.UUID, redeliveries: int) -> JobReport:
         try:
-            return self._run(job_id)
+            # A second delivery of a job live in this process waits for that attempt (and then
+            # finds it finished) instead of claiming it as interrupted and costing it an attempt.
+            with self.live.holding(job_id, self.time_limit + WRITE_TIMEOUT) as held:
+                if held:
+                    return self._run(job_id)
+            log.warning("job %s: its attempt in this worker is still running, will retry", job_id)
         except (SQLAlchemyError, FutureTimeout) as error:
             log.warning("job %s: database trouble, will retry: %s", job_id, one_line(error))
         except Exception:

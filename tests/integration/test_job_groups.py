@@ -138,6 +138,41 @@ def test_a_group_hands_its_interrupted_and_transient_jobs_on_as_single_jobs(
     assert "gave up after 3 attempts" in (by_id[ids[3]]["error"] or "")
 
 
+def test_a_second_delivery_of_a_job_running_in_its_group_waits_and_costs_no_attempt(
+    stack: Stack, worker: WorkerProcess
+) -> None:
+    """The reconciler re-sends a group's jobs as single-job messages while the group still runs
+    them (a worker slow to start under load did this). The copies must not claim the running
+    jobs as interrupted: that cost each an attempt, and a poison listing's crash then a second
+    (tests/integration/test_crash_input.py failed so on a loaded CI machine)."""
+    prefix = f"dup-{uuid.uuid4().hex[:6]}"
+    sessions = make_sessions(stack.engine)
+    with serve() as server:
+        records = [
+            ListingRecord(
+                f"{prefix}-{n}", f"mug {n}", None, None, [f"{server.base_url}/slow/1.5?n={n}"], None
+            )
+            for n in range(3)
+        ]
+        new_jobs = [NewJob(uuid.uuid4(), record.listing_id, "tiny") for record in records]
+        with sessions.begin() as session:
+            listings.upsert_listings(session, records)
+            jobs.create_jobs(session, new_jobs)
+        ids = [job.job_id for job in new_jobs]
+        app = make_celery(settings_from(worker.env))
+        send_analysis(app, ids, "tiny", group_size=len(ids))
+        time.sleep(0.5)  # the group has claimed its jobs and waits for their images
+        send_analysis(app, ids, "tiny", group_size=1)
+        rows = _wait_finished(stack, ids, timeout=60)
+        time.sleep(1.0)  # the copies' deliveries have ended too
+        fetched = len(server.requests)
+
+    assert [(r["status"], r["attempts"]) for r in rows] == [("succeeded", 1)] * 3, rows
+    assert fetched == 3, worker.log()[-3000:]
+    logged = worker.log()
+    assert all(logged.count(f"job {job_id} succeeded") == 1 for job_id in ids), logged[-3000:]
+
+
 def test_group_messages_go_out_by_the_group_size(stack: Stack, worker_env: dict[str, str]) -> None:
     """Published, not consumed: a model no worker serves (its queue is read, then emptied)."""
     app = make_celery(settings_from(worker_env))

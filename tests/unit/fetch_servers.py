@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import shutil
 import socket
 import ssl
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image
 
 IMAGE_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
 OVERSIZE = 10_000  # bytes sent by the oversize routes; tests use a 1000-byte limit
@@ -75,6 +78,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_image_jpg(self, arg: str, query: dict[str, list[str]]) -> None:
         self.reply(200, IMAGE_BYTES, Content_Type="image/png")
+
+    def route_slow(self, arg: str, query: dict[str, list[str]]) -> None:
+        """/slow/S answers a real JPEG after S seconds (sooner if the server stops)."""
+        self.server.stop.wait(float(arg))
+        picture = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(picture, format="JPEG")
+        self.reply(200, picture.getvalue(), Content_Type="image/jpeg")
 
     def route_versioned_jpg(self, arg: str, query: dict[str, list[str]]) -> None:
         """The image at version "v1": a matching If-None-Match is answered 304."""
