@@ -403,12 +403,22 @@ def timed_enqueue(
     }
 
 
-def model_calls(producer: Producer, name: str) -> dict[str, int]:
-    """The worker's model-call counters so far (lv_stats), or {} when it does not answer."""
+def worker_stats(producer: Producer, name: str) -> dict[str, Any]:
+    """The worker's lv_stats so far (model calls, CPU by thread), or {} when it does not
+    answer."""
     replies = producer.celery.control.broadcast(
         STATS_COMMAND, reply=True, destination=[name], timeout=10
     )
-    return dict(replies[0][name]["model_calls"]) if replies else {}
+    return dict(replies[0][name]) if replies else {}
+
+
+def cpu_ms_per_listing(
+    before: dict[str, float], after: dict[str, float], listings: int
+) -> dict[str, float]:
+    """The worker's CPU per listing by kind of thread over a run, largest first."""
+    used = {kind: after[kind] - before.get(kind, 0.0) for kind in after}
+    ranked = sorted(used.items(), key=lambda item: -item[1])
+    return {kind: round(1000 * seconds / listings, 2) for kind, seconds in ranked if seconds > 0}
 
 
 def measured_run(
@@ -427,14 +437,20 @@ def measured_run(
         settings = settings.model_copy(update={"enqueue_group": group})
     with Producer(settings) as producer:
         timed_enqueue(producer, listener, model_id, listings[:8])
-        before = model_calls(producer, name)
+        before = worker_stats(producer, name)
         row = timed_enqueue(producer, listener, model_id, listings[8:])
-        after = model_calls(producer, name)
-    calls = after.get("image_calls", 0) - before.get("image_calls", 0)
-    images = after.get("images", 0) - before.get("images", 0)
+        after = worker_stats(producer, name)
+    calls_before, calls_after = before.get("model_calls", {}), after.get("model_calls", {})
+    calls = calls_after.get("image_calls", 0) - calls_before.get("image_calls", 0)
+    images = calls_after.get("images", 0) - calls_before.get("images", 0)
     row["image_calls"] = calls
     row["mean_image_batch"] = round(images / calls, 1) if calls else None
     row["enqueue_group"] = settings.enqueue_group
+    row["worker_cpu_ms_per_listing"] = cpu_ms_per_listing(
+        before.get("cpu_seconds_by_thread", {}),
+        after.get("cpu_seconds_by_thread", {}),
+        len(listings) - 8,
+    )
     return row
 
 
@@ -488,10 +504,13 @@ def trickle(
 
 
 def print_pipeline(row: dict[str, Any], label: str) -> None:
+    cpu = row.get("worker_cpu_ms_per_listing") or {}
+    busiest = ", ".join(f"{kind} {ms}" for kind, ms in list(cpu.items())[:5])
     print(
         f"  pipeline {row['model']:16} {label:>14}: {row['listings_per_s']:7.1f} listings/s "
         f"({row['listings']} listings, {row['image_calls']} image calls, "
-        f"mean batch {row['mean_image_batch']})",
+        f"mean batch {row['mean_image_batch']}; worker CPU ms/listing: {sum(cpu.values()):.2f}"
+        f" = {busiest}, ...)",
         flush=True,
     )
 

@@ -271,10 +271,12 @@ class ChunkAnalyzer:
             text_rows.update(zip(request.texts, answer.text_embeddings, strict=True))
             errors = answer.errors or (None,) * len(request.keys)
             qualities = answer.qualities or (None,) * len(request.keys)
+            # One array, its rows views: iterating the tensor made a tensor per row, then an
+            # array of each (a tenth of a group thread's time in a profile).
             for sha, row, quality, error in zip(
-                request.keys, answer.image_embeddings, qualities, errors, strict=True
+                request.keys, answer.image_embeddings.numpy(), qualities, errors, strict=True
             ):
-                outcome[sha] = _Embedded(row.numpy() if error is None else None, quality, error)
+                outcome[sha] = _Embedded(row if error is None else None, quality, error)
         embedded_group: dict[str, _Images] = {}
         for listing_id, images in group.items():
             needs = [i.facts.sha256 for i in images.usable if i.pixels is not None]

@@ -85,7 +85,7 @@ def _load_rgb(image: Image.Image, draft_size: int | None) -> Image.Image:
         if draft_size and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # without in_place: always a full copy
         return _to_rgb(image)
     except Exception as error:  # truncated data, bad chunks, broken palettes...
         raise ImageRejected(f"corrupt or truncated image: {one_line(error, 200)}") from None

@@ -20,6 +20,7 @@ from contract.broker import (
     GroupMessage,
 )
 from worker.runtime import WorkerRuntime
+from worker.thread_cpu import cpu_seconds_by_thread
 
 
 class ListingFailed(Exception):
@@ -100,12 +101,14 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
 
     @inspect_command(name=STATS_COMMAND)
     def lv_stats(state: Any) -> dict[str, Any]:
-        """How the model has been used: batches, model calls, items (for operators and tests)."""
+        """How the model has been used: batches, model calls, items; CPU seconds by kind of
+        thread (for operators, tests and the bench)."""
         return {
             "model": runtime.spec.model_id,
             "device": str(runtime.backend.device),
             "batches": asdict(runtime.service.batcher.stats),
             "model_calls": asdict(runtime.service.calls),
+            "cpu_seconds_by_thread": cpu_seconds_by_thread(),
         }
 
 

@@ -59,6 +59,15 @@ def test_64_single_listing_messages_are_served_in_few_model_calls(
     # loaded machine spreads deliveries, so no tighter count is promised).
     assert 0 < image_calls < 32 and 0 < text_calls < 32, after
     assert after["model_calls"]["images"] - before["model_calls"]["images"] == 63
+    # Where the worker's CPU went, by kind of thread: the consumer, fetch and decode, the model.
+    used = {
+        kind: seconds - before["cpu_seconds_by_thread"].get(kind, 0.0)
+        for kind, seconds in after["cpu_seconds_by_thread"].items()
+    }
+    # (The kernel counts in ticks of 10 ms: the fetch threads' share of 63 tiny images may
+    # round to nothing, so only that they are counted is asserted.)
+    assert used["MainThread"] > 0 and used["batcher-tiny-batch-run"] > 0, used
+    assert "fetch" in used and "outcome-writer" in used, used
     rows = {
         r["listing_id"]: r
         for r in query(

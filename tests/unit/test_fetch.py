@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from contract.errors import FetchError, TransientError, redacted
+from contract.urls import url_problem
 from tests.unit.fetch_servers import (
     IMAGE_BYTES,
     OVERSIZE,
@@ -587,6 +588,16 @@ def test_symlink_from_a_root_to_outside_is_refused(files: dict[str, Path]) -> No
 def test_dot_dot_traversal_out_of_a_root_is_refused(files: dict[str, Path], dots: str) -> None:
     url = f"file://{files['root']}/{dots}/outside/secret.jpg"
     assert "only read under LV_FILE_ROOTS" in refusal(url, file_policy(files["root"]))
+
+
+def test_a_symlink_loop_under_a_root_is_a_clear_error_not_a_crash(files: dict[str, Path]) -> None:
+    """Python 3.11's resolve() raises RuntimeError for a loop: it escaped both the worker's
+    fetch and the producer's check of event URLs (found 2026-12-01)."""
+    (files["root"] / "a.jpg").symlink_to(files["root"] / "b.jpg")
+    (files["root"] / "b.jpg").symlink_to(files["root"] / "a.jpg")
+    url = f"file://{files['root']}/a.jpg"
+    assert "a symlink loop" in refusal(url, file_policy(files["root"]))
+    assert "a symlink loop" in (url_problem(url, (files["root"],)) or "")
 
 
 def test_file_urls_are_refused_without_roots(files: dict[str, Path]) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from stat import S_ISREG
 from typing import BinaryIO
 
 from contract.errors import FetchError, reason
 from contract.urls import allowed_file_path, file_url_path
 from worker.fetch.policy import FetchedImage, FetchPolicy, NotModified, Validators, too_large
+
+# What `Path.exists()` took for "no such file".
+_MISSING = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 
 
 def read_file_url(
@@ -17,9 +22,13 @@ def read_file_url(
     `validators` naming its current size and modification time, `NotModified`."""
     real = allowed_file_path(url, policy.file_roots)
     path = file_url_path(url)
-    if not real.exists():
-        raise FetchError(f"no such file {path}")
-    if not real.is_file():
+    try:
+        found = real.stat()  # one system call for what exists() and is_file() asked in two
+    except OSError as error:
+        if error.errno in _MISSING:
+            raise FetchError(f"no such file {path}") from None
+        raise FetchError(f"cannot read {path} ({reason(error)})") from None
+    if not S_ISREG(found.st_mode):
         raise FetchError(f"{path} is not a regular file")
     try:
         with real.open("rb") as file:
