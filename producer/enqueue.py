@@ -1,4 +1,8 @@
-"""Events in, jobs out: record listings and jobs, commit, and only then send the tasks."""
+"""Events in, jobs out: record listings and jobs, commit, and only then send the tasks.
+
+A large call does that in slices (`RECORD_SLICE` listings each), so the first jobs are on the
+queue, and a worker busy with them, while the rest are still being recorded: a 3,000-listing
+call no longer waits a second and more for one commit before anything starts."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from db.schema import TERMINAL_JOB_STATES
 from producer.events import ListingEvent, Refusal, parse_event
 
 Progress = Callable[[Counter[str]], None]
+RECORD_SLICE = 512  # listings recorded, committed and sent together within one call
 
 
 @dataclass
@@ -68,7 +73,10 @@ class Producer:
         self, events: Iterable[ListingEvent | dict[str, Any]], model: str | None = None
     ) -> EnqueueReport:
         """Record and queue; raw events are validated first (a `ListingEvent` already is), and
-        invalid ones are refused and never reach a worker."""
+        invalid ones are refused and never reach a worker. The valid ones are recorded and
+        sent a slice at a time: if a slice cannot be recorded, the call raises and the slices
+        before it stay queued (enqueueing them again is harmless: a listing is analysed
+        again and its result row replaced)."""
         spec = self.resolve_model(model)
         specs = [spec] if model is not None else self._serving(spec)
         report = EnqueueReport(spec.model_id)
@@ -79,8 +87,27 @@ class Producer:
                 report.refused.append(parsed)
             else:
                 latest[parsed.listing_id] = parsed  # the last event for a listing wins
+        queued: dict[str, list[uuid.UUID]] = {s.model_id: [] for s in specs}
+        # Whole messages per slice (LV_ENQUEUE_GROUP jobs each), as one call would send them.
+        group = max(1, self.settings.enqueue_group)
+        size = -(-RECORD_SLICE // group) * group
+        events_in_order = list(latest.values())
+        for start in range(0, len(events_in_order), size):
+            new_jobs = self._record(events_in_order[start : start + size], specs)
+            # Sent only after the commit: a worker never receives a job it cannot find.
+            for s in specs:
+                self.send(new_jobs[s.model_id], s)
+                queued[s.model_id] += [job.job_id for job in new_jobs[s.model_id]]
+        report.job_ids = [job_id for ids in queued.values() for job_id in ids]
+        report.listing_ids = list(latest)
+        return report
+
+    def _record(
+        self, events: Sequence[ListingEvent], specs: Sequence[ModelSpec]
+    ) -> dict[str, list[NewJob]]:
+        """One slice's listings and a job per listing and model, in one transaction."""
         new_jobs = {
-            s.model_id: [NewJob(uuid.uuid4(), listing_id, s.model_id) for listing_id in latest]
+            s.model_id: [NewJob(uuid.uuid4(), event.listing_id, s.model_id) for event in events]
             for s in specs
         }
         with self.sessions.begin() as session:
@@ -88,15 +115,10 @@ class Producer:
                 if s.model_id not in self._recorded_models:  # once per producer: no row lock
                     registered_models.ensure_model(session, s)
                     registered_models.record_default_model(session, self.default_spec)
-            listings.upsert_listings(session, [event.to_record() for event in latest.values()])
+            listings.upsert_listings(session, [event.to_record() for event in events])
             jobs.create_jobs(session, [job for batch in new_jobs.values() for job in batch])
         self._recorded_models.update(new_jobs)
-        # Sent only after the commit: a worker never receives a job it cannot find.
-        for s in specs:
-            self.send(new_jobs[s.model_id], s)
-        report.job_ids = [job.job_id for batch in new_jobs.values() for job in batch]
-        report.listing_ids = list(latest)
-        return report
+        return new_jobs
 
     def _serving(self, active: ModelSpec) -> list[ModelSpec]:
         """The active model, and the model a reindex run is embedding the catalogue with (it

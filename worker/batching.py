@@ -8,7 +8,9 @@ item can cause (`splits_on` says which) fail the whole batch at once instead. Wi
 (how many items are on their way: jobs still fetching and decoding) the batcher waits only
 while more items are coming; a lone job on an idle worker runs at once. With `prepare`, a
 second thread runs it on each collected batch (JPEGs decoded on the device) while the previous
-batch is still in `run_batch`: batch k+1 is made ready while batch k runs.
+batch is still in `run_batch`: batch k+1 is made ready while batch k runs. While a prepared batch
+waits for the model, the batch after it keeps gathering items past `max_wait` (it could not run
+any sooner), so a busy GPU worker's batches stay full.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ class _Wake:
 
 
 _WAKE = _Wake()
+
+
+class _Closing:
+    """Returned by `_next` when `close` was called while a batch was being collected."""
+
+
+_CLOSING = _Closing()
 
 
 @dataclass
@@ -150,6 +159,7 @@ class DynamicBatcher(Generic[T, R]):
             batch = self._ready.get()
             if batch is None:
                 return
+            self._queue.put(_WAKE)  # a collection held back by this batch may end now
             self._run_timed(batch)
 
     def _run_timed(self, batch: list[_Pending[T, R]]) -> None:
@@ -169,13 +179,18 @@ class DynamicBatcher(Generic[T, R]):
         batch, size = [first], first.units
         deadline = first.submitted + self._max_wait
         while size < self._max_size:
-            if self._nobody_else_coming(batch):
+            held = self._held_back()
+            if not held and self._nobody_else_coming(batch):
                 break  # waiting would only add latency
-            pending = self._next(deadline)
-            if pending is None:
-                if not self._queue.empty() or time.monotonic() >= deadline:
+            pending = self._next(None if held else deadline)
+            if pending is _CLOSING:
+                break  # close() while collecting: run what we have, then stop
+            if pending is None:  # the deadline, or a wake: look at everything again
+                late = time.monotonic() >= deadline
+                if self._queue.empty() and late and not self._held_back():
                     break
                 continue
+            assert isinstance(pending, _Pending)
             if size + pending.units > self._max_size:
                 self._carry = pending
                 break
@@ -188,12 +203,22 @@ class DynamicBatcher(Generic[T, R]):
             return False
         return self._expecting() <= 0 and self._queue.empty()
 
-    def _next(self, deadline: float) -> _Pending[T, R] | None:
+    def _held_back(self) -> bool:
+        """Whether a batch collected now could not reach the model any sooner: a prepared batch
+        still waits for it, so the one after may keep gathering company for free (it is
+        prepared once that batch starts, while it runs; the model thread queues a wake when it
+        takes the prepared batch)."""
+        return self._prepare is not None and self._ready.full()
+
+    def _next(self, deadline: float | None) -> _Pending[T, R] | _Closing | None:
+        """The next queued item, waiting until `deadline` (None: until something is queued;
+        the model thread queues a wake when it takes the prepared batch); None for a wake or
+        the deadline."""
         try:
             pending = self._queue.get_nowait()
         except queue.Empty:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 return None
             try:
                 pending = self._queue.get(timeout=remaining)
@@ -201,8 +226,9 @@ class DynamicBatcher(Generic[T, R]):
                 return None
         if isinstance(pending, _Wake):
             return None  # the caller looks at the queue, the deadline and `expecting` again
-        if pending is None:  # close() while collecting: run what we have, then stop
+        if pending is None:  # close() while collecting: the collection ends, then the loop
             self._queue.put(None)
+            return _CLOSING
         return pending
 
     def _run(self, batch: list[_Pending[T, R]]) -> None:

@@ -198,15 +198,17 @@ def start_runtime(
         model_timeout,
         group_size=max_size,
     )
-    # Groups of up to half a batch, enough of them at once for two batches: one on the model
-    # while the next is fetched and decoded (and a bound on the pixels held).
+    # Groups of up to half a batch, enough of them at once for every batch the pipeline holds
+    # (and a bound on the pixels held): one on the model while the next is fetched and
+    # decoded; with a prepare step, one on the model, one prepared for it and one fetched.
     group_size = max(1, max_size // 2)
+    batches_held = 3 if service.prepares else 2
     groups = JobGroups(
         runner,
         chunk_analyzer,
         send.resend,
         max_group=group_size,
-        threads=max(2, -(-2 * max_size // group_size)),
+        threads=max(2, -(-batches_held * max_size // group_size)),
     )
     chunks = ChunkRunner(
         sessions=sessions,

@@ -263,6 +263,26 @@ def resize_and_crop(image: torch.Tensor, spec: InputSpec, device: torch.device) 
     return _crop(_resize(to_device(image, device), spec), spec)
 
 
+def stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(tensors)`, without the copy when they are already consecutive rows of one
+    contiguous tensor (a batch `_prepare` stacked): a view of those rows."""
+    first = tensors[0]
+    storage, step = first.untyped_storage().data_ptr(), first.numel()
+    if first.is_contiguous() and all(
+        t.is_contiguous()
+        and t.shape == first.shape
+        and t.dtype == first.dtype
+        and t.device == first.device
+        and t.untyped_storage().data_ptr() == storage
+        and t.storage_offset() == first.storage_offset() + k * step
+        for k, t in enumerate(tensors)
+    ):
+        return first.as_strided(
+            (len(tensors), *first.shape), (step, *first.stride()), first.storage_offset()
+        )
+    return torch.stack(list(tensors))
+
+
 def normalise(
     batch: torch.Tensor, spec: InputSpec, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

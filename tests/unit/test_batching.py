@@ -417,6 +417,38 @@ def test_the_next_batch_is_prepared_while_the_current_one_runs(make_batcher: Any
     assert [GATE] in prepared and ran == [2, 3, 4]
 
 
+def test_while_a_prepared_batch_waits_for_the_model_the_next_keeps_gathering(
+    make_batcher: Any,
+) -> None:
+    """Past `max_wait`: the batch could not reach the model any sooner, so it takes company
+    (a GPU worker's batches stay full instead of halving) until the model takes the one
+    waiting."""
+    model = Model()
+    prepared: list[list[Any]] = []
+    changed = threading.Condition()
+
+    def prepare(items: list[Any]) -> list[Any]:
+        with changed:
+            prepared.append(list(items))
+            changed.notify_all()
+        return items
+
+    batcher = make_batcher(model, max_size=8, max_wait=0.0, prepare=prepare)
+    gate = hold(batcher, model)  # on the model
+    waiting = batcher.submit(1)  # prepared at once (no wait), then waits for the model
+    with changed:
+        assert changed.wait_for(lambda: [1] in prepared, TIMEOUT)
+    later = [batcher.submit(2)]
+    with changed:  # well past max_wait (0 s): still gathering, not prepared
+        assert not changed.wait_for(lambda: len(prepared) > 2, 0.3)
+    later.append(batcher.submit(3))
+    model.opened.set()
+
+    assert results([gate, waiting, *later]) == [GATE, 10, 20, 30]
+    assert prepared == [[GATE], [1], [2, 3]]
+    assert model.after_gate() == [[1], [2, 3]]
+
+
 def test_a_prepare_that_raises_fails_its_batch_only(make_batcher: Any) -> None:
     model = Model()
 

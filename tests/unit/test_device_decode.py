@@ -19,7 +19,7 @@ from worker.decode import decode_image
 from worker.device_quality import measure_quality_batch, thumbnail_size
 from worker.inference import EmbedRequest, InferenceService
 from worker.quality import measure_quality
-from worker.tensor_input import decode_jpegs, encoded_jpeg
+from worker.tensor_input import decode_jpegs, encoded_jpeg, resize_and_crop, stack_rows
 
 MAX_PIXELS = 40_000_000
 # Whole-number scales, reductions first (over 512 px), odd ratios, portrait and landscape.
@@ -169,6 +169,34 @@ def test_a_batch_of_encoded_jpegs_embeds_as_the_pillow_path(
         assert quality is not None
         assert quality.blur == pytest.approx(expected.blur, rel=2e-3)
         assert quality.brightness == pytest.approx(expected.brightness, abs=1e-4)
+
+
+def test_a_prepared_batch_reaches_the_model_as_rows_of_one_tensor(
+    backends: dict[str, ModelBackend],
+) -> None:
+    """`_prepare` stacks the batch's distinct images once, one batch ahead; the model call
+    then slices that tensor instead of copying the batch again."""
+    backend = backends["open_clip"]
+    on_pil = service(backend, "pil")
+    try:
+        blobs = [jpeg(photo(w, h, seed=w)) for w, h in [(300, 200), (64, 64), (90, 400)]]
+        pixels = pil_pixels(on_pil, blobs)
+        requests = [
+            EmbedRequest(pixels[:2], (), ("a", "b")),
+            EmbedRequest((pixels[1], pixels[2]), (), ("b", "c")),  # "b" shared: prepared once
+        ]
+        prepared = on_pil._prepare(requests)
+        spec = on_pil.input_spec
+    finally:
+        on_pil.close()
+
+    assert spec is not None
+    distinct = [prepared[0].pixels[0], prepared[0].pixels[1], prepared[1].pixels[1]]
+    assert prepared[1].pixels[0] is prepared[0].pixels[1]
+    model_input = stack_rows(distinct)
+    assert model_input.data_ptr() == distinct[0].data_ptr()
+    want = torch.stack([resize_and_crop(p, spec, backend.device) for p in pixels])
+    assert torch.equal(model_input, want)
 
 
 def test_an_undecodable_jpeg_fails_alone_in_its_batch(backends: dict[str, ModelBackend]) -> None:

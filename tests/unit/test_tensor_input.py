@@ -30,6 +30,7 @@ from worker.tensor_input import (
     input_spec_from_hf,
     input_spec_from_open_clip,
     preprocess_batch,
+    stack_rows,
 )
 
 MAX_PIXELS = 40_000_000
@@ -449,3 +450,17 @@ def test_cpu_tensors_stay_where_they_are_without_pinning() -> None:
     moved = tensor_input.to_device(image, torch.device("cpu"))
 
     assert moved is image and not moved.is_pinned()
+
+
+def test_stack_rows_views_consecutive_rows_of_one_tensor_and_copies_anything_else() -> None:
+    batch = torch.arange(5 * 3 * 4 * 4, dtype=torch.uint8).reshape(5, 3, 4, 4)
+    rows = list(batch)
+
+    middle = stack_rows(rows[1:4])  # what a prepared batch (or a slice of it) hands the model
+    assert torch.equal(middle, batch[1:4])
+    assert middle.data_ptr() == batch[1].data_ptr()  # no copy
+
+    for others in ([rows[2], rows[1]], [rows[0], rows[2]], [batch[0].clone(), rows[1]]):
+        stacked = stack_rows(others)  # out of order, a gap, another tensor: copied
+        assert torch.equal(stacked, torch.stack(others))
+        assert stacked.data_ptr() != others[0].data_ptr()
