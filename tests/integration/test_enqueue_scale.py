@@ -43,14 +43,21 @@ def test_one_enqueue_call_records_and_sends_14000_listings(stack: Stack, produce
         # In group messages of LV_ENQUEUE_GROUP (16) jobs: 875 messages carry every job once.
         bodies = client.lrange(queue, 0, -1)[: client.llen(queue) - before]
         assert len(bodies) == 875
-        carried = [job for body in bodies for job in _job_ids(body)]
-        assert sorted(carried) == sorted(map(str, report.job_ids))
+        assert carried(bodies) == sorted(map(str, report.job_ids))
     finally:
-        client.delete(queue)
-        with stack.engine.begin() as connection:
-            connection.exec_driver_sql(
-                "DELETE FROM listings WHERE listing_id LIKE %s", (f"{prefix}%",)
-            )
+        forget(stack, client, queue, prefix)
+
+
+def forget(stack: Stack, client: redis.Redis, queue: str, prefix: str) -> None:
+    """Drop the test's messages and listings (their jobs go with them)."""
+    client.delete(queue)
+    with stack.engine.begin() as connection:
+        connection.exec_driver_sql("DELETE FROM listings WHERE listing_id LIKE %s", (f"{prefix}%",))
+
+
+def carried(bodies: list[Any]) -> list[str]:
+    """Every job id the messages carry, sorted."""
+    return sorted(job for body in bodies for job in _job_ids(body))
 
 
 def _job_ids(raw: bytes) -> list[str]:
@@ -90,11 +97,6 @@ def test_a_large_call_sends_its_first_slice_before_recording_its_last(
         # Whole messages of 16 per slice: 32 + 32 + 7 (100 = 6 x 16 + 4).
         bodies = client.lrange(queue, 0, -1)[: client.llen(queue) - before]
         assert len(bodies) == 71
-        carried = [job for body in bodies for job in _job_ids(body)]
-        assert sorted(carried) == sorted(map(str, report.job_ids))
+        assert carried(bodies) == sorted(map(str, report.job_ids))
     finally:
-        client.delete(queue)
-        with stack.engine.begin() as connection:
-            connection.exec_driver_sql(
-                "DELETE FROM listings WHERE listing_id LIKE %s", (f"{prefix}%",)
-            )
+        forget(stack, client, queue, prefix)
