@@ -78,7 +78,6 @@ class Producer:
         before it stay queued (enqueueing them again is harmless: a listing is analysed
         again and its result row replaced)."""
         spec = self.resolve_model(model)
-        specs = [spec] if model is not None else self._serving(spec)
         report = EnqueueReport(spec.model_id)
         latest: dict[str, ListingEvent] = {}
         for number, raw in enumerate(events, start=1):
@@ -87,17 +86,19 @@ class Producer:
                 report.refused.append(parsed)
             else:
                 latest[parsed.listing_id] = parsed  # the last event for a listing wins
-        queued: dict[str, list[uuid.UUID]] = {s.model_id: [] for s in specs}
+        queued: dict[str, list[uuid.UUID]] = {spec.model_id: []}
         # Whole messages per slice (LV_ENQUEUE_GROUP jobs each), as one call would send them.
         group = max(1, self.settings.enqueue_group)
         size = -(-RECORD_SLICE // group) * group
         events_in_order = list(latest.values())
         for start in range(0, len(events_in_order), size):
+            # Per slice: a reindex run that starts during a long call sees the later slices.
+            specs = [spec] if model is not None else self._serving(spec)
             new_jobs = self._record(events_in_order[start : start + size], specs)
             # Sent only after the commit: a worker never receives a job it cannot find.
             for s in specs:
                 self.send(new_jobs[s.model_id], s)
-                queued[s.model_id] += [job.job_id for job in new_jobs[s.model_id]]
+                queued.setdefault(s.model_id, []).extend(j.job_id for j in new_jobs[s.model_id])
         report.job_ids = [job_id for ids in queued.values() for job_id in ids]
         report.listing_ids = list(latest)
         return report

@@ -223,7 +223,12 @@ class InferenceService:
             # Stacked here, one batch ahead, in the order the model call takes them: that
             # call then slices this one tensor instead of copying the batch (a fresh copy of
             # a 378-px batch of 128 took 50-100 ms of the model thread on a busy CPU).
-            done = dict(zip(done, torch.stack(list(done.values())), strict=True))
+            try:
+                done = dict(zip(done, torch.stack(list(done.values())), strict=True))
+            except torch.cuda.OutOfMemoryError:
+                # No room for the batch twice: left apart, the model call stacks it a chunk
+                # at a time and halves a chunk that does not fit.
+                log.warning("no device memory to stack a prepared batch; stacking per call")
         out = []
         for request in requests:
             pixels = tuple(

@@ -267,15 +267,22 @@ def stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """`torch.stack(tensors)`, without the copy when they are already consecutive rows of one
     contiguous tensor (a batch `_prepare` stacked): a view of those rows."""
     first = tensors[0]
-    storage, step = first.untyped_storage().data_ptr(), first.numel()
-    if first.is_contiguous() and all(
-        t.is_contiguous()
-        and t.shape == first.shape
-        and t.dtype == first.dtype
-        and t.device == first.device
-        and t.untyped_storage().data_ptr() == storage
-        and t.storage_offset() == first.storage_offset() + k * step
-        for k, t in enumerate(tensors)
+    storage = first.untyped_storage()
+    address, size, step = storage.data_ptr(), storage.nbytes(), first.numel()
+    end = (first.storage_offset() + len(tensors) * step) * first.element_size()
+    if (
+        first.is_contiguous()
+        and end <= size  # two storages can share an address (numpy views): stay inside one
+        and all(
+            t.is_contiguous()
+            and t.shape == first.shape
+            and t.dtype == first.dtype
+            and t.device == first.device
+            and t.untyped_storage().data_ptr() == address
+            and t.untyped_storage().nbytes() == size
+            and t.storage_offset() == first.storage_offset() + k * step
+            for k, t in enumerate(tensors)
+        )
     ):
         return first.as_strided(
             (len(tensors), *first.shape), (step, *first.stride()), first.storage_offset()

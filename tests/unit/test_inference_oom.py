@@ -116,3 +116,30 @@ def test_the_call_size_grows_back_after_a_run_of_calls_that_fit(
 
     assert chunks.size == 16
     assert memory.sizes[-1] == 16
+
+
+def test_a_prepared_batch_too_big_to_stack_is_stacked_per_call_instead(
+    backend: ModelBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tensor path stacks a batch one ahead of the model; with no memory for that second
+    copy, the batch is left apart and the model call stacks it a chunk at a time."""
+    images = tuple((torch.rand(3, 40, 30) * 255).to(torch.uint8) for _ in range(5))
+    running = InferenceService(backend, max_size=16, max_wait_s=0.0, input_path="tensor")
+    try:
+        expected = running.embed(EmbedRequest(images), timeout=60).image_embeddings
+        real_stack, failed = torch.stack, []
+
+        def stack(tensors: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if not failed:  # the first stack is the prepare step's
+                failed.append(len(tensors))
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return real_stack(tensors, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "stack", stack)
+        got = running.embed(EmbedRequest(images), timeout=60).image_embeddings
+    finally:
+        monkeypatch.undo()
+        running.close()
+
+    assert failed == [5]
+    assert torch.allclose(got, expected, atol=1e-6)

@@ -460,7 +460,10 @@ def test_stack_rows_views_consecutive_rows_of_one_tensor_and_copies_anything_els
     assert torch.equal(middle, batch[1:4])
     assert middle.data_ptr() == batch[1].data_ptr()  # no copy
 
-    for others in ([rows[2], rows[1]], [rows[0], rows[2]], [batch[0].clone(), rows[1]]):
+    array = np.arange(2 * 3 * 2 * 2, dtype=np.uint8).reshape(2, 3, 2, 2)
+    # Two storages at one address: the first row alone, and the whole array.
+    shared = [torch.from_numpy(array[0]), torch.from_numpy(array)[1]]
+    for others in ([rows[2], rows[1]], [rows[0], rows[2]], [batch[0].clone(), rows[1]], shared):
         stacked = stack_rows(others)  # out of order, a gap, another tensor: copied
         assert torch.equal(stacked, torch.stack(others))
         assert stacked.data_ptr() != others[0].data_ptr()
