@@ -413,9 +413,9 @@ def steady_rate(arrivals: Sequence[float]) -> float | None:
     tail (a last partial batch). Reported beside the whole run's rate, never instead of it."""
     if len(arrivals) < 20:
         return None
-    low, high = arrivals[len(arrivals) // 10], arrivals[9 * len(arrivals) // 10]
-    span = high - low
-    return round((9 * len(arrivals) // 10 - len(arrivals) // 10) / span, 1) if span > 0 else None
+    low, high = len(arrivals) // 10, 9 * len(arrivals) // 10
+    span = arrivals[high] - arrivals[low]
+    return round((high - low) / span, 1) if span > 0 else None
 
 
 def worker_stats(producer: Producer, name: str) -> dict[str, Any]:
@@ -614,8 +614,8 @@ def run_simulated(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         model_only = sim_model_only(bench.registry, model_id, batch, bench.plan.sim_seconds)
         bound = simulated_bound(name, batch)
         paths = (SIM_INPUT_PATH, "pil") if index == 0 else (SIM_INPUT_PATH,)
+        count = batch * -(-bench.plan.sim_listings // batch)  # whole batches
         for path in paths:
-            count = batch * -(-bench.plan.sim_listings // batch)
             listings = bench.listings(model_id, count + 8)
             with pipeline_worker(bench.settings, model_id, f"sim-{path}", LV_INPUT_PATH=path):
                 row = measured_run(bench.settings, bench.listener, model_id, listings)

@@ -110,7 +110,7 @@ class InferenceService:
             units=lambda request: len(request.pixels) or 1,
             name=f"batcher-{backend.spec.model_id}",
             expecting=lambda: self._coming,
-            prepare=self._prepare if self.input_spec is not None else None,
+            prepare=self._prepare if self.prepares else None,
         )
 
     @property
