@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
@@ -257,6 +258,10 @@ class DynamicBatcher(Generic[T, R]):
                 _resolve(pending.future, error=error)
             return
         log.warning("batch of %d failed (%s); retrying it in halves", len(batch), error)
+        # The error's traceback holds the failed call's frames and, in them, what it built
+        # (a stacked batch, activations on the GPU): cleared first, or the halves run with
+        # that memory still taken. The futures keep the error and its frame list for the log.
+        traceback.clear_frames(error.__traceback__)
         self.stats.splits += 1
         middle = len(batch) // 2
         self._run(batch[:middle])

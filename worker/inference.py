@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
@@ -403,7 +404,10 @@ class OomChunker:
             chunk = items[start : start + self.size]
             try:
                 out.append(call(chunk))
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError as error:
+                # Its frames hold what the failed call allocated: freed before the retry
+                # (and before `empty_cache`), not when the handler ends.
+                traceback.clear_frames(error.__traceback__)
                 self._after_oom(len(chunk))
                 continue
             start += len(chunk)

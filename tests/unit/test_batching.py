@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -240,6 +241,31 @@ def test_a_batch_too_big_for_the_model_is_retried_in_halves(make_batcher: Any) -
 
     assert results(futures) == [-i for i in range(16)]
     assert batcher.stats.calls == 1 + 2 + 4
+
+
+def test_what_a_failed_call_built_is_freed_before_its_halves_run(make_batcher: Any) -> None:
+    """A failed call's frames (its stacked batch, a GPU's activations) must not stay alive,
+    held by the error's traceback, while the halves run: they need that memory."""
+
+    class Built:  # stands for a big tensor the call made before it failed
+        pass
+
+    built: list[weakref.ref[Built]] = []
+    alive_when_halves_ran: list[bool] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        if len(items) > 1:
+            batch = Built()  # a local of the failing frame, as a stacked input would be
+            built.append(weakref.ref(batch))
+            raise RuntimeError("CUDA out of memory")
+        alive_when_halves_ran.append(built[0]() is not None)
+        return items
+
+    batcher = make_batcher(run_batch, max_size=2, max_wait=TIMEOUT)
+    futures = [batcher.submit(i) for i in range(2)]
+
+    assert results(futures) == [0, 1]
+    assert alive_when_halves_ran == [False, False]
 
 
 def test_a_wrong_result_count_is_treated_as_a_failure(make_batcher: Any) -> None:

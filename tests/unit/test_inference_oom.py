@@ -3,6 +3,7 @@ size halves down to one, only the item that cannot fit fails, and the size grows
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -143,3 +144,32 @@ def test_a_prepared_batch_too_big_to_stack_is_stacked_per_call_instead(
 
     assert failed == [5]
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_what_a_call_out_of_memory_allocated_is_freed_before_the_cache_is_emptied(
+    backend: ModelBackend, service: InferenceService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error's traceback holds the failed call's frames: `empty_cache` can only hand their
+    memory (activations on a GPU) back once they are cleared, and the smaller calls need it."""
+    real = backend.embed_images
+    allocated: list[weakref.ref[torch.Tensor]] = []
+    held_when_emptied: list[bool] = []
+
+    def embed_images(batch: torch.Tensor) -> torch.Tensor:
+        if len(batch) > 2:
+            activations = batch * 2  # a local of the failing frame
+            allocated.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(batch)
+
+    monkeypatch.setattr(backend, "embed_images", embed_images)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.cuda,
+        "empty_cache",
+        lambda: held_when_emptied.append(any(ref() is not None for ref in allocated)),
+    )
+    got = service.embed(EmbedRequest(pixels=pixels(backend, 4)), timeout=60).image_embeddings
+
+    assert got.shape[0] == 4
+    assert held_when_emptied == [False]
