@@ -12,7 +12,9 @@ shared and noisy, so absolute numbers from different days do not compare):
 6. a simulated accelerator (`backend = "sim"`): pipeline listings/s against the simulated
    model's own images/s, for four model sizes, on a GPU host's input path (`LV_INPUT_PATH=
    tensor`), and for the first once more on the PIL path;
-7. with --profile, a py-spy flame graph of the worker during an extra pipeline run.
+7. real models on a CUDA host (bench/device_models.py: ViT-B-32, ViT-L-14, ViT-H-14-378,
+   DINOv2-large, random weights) alone and through a worker, against the H100 targets;
+8. with --profile, a py-spy flame graph of the worker during an extra pipeline run.
 
     python -m bench.throughput [--quick] [--profile]
 
@@ -46,6 +48,7 @@ import psutil
 import psycopg
 import torch
 
+from bench.device_models import DEVICE_MODELS, device_checks, registry_text
 from bench.machine import device_label
 from bench.noop_worker import NODE as NOOP_NODE
 from bench.peer import PeerListing, run_peer
@@ -143,12 +146,13 @@ def bench_model(
     return rows
 
 
-def sim_model_only(registry: Registry, model_id: str, batch: int, seconds: float) -> float:
-    """Listings/s of the simulated model alone on the pipeline's own workload: per batch, one
-    image call and (for a model with text) one call for the batch's titles."""
+def model_only_listings(registry: Registry, model_id: str, batch: int, seconds: float) -> float:
+    """Listings/s of the model alone (simulated or real) on the pipeline's own workload: per
+    batch, one image call and (for a model with text) one call for the batch's titles."""
     backend = create_backend(get_spec(registry, model_id))
     info = backend.load()
     pixels = torch.randn(batch, 3, info.image_size, info.image_size)
+    backend.embed_images(pixels)  # warm-up (a first call on a GPU picks its kernels)
     texts = [f"listing title {i}" for i in range(batch)]
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -611,7 +615,7 @@ def run_simulated(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     pil_row: dict[str, Any] = {}
     for index, (model_id, (name, batch)) in enumerate(SIM_MODELS.items()):
         alone = bench_model(bench.registry, model_id, [batch], bench.plan.sim_seconds)[0]
-        model_only = sim_model_only(bench.registry, model_id, batch, bench.plan.sim_seconds)
+        model_only = model_only_listings(bench.registry, model_id, batch, bench.plan.sim_seconds)
         bound = simulated_bound(name, batch)
         paths = (SIM_INPUT_PATH, "pil") if index == 0 else (SIM_INPUT_PATH,)
         count = batch * -(-bench.plan.sim_listings // batch)  # whole batches
@@ -648,26 +652,71 @@ def run_simulated(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return rows, pil_row
 
 
+def run_baselines_and_pipelines(bench: Bench, result: dict[str, Any]) -> None:
+    """Parts 2 to 6: the no-op drain, the lv-toy pipeline (with the peer and the trickle) and
+    the simulated accelerators."""
+    print("no-op Celery drain (same worker shape, task does nothing):", flush=True)
+    result["noop_drain"] = bench_noop_drain(bench.settings, bench.plan.noop_messages)
+    print("pipeline (embedded PostgreSQL and Valkey, one worker process):", flush=True)
+    run_pipeline(bench, result)
+    print("simulated accelerator:", flush=True)
+    result["simulated"], result["simulated_pil_path"] = run_simulated(bench)
+
+
+def run_device_models(bench: Bench, model_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """Each real model (bench/device_models.py): its images/s and listings/s alone, then
+    listings/s through a real worker at the settings' defaults (on a CUDA host: nvJPEG decode,
+    the tensor input path). A quick plan sends one batch each."""
+    rows = []
+    for model_id in model_ids:
+        model = DEVICE_MODELS[model_id]
+        seconds = bench.plan.sim_seconds
+        alone = bench_model(bench.registry, model_id, [model.batch], seconds)[0]
+        model_only = model_only_listings(bench.registry, model_id, model.batch, seconds)
+        count = model.batch if bench.plan is QUICK else model.listings
+        listings = bench.listings(model_id, count + 8)
+        with pipeline_worker(bench.settings, model_id, "device"):
+            row = measured_run(bench.settings, bench.listener, model_id, listings)
+        row.update(
+            model_name=model.name,
+            batch_max_size=model.batch,
+            model_only_images_per_s=alone["images_per_s"],
+            model_only_listings_per_s=round(model_only, 1),
+            ratio_to_model_only=round(row["listings_per_s"] / model_only, 3),
+        )
+        print_pipeline(row, f"batch {model.batch}")
+        print(f"    ratio to model alone {row['ratio_to_model_only']:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each ratio with its target (if any) and whether it is met."""
-    headline = result["pipeline"]["listings_per_s"]
-    # The no-op drain is of one-job messages: against it, the pipeline fed the same shape.
-    single = result["pipeline_single_messages"]["listings_per_s"]
-    values = {
-        "pipeline_vs_noop_drain": single / result["noop_drain"]["messages_per_s"],
-        "pipeline_vs_noop_worker_drain": single / result["noop_drain"]["worker_drain_per_s"],
-        "pipeline_vs_peer": headline / result["peer"]["listings_per_s"],
-        "pipeline_grouped_vs_noop_drain": headline / result["noop_drain"]["messages_per_s"],
-        "trickle_p95_ms": result["trickle"]["p95_ms"],
-    }
-    for row in result["simulated"]:
+    """Each ratio with its target (if any) and whether it is met (of the parts that ran)."""
+    values: dict[str, float] = {}
+    if "pipeline" in result:
+        headline = result["pipeline"]["listings_per_s"]
+        # The no-op drain is of one-job messages: against it, the pipeline fed the same shape.
+        single = result["pipeline_single_messages"]["listings_per_s"]
+        noop = result["noop_drain"]
+        values = {
+            "pipeline_vs_noop_drain": single / noop["messages_per_s"],
+            "pipeline_vs_noop_worker_drain": single / noop["worker_drain_per_s"],
+            "pipeline_vs_peer": headline / result["peer"]["listings_per_s"],
+            "pipeline_grouped_vs_noop_drain": headline / noop["messages_per_s"],
+            "trickle_p95_ms": result["trickle"]["p95_ms"],
+        }
+    for row in result.get("simulated", []):
         values[f"{row['model'].replace('-', '_')}_vs_model"] = row["ratio_to_model_only"]
         if row.get("steady_ratio_to_model_only"):  # reported beside it, never judged
             steady = row["steady_ratio_to_model_only"]
             values[f"{row['model'].replace('-', '_')}_steady_vs_model"] = steady
+    targets: dict[str, tuple[str | None, float | None]] = dict(TARGETS)
+    for name, (value, judged_by, bound) in device_checks(result.get("device_models", [])).items():
+        values[name] = value
+        targets[name] = (judged_by, bound)
     rows = []
     for name, value in values.items():
-        op, target = TARGETS.get(name, (None, None))
+        op, target = targets.get(name, (None, None))
         met = None if target is None else (value >= target if op == ">=" else value <= target)
         rows.append(
             {"name": name, "value": round(value, 3), "op": op, "target": target, "met": met}
@@ -695,13 +744,18 @@ def print_summary(result: dict[str, Any]) -> None:
         f"on {result['cpu_cores']} cores):"
     )
     print(f"  {'':34} {'value':>10} {'target':>10}  met")
-    noop = result["noop_drain"]
-    print(f"  {'no-op send and drain (messages/s)':34} {noop['messages_per_s']:>10}")
-    print(f"  {'no-op drain of a full queue (msg/s)':34} {noop['worker_drain_per_s']:>10}")
-    print(f"  {'peer (listings/s)':34} {result['peer']['listings_per_s']:>10}")
-    print(f"  {'pipeline, default (listings/s)':34} {result['pipeline']['listings_per_s']:>10}")
-    single = result["pipeline_single_messages"]["listings_per_s"]
-    print(f"  {'pipeline, one per message':34} {single:>10}")
+    if "pipeline" in result:
+        noop = result["noop_drain"]
+        print(f"  {'no-op send and drain (messages/s)':34} {noop['messages_per_s']:>10}")
+        print(f"  {'no-op drain of a full queue (msg/s)':34} {noop['worker_drain_per_s']:>10}")
+        print(f"  {'peer (listings/s)':34} {result['peer']['listings_per_s']:>10}")
+        headline = result["pipeline"]["listings_per_s"]
+        print(f"  {'pipeline, default (listings/s)':34} {headline:>10}")
+        single = result["pipeline_single_messages"]["listings_per_s"]
+        print(f"  {'pipeline, one per message':34} {single:>10}")
+    for row in result.get("device_models", []):
+        label = f"{row['model']} (listings/s)"
+        print(f"  {label:34} {row['listings_per_s']:>10}")
     for row in result["checks"]:
         target = f"{row['op']} {row['target']}" if row["target"] is not None else ""
         met = {True: "yes", False: "NO", None: ""}[row["met"]]
@@ -718,28 +772,48 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="add a py-spy flame graph of the worker"
     )
+    parser.add_argument(
+        "--device-models",
+        nargs="*",
+        choices=sorted(DEVICE_MODELS),
+        metavar="ID",
+        help="real models to measure (bench/device_models.py); default: all of them on a CUDA "
+        "host, none on a CPU",
+    )
+    parser.add_argument(
+        "--device-only",
+        action="store_true",
+        help="only the real models (a GPU host's short first look; writes <date>-<device>-"
+        "models.json)",
+    )
     args = parser.parse_args()
     quick, profile = args.quick, args.profile
+    device_ids = args.device_models
+    if device_ids is None:
+        device_ids = sorted(DEVICE_MODELS) if torch.cuda.is_available() else []
+    if args.device_only and not device_ids:
+        parser.error("--device-only measures real models: it needs CUDA or --device-models ID")
     plan = QUICK if quick else FULL
     device = device_label()
     today = date.today().isoformat()
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
-    stem = f"{today}-{slug}{'-quick' if quick else ''}"
+    stem = f"{today}-{slug}{'-quick' if quick else ''}{'-models' if args.device_only else ''}"
     result: dict[str, Any] = {"date": today, "device": device, "quick": quick, **machine()}
     load_at_start = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         models_file = scratch / "models.toml"
-        models_file.write_text(REGISTRY)
+        models_file.write_text(REGISTRY + registry_text(scratch, device_ids))
         registry = load_registry(models_file)
-        batches = plan.model_batches if device.startswith("cpu") else (1, 32, 128, 256)
-        print("model alone:", flush=True)
-        result["model"] = [
-            row
-            for m in plan.model_ids
-            for row in bench_model(registry, m, batches, plan.model_seconds)
-        ]
+        if not args.device_only:
+            batches = plan.model_batches if device.startswith("cpu") else (1, 32, 128, 256)
+            print("model alone:", flush=True)
+            result["model"] = [
+                row
+                for m in plan.model_ids
+                for row in bench_model(registry, m, batches, plan.model_seconds)
+            ]
         home = scratch / "home"
         with EmbeddedServers(home) as urls:
             settings = load_settings(
@@ -751,12 +825,11 @@ def main() -> None:
             listener = ResultListener(settings.require_database_url())
             try:
                 bench = Bench(settings, registry, listener, scratch / "images", plan)
-                print("no-op Celery drain (same worker shape, task does nothing):", flush=True)
-                result["noop_drain"] = bench_noop_drain(settings, plan.noop_messages)
-                print("pipeline (embedded PostgreSQL and Valkey, one worker process):", flush=True)
-                run_pipeline(bench, result)
-                print("simulated accelerator:", flush=True)
-                result["simulated"], result["simulated_pil_path"] = run_simulated(bench)
+                if not args.device_only:
+                    run_baselines_and_pipelines(bench, result)
+                if device_ids:
+                    print("real models on the device:", flush=True)
+                    result["device_models"] = run_device_models(bench, device_ids)
                 if profile:
                     print("profile (py-spy on the worker):", flush=True)
                     flame = RESULTS / f"{stem}-worker-flame.svg"
@@ -771,7 +844,8 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_summary(result)
     print(f"wrote {out}")
-    print(f"wrote {plot_throughput(result, out.with_suffix('.png'))}")
+    if not args.device_only:
+        print(f"wrote {plot_throughput(result, out.with_suffix('.png'))}")
 
 
 if __name__ == "__main__":
