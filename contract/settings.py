@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     # together on its device (nvJPEG on CUDA) and measure there; `pil` decodes each in its job's
     # thread; `auto` is device on CUDA with the tensor input path, else pil.
     decode: Literal["auto", "pil", "device"] = "auto"
+    # Processes that decode images for the tensor input path (0: each job's own threads).
+    decode_processes: int = Field(0, ge=0, le=64)
     worker_concurrency: int | None = Field(None, ge=1)
     # Jobs per message when one `enqueue` call carries several events: a worker claims,
     # analyses and commits a group together (docs/architecture.md). 1: one message per job.

@@ -79,6 +79,7 @@ class ListingAnalyzer:
             draft_size=max(info.image_size, 256),
             executor=self.executor,
             encode=self.service.encoded,
+            decode=self.service.pool_decode,
         )
         decoded = time.monotonic()
         seconds = {"fetch": got - started, "decode": decoded - got}

@@ -184,6 +184,7 @@ class ChunkAnalyzer:
             draft_size=max(info.image_size, 256),
             executor=self.executor,
             encode=self.service.encoded,
+            decode=self.service.pool_decode,
         )
         _add(found.seconds, "decode", time.monotonic() - fetched_at)
         out: dict[str, _Images] = {}

@@ -168,10 +168,12 @@ def prepare_images(
     draft_size: int,
     executor: Executor,
     encode: Callable[[bytes], EncodedJpeg | None] | None = None,
+    decode: Callable[[FetchedBytes], PreparedImage | FailedImage] | None = None,
 ) -> list[PreparedImage | FailedImage]:
     """Decode, measure and preprocess what the model has not embedded yet, in position order.
     With `encode` (JPEGs decoded on the model's device), a JPEG it accepts is passed on
-    encoded, its header read here and nothing decoded."""
+    encoded, its header read here and nothing decoded. With `decode` (a pool of decode
+    processes, `worker.decode_pool`), the rest is decoded there instead of in this thread."""
 
     def prepare(image: Fetched) -> PreparedImage | FailedImage:
         if isinstance(image, FailedImage):
@@ -187,6 +189,8 @@ def prepare_images(
             jpeg = encode(image.data) if encode is not None else None
             if jpeg is not None:
                 return _left_encoded(image, jpeg)
+            if decode is not None:
+                return decode(image)
             with _DECODE_SLOTS:
                 return _decode_and_prepare(image, preprocess, max_pixels, draft_size)
         except ListingError as error:

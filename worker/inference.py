@@ -12,14 +12,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from contract.errors import TransientError
 from worker.backends.base import ModelBackend
 from worker.batching import DynamicBatcher
+from worker.decode_child import input_pixels
+from worker.decode_pool import DecodePool
 from worker.device_quality import measure_quality_batch
+from worker.images import FailedImage, FetchedBytes, PreparedImage
 from worker.quality import ImageQuality
 from worker.tensor_input import (
     EncodedJpeg,
@@ -93,6 +95,7 @@ class InferenceService:
         decode: str = "auto",
         max_pixels: int = 40_000_000,
         observe: Callable[[str, int], None] | None = None,
+        decode_processes: int = 0,
     ) -> None:
         self.backend = backend
         self._observe = observe  # (tower, items) per model call, for metrics
@@ -104,6 +107,14 @@ class InferenceService:
         self._coming_lock = threading.Lock()
         self._image_chunks = OomChunker(max_size, "image")
         self._text_chunks = OomChunker(_TEXT_CALL_LIMIT, "text")
+        self.decode_pool: DecodePool | None = None
+        if decode_processes > 0 and self.input_spec is not None:
+            self.decode_pool = DecodePool(
+                decode_processes,
+                max_pixels=max_pixels,
+                draft_size=max(backend.info.image_size, 256),
+                side=max(self.input_spec.output_size),
+            )
         self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
             self._run_batch,
             max_size=max_size,
@@ -176,8 +187,10 @@ class InferenceService:
         return self.embed(EmbedRequest(texts=tuple(texts)), timeout).text_embeddings
 
     def close(self) -> None:
-        """Stop the batcher thread after the batches already queued."""
+        """Stop the batcher thread after the batches already queued, and the decode pool."""
         self.batcher.close()
+        if self.decode_pool is not None:
+            self.decode_pool.close()
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """What a job hands the batcher for one decoded image: the model's input (the backend's
@@ -185,13 +198,15 @@ class InferenceService:
         batch on the model's device."""
         if self.input_spec is None:
             return self.backend.preprocess(image)
-        # Held until the batch runs: a huge PNG (JPEGs are drafted already) is first reduced by
-        # a whole factor (box filter) to at most about four times the model's input.
+        # Held until the batch runs (the same layout a decode process gives).
         side = max(self.input_spec.output_size)
-        factor = min(image.size) // (4 * side)
-        if factor >= 2:
-            image = image.reduce(factor)
-        return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        return torch.from_numpy(input_pixels(image, side)).permute(2, 0, 1)
+
+    @property
+    def pool_decode(self) -> Callable[[FetchedBytes], PreparedImage | FailedImage] | None:
+        """Where a job's images are decoded when not in its own thread: the pool of decode
+        processes (`LV_DECODE_PROCESSES`, tensor input path only), else None."""
+        return self.decode_pool.prepare if self.decode_pool is not None else None
 
     def encoded(self, data: bytes) -> EncodedJpeg | None:
         """`data` left encoded for the batch to decode on the device (`LV_DECODE`), or None:

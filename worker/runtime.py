@@ -145,6 +145,7 @@ def start_runtime(
         decode=settings.decode,
         max_pixels=settings.max_image_pixels,
         observe=metrics.model_call if metrics is not None else None,
+        decode_processes=settings.decode_processes,
     )
     thresholds = RecordedThresholds(sessions, spec.model_id, spec.threshold)
     scorer = make_scorer(settings, spec, service, thresholds)

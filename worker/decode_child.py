@@ -1,0 +1,68 @@
+"""What a decode process runs (`LV_DECODE_PROCESSES`): one image's bytes to its facts, its
+blur and brightness, and the tensor input path's uint8 pixels. Pillow and numpy only, no torch,
+so a process starts in a fraction of a second; the worker's threads run the same functions
+when there is no pool, so both give the same numbers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from contract.errors import ListingError, one_line
+from worker.decode import decode_image
+from worker.quality import measure_quality
+
+
+@dataclass(frozen=True)
+class DecodedForModel:
+    """One decoded image as the tensor input path takes it, with the facts stored per image."""
+
+    width: int
+    height: int
+    format: str
+    bytes: int
+    blur: float
+    brightness: float
+    pixels: np.ndarray  # uint8 (H, W, 3)
+
+
+def ready() -> int:
+    """A pool process's answer to the warm-up: it has started and imported all of the above."""
+    return os.getpid()
+
+
+def input_pixels(image: Image.Image, side: int) -> np.ndarray:
+    """uint8 (H, W, 3) pixels for the tensor path, which resizes them in the batch: a huge PNG
+    (JPEGs are drafted already) is first reduced by a whole factor (box filter) to at most about
+    four times the model's input side."""
+    factor = min(image.size) // (4 * side)
+    if factor >= 2:
+        image = image.reduce(factor)
+    return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_for_model(
+    data: bytes, max_pixels: int, draft_size: int, side: int
+) -> DecodedForModel | str:
+    """Decode, measure and lay out one image; an image that cannot be used gives its one-line
+    reason instead (an exception would have to cross the process boundary)."""
+    try:
+        decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+        quality = measure_quality(decoded.pixels)
+        pixels = input_pixels(decoded.pixels, side)
+    except ListingError as error:
+        return str(error)
+    except Exception as error:  # a decoder bug on odd input: this image only
+        return f"could not prepare image: {one_line(error)}"
+    return DecodedForModel(
+        decoded.width,
+        decoded.height,
+        decoded.format,
+        decoded.bytes,
+        quality.blur,
+        quality.brightness,
+        pixels,
+    )
