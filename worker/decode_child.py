@@ -6,6 +6,7 @@ when there is no pool, so both give the same numbers."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,17 @@ def input_pixels(image: Image.Image, side: int) -> np.ndarray:
     if factor >= 2:
         image = image.reduce(factor)
     return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_each(
+    work: Callable[[bytes, int, int, int], DecodedForModel | str],
+    images: list[bytes],
+    max_pixels: int,
+    draft_size: int,
+    side: int,
+) -> list[DecodedForModel | str]:
+    """A pool task: several images (`work` on each), so a task's hand-off is paid per chunk."""
+    return [work(data, max_pixels, draft_size, side) for data in images]
 
 
 def decode_for_model(

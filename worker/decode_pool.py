@@ -20,15 +20,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
+from contract.errors import TransientError
 from db.records import ImageFacts
-from worker.decode_child import DecodedForModel, decode_for_model, ready
+from worker.decode_child import DecodedForModel, decode_each, decode_for_model, ready
 from worker.images import FailedImage, FetchedBytes, PreparedImage
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ DecodeWork = Callable[[bytes, int, int, int], DecodedForModel | str]
 
 
 class DecodePool:
-    """`prepare(image)` from any thread: the image decoded in a pool process, as a
+    """`prepare_many(images)` from any thread: each image decoded in a pool process, as a
     `PreparedImage` with uint8 (3, H, W) pixels, or a `FailedImage` with its reason."""
 
     def __init__(
@@ -64,22 +65,53 @@ class DecodePool:
         self._pool = self._new_pool(self.processes)
         self.replaced = 0  # pools replaced after a process died (for tests and the log)
 
-    def prepare(self, image: FetchedBytes) -> PreparedImage | FailedImage:
+    def prepare_many(self, images: Sequence[FetchedBytes]) -> list[PreparedImage | FailedImage]:
+        """A group's images in one task per process: a task's own cost (its hand-off, a wake-up
+        of the pool's result thread) is paid per chunk, not per image."""
+        if not images:
+            return []
+        size = -(-len(images) // self.processes)
+        chunks = [list(images[start : start + size]) for start in range(0, len(images), size)]
         pool = self._pool
         try:
-            got = self._run(pool, image.data)
-        except BrokenProcessPool:
+            futures = [
+                pool.submit(decode_each, self._work, [image.data for image in chunk], *self._args)
+                for chunk in chunks
+            ]
+        except BrokenProcessPool:  # broken by another group's image, not yet replaced
             self._replace(pool)
-            got = self._alone_run(image.data)
-        except FutureTimeout:
-            got = f"decoding took longer than {self._timeout:.0f} s"
-        if isinstance(got, str):
-            return FailedImage(image.position, image.url, got)
-        facts = ImageFacts(
-            image.sha256, got.width, got.height, got.format, got.bytes, got.blur, got.brightness
-        )
-        pixels = torch.from_numpy(got.pixels).permute(2, 0, 1)
-        return PreparedImage(image.position, image.url, facts, pixels, None, image.validators)
+            again = self._one_by_one(images)
+            return [_outcome(image, one) for image, one in zip(images, again, strict=True)]
+        except RuntimeError as error:  # shut down: the worker is stopping
+            raise TransientError("the worker is stopping") from error
+        got: list[DecodedForModel | str] = []
+        for chunk, future in zip(chunks, futures, strict=True):
+            try:
+                got.extend(future.result(timeout=self._timeout))
+            except BrokenProcessPool:  # a process died, perhaps of an image in this chunk
+                self._replace(pool)
+                got.extend(self._one_by_one(chunk))
+            except FutureTimeout:
+                got.extend([self._too_slow()] * len(chunk))
+        return [_outcome(image, one) for image, one in zip(images, got, strict=True)]
+
+    def _one_by_one(self, chunk: Sequence[FetchedBytes]) -> list[DecodedForModel | str]:
+        """A broken chunk's images again, one task each in the new pool; one that breaks that
+        pool too is decoded alone to find out whether it is the one that kills."""
+        out: list[DecodedForModel | str] = []
+        for image in chunk:
+            pool = self._pool
+            try:
+                out.append(self._run(pool, image.data))
+            except BrokenProcessPool:
+                self._replace(pool)
+                out.append(self._alone_run(image.data))
+            except FutureTimeout:
+                out.append(self._too_slow())
+        return out
+
+    def _too_slow(self) -> str:
+        return f"decoding took longer than {self._timeout:.0f} s"
 
     def close(self) -> None:
         with self._lock:
@@ -99,7 +131,7 @@ class DecodePool:
             except BrokenProcessPool:
                 return "the decoder process died on this image"
             except FutureTimeout:
-                return f"decoding took longer than {self._timeout:.0f} s"
+                return self._too_slow()
             finally:
                 alone.shutdown(wait=False, cancel_futures=True)
 
@@ -118,3 +150,13 @@ class DecodePool:
         for started in [pool.submit(ready) for _ in range(processes)]:
             started.result(timeout=self._timeout)
         return pool
+
+
+def _outcome(image: FetchedBytes, got: DecodedForModel | str) -> PreparedImage | FailedImage:
+    if isinstance(got, str):
+        return FailedImage(image.position, image.url, got)
+    facts = ImageFacts(
+        image.sha256, got.width, got.height, got.format, got.bytes, got.blur, got.brightness
+    )
+    pixels = torch.from_numpy(got.pixels).permute(2, 0, 1)
+    return PreparedImage(image.position, image.url, facts, pixels, None, image.validators)

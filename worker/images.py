@@ -168,14 +168,15 @@ def prepare_images(
     draft_size: int,
     executor: Executor,
     encode: Callable[[bytes], EncodedJpeg | None] | None = None,
-    decode: Callable[[FetchedBytes], PreparedImage | FailedImage] | None = None,
+    decode: Callable[[Sequence[FetchedBytes]], list[PreparedImage | FailedImage]] | None = None,
 ) -> list[PreparedImage | FailedImage]:
     """Decode, measure and preprocess what the model has not embedded yet, in position order.
     With `encode` (JPEGs decoded on the model's device), a JPEG it accepts is passed on
     encoded, its header read here and nothing decoded. With `decode` (a pool of decode
-    processes, `worker.decode_pool`), the rest is decoded there instead of in this thread."""
+    processes, `worker.decode_pool`), the rest is decoded there, all in one call, instead of
+    in these threads."""
 
-    def prepare(image: Fetched) -> PreparedImage | FailedImage:
+    def prepare(image: Fetched, here: bool) -> PreparedImage | FailedImage | FetchedBytes:
         if isinstance(image, FailedImage):
             return image
         known = cached.get(image.sha256)
@@ -189,8 +190,8 @@ def prepare_images(
             jpeg = encode(image.data) if encode is not None else None
             if jpeg is not None:
                 return _left_encoded(image, jpeg)
-            if decode is not None:
-                return decode(image)
+            if not here:
+                return image  # for the decode pool
             with _DECODE_SLOTS:
                 return _decode_and_prepare(image, preprocess, max_pixels, draft_size)
         except ListingError as error:
@@ -200,7 +201,16 @@ def prepare_images(
                 image.position, image.url, f"could not prepare image: {one_line(error)}"
             )
 
-    return _map(prepare, fetched, executor)
+    if decode is None:
+        return _map(lambda image: _decoded(prepare(image, True)), fetched, executor)
+    first = [prepare(image, False) for image in fetched]  # no decoding in this thread
+    done = iter(decode([item for item in first if isinstance(item, FetchedBytes)]))
+    return [next(done) if isinstance(item, FetchedBytes) else item for item in first]
+
+
+def _decoded(item: PreparedImage | FailedImage | FetchedBytes) -> PreparedImage | FailedImage:
+    assert not isinstance(item, FetchedBytes)  # decoded in the thread: never left over
+    return item
 
 
 def _decode_and_prepare(

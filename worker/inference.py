@@ -203,10 +203,12 @@ class InferenceService:
         return torch.from_numpy(input_pixels(image, side)).permute(2, 0, 1)
 
     @property
-    def pool_decode(self) -> Callable[[FetchedBytes], PreparedImage | FailedImage] | None:
+    def pool_decode(
+        self,
+    ) -> Callable[[Sequence[FetchedBytes]], list[PreparedImage | FailedImage]] | None:
         """Where a job's images are decoded when not in its own thread: the pool of decode
         processes (`LV_DECODE_PROCESSES`, tensor input path only), else None."""
-        return self.decode_pool.prepare if self.decode_pool is not None else None
+        return self.decode_pool.prepare_many if self.decode_pool is not None else None
 
     def encoded(self, data: bytes) -> EncodedJpeg | None:
         """`data` left encoded for the batch to decode on the device (`LV_DECODE`), or None:

@@ -62,7 +62,7 @@ def prepared(blobs: list[bytes], pool: DecodePool | None) -> list[PreparedImage 
             max_pixels=MAX_PIXELS,
             draft_size=DRAFT,
             executor=executor,
-            decode=pool.prepare if pool is not None else None,
+            decode=pool.prepare_many if pool is not None else None,
         )
 
 
