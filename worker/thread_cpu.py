@@ -6,6 +6,7 @@ writer). The bench reads it through `lv_stats` before and after a run (bench/thr
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 _TASKS = Path("/proc/self/task")
 _NUMBERED = re.compile(r"[-_]?\d+(_\d+)?$")  # "job-group-3", "ThreadPoolExecutor-1_0"
 NATIVE = "native"  # threads Python did not start: torch's intra-op pool, library threads
+CHILDREN = "child-processes"  # the live processes this one started (the decode pool's)
 
 
 def thread_kind(name: str) -> str:
@@ -23,18 +25,28 @@ def thread_kind(name: str) -> str:
 
 def cpu_seconds_by_thread() -> dict[str, float]:
     """User plus system seconds of every live thread, summed by `thread_kind` (a thread that
-    has ended no longer counts)."""
+    has ended no longer counts), and of the live child processes (`CHILDREN`)."""
     if not _TASKS.is_dir():
         return {}
     names = {t.native_id: thread_kind(t.name) for t in threading.enumerate()}
-    tick = os.sysconf("SC_CLK_TCK")
     seconds: dict[str, float] = {}
     for task in _TASKS.iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+        used = _cpu_seconds(task / "stat")
+        if used is None:
             continue  # ended meanwhile
-        used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
         kind = names.get(int(task.name), NATIVE)
         seconds[kind] = round(seconds.get(kind, 0.0) + used, 3)
+    for child in multiprocessing.active_children():
+        used = _cpu_seconds(Path(f"/proc/{child.pid}/stat"))
+        if used is not None:
+            seconds[CHILDREN] = round(seconds.get(CHILDREN, 0.0) + used, 3)
     return seconds
+
+
+def _cpu_seconds(stat: Path) -> float | None:
+    """utime + stime of one thread or process, or None when it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -46,3 +46,27 @@ def test_a_busy_named_thread_is_counted_under_its_kind() -> None:
 def _spin(stop: threading.Event) -> None:
     while not stop.is_set():
         sum(range(1000))
+
+
+@linux_only
+def test_a_busy_child_process_is_counted() -> None:
+    """The decode pool's processes are the worker's too: their CPU counts as `child-processes`."""
+    import multiprocessing
+
+    from worker.thread_cpu import CHILDREN
+
+    child = multiprocessing.get_context("spawn").Process(target=_spin_for, args=(30.0,))
+    child.start()
+    try:
+        time.sleep(1.5)  # a spawned child imports first, then spins
+        during = cpu_seconds_by_thread()
+    finally:
+        child.terminate()
+        child.join(timeout=10)
+    assert during.get(CHILDREN, 0.0) >= 0.2, during
+
+
+def _spin_for(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(range(1000))
