@@ -7,7 +7,8 @@ shared and noisy, so absolute numbers from different days do not compare):
 3. the peer: a plain per-listing loop (bench/peer.py), the shape of the services replaced;
 4. the pipeline: listings/s from the first enqueue to the last committed result through a real
    worker, as `enqueue` sends them (LV_ENQUEUE_GROUP jobs per message) at the default batch
-   size and at a few others, and with one message per listing (against the no-op drain);
+   size and at a few others, and with one message per listing (against the no-op drain),
+   once more with a decode process beside the worker (LV_DECODE_PROCESSES=1, reported);
 5. latency under a trickle: enqueue-to-commit per listing at a steady low rate, idle worker;
 6. a simulated accelerator (`backend = "sim"`): pipeline listings/s against the simulated
    model's own images/s, for four model sizes, on a GPU host's input path (`LV_INPUT_PATH=
@@ -69,6 +70,7 @@ from worker.main import worker_name
 RESULTS = Path(__file__).with_name("results")
 TOY = "lv-toy"
 NOOP_QUEUE = model_queue("bench-noop")
+DECODE_PROCESSES = 1  # LV_DECODE_PROCESSES of the extra single-message row
 IMAGE_SIZE = 256  # px, the JPEGs every pipeline, peer and simulated run reads
 # Simulated accelerators: registry id -> (SIMULATED name, batch_max_size).
 SIM_MODELS = {
@@ -587,6 +589,15 @@ def run_pipeline(bench: Bench, result: dict[str, Any]) -> None:
         print_pipeline(row, f"max batch {size}")
         sweep.append(row)
     result["pipeline_batch_sweep"] = sorted(sweep, key=lambda r: r["batch_max_size"])
+    # One message per listing again with a decode process beside the worker (reported, not
+    # judged: the judged rows run at the defaults).
+    with pipeline_worker(settings, TOY, "pool", LV_DECODE_PROCESSES=str(DECODE_PROCESSES)):
+        pooled = measured_run(
+            settings, bench.listener, TOY, bench.listings("pool", len(singles)), group=1
+        )
+    pooled["decode_processes"] = DECODE_PROCESSES
+    print_pipeline(pooled, f"{DECODE_PROCESSES} decode proc.")
+    result["pipeline_single_messages_decode_processes"] = pooled
 
 
 def run_profile(bench: Bench, out: Path) -> dict[str, Any]:
@@ -703,6 +714,10 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
             "pipeline_vs_noop_worker_drain": single / noop["worker_drain_per_s"],
             "pipeline_vs_peer": headline / result["peer"]["listings_per_s"],
             "pipeline_grouped_vs_noop_drain": headline / noop["messages_per_s"],
+            "pipeline_decode_processes_vs_noop_drain": result[
+                "pipeline_single_messages_decode_processes"
+            ]["listings_per_s"]
+            / noop["messages_per_s"],
             "trickle_p95_ms": result["trickle"]["p95_ms"],
         }
     for row in result.get("simulated", []):
