@@ -62,6 +62,7 @@ class DecodePool:
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._alone = threading.BoundedSemaphore(self.processes)  # isolated retries at once
+        self._closed = False
         self._pool = self._new_pool(self.processes)
         self.replaced = 0  # pools replaced after a process died (for tests and the log)
 
@@ -83,7 +84,7 @@ class DecodePool:
             again = self._one_by_one(images)
             return [_outcome(image, one) for image, one in zip(images, again, strict=True)]
         except RuntimeError as error:  # shut down: the worker is stopping
-            raise TransientError("the worker is stopping") from error
+            raise _stopping() from error
         got: list[DecodedForModel | str] = []
         for chunk, future in zip(chunks, futures, strict=True):
             try:
@@ -108,13 +109,17 @@ class DecodePool:
                 out.append(self._alone_run(image.data))
             except FutureTimeout:
                 out.append(self._too_slow())
+            except RuntimeError as error:  # shut down meanwhile
+                raise _stopping() from error
         return out
 
     def _too_slow(self) -> str:
         return f"decoding took longer than {self._timeout:.0f} s"
 
     def close(self) -> None:
+        """Stop the processes; a decode still asked for after this is a transient error."""
         with self._lock:
+            self._closed = True
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, pool: ProcessPoolExecutor, data: bytes) -> DecodedForModel | str:
@@ -125,6 +130,8 @@ class DecodePool:
         """Once more in a process of its own: an image that was only in the same pool as the
         one that killed it succeeds; the one that kills this process too is the culprit."""
         with self._alone:
+            if self._closed:
+                raise _stopping()
             alone = self._new_pool(1)
             try:
                 return self._run(alone, data)
@@ -137,6 +144,8 @@ class DecodePool:
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
+            if self._closed:
+                raise _stopping()
             if self._pool is broken:  # the first of its images to notice replaces it
                 log.warning("a decode process died; starting a new pool")
                 self._pool = self._new_pool(self.processes)
@@ -147,9 +156,17 @@ class DecodePool:
         """A pool whose processes have all started (each is spawned for a task that finds no
         idle one): the first images do not wait for them."""
         pool = ProcessPoolExecutor(max_workers=processes, mp_context=self._context)
-        for started in [pool.submit(ready) for _ in range(processes)]:
-            started.result(timeout=self._timeout)
+        try:
+            for started in [pool.submit(ready) for _ in range(processes)]:
+                started.result(timeout=self._timeout)
+        except (OSError, BrokenProcessPool, FutureTimeout) as error:  # no memory to start one
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise TransientError(f"cannot start a decode process: {error}") from error
         return pool
+
+
+def _stopping() -> TransientError:
+    return TransientError("the worker is stopping: its decode processes are gone")
 
 
 def _outcome(image: FetchedBytes, got: DecodedForModel | str) -> PreparedImage | FailedImage:

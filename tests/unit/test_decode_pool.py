@@ -115,3 +115,16 @@ def test_the_child_needs_no_torch() -> None:
     assert out.stdout.strip() == "False"
     got = decode_for_model(encode(textured(30, 20), "JPEG"), MAX_PIXELS, DRAFT, SIDE)
     assert isinstance(got, DecodedForModel) and isinstance(got.pixels, np.ndarray)
+
+
+def test_after_close_a_decode_is_a_transient_error_and_no_pool_is_started() -> None:
+    """A group still decoding when the worker stops gets a transient error (its jobs are
+    retried), not a crash, and no new processes are started behind the stop."""
+    from contract.errors import TransientError
+
+    closing = DecodePool(1, max_pixels=MAX_PIXELS, draft_size=DRAFT, side=SIDE)
+    closing.close()
+
+    with pytest.raises(TransientError, match="stopping"):
+        closing.prepare_many(fetched([encode(textured(30, 20), "JPEG")]))
+    assert closing.replaced == 0
