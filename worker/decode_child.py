@@ -1,5 +1,5 @@
 """What a decode process runs (`LV_DECODE_PROCESSES`): one image's bytes to its facts, its
-blur and brightness, and the tensor input path's uint8 pixels. Pillow and numpy only, no torch,
+blur and brightness, and the tensor input path's uint8 pixels. Pillow, numpy and plain records, no torch,
 so a process starts in a fraction of a second; the worker's threads run the same functions
 when there is no pool, so both give the same numbers."""
 
@@ -13,20 +13,16 @@ import numpy as np
 from PIL import Image
 
 from contract.errors import ListingError, one_line
+from db.records import ImageFacts
 from worker.decode import decode_image
 from worker.quality import measure_quality
 
 
 @dataclass(frozen=True)
 class DecodedForModel:
-    """One decoded image as the tensor input path takes it, with the facts stored per image."""
+    """One decoded image as the tensor input path takes it, with the facts stored for it."""
 
-    width: int
-    height: int
-    format: str
-    bytes: int
-    blur: float
-    brightness: float
+    facts: ImageFacts
     pixels: np.ndarray  # uint8 (H, W, 3)
 
 
@@ -46,35 +42,45 @@ def input_pixels(image: Image.Image, side: int) -> np.ndarray:
 
 
 def decode_each(
-    work: Callable[[bytes, int, int, int], DecodedForModel | str],
-    images: list[bytes],
+    work: Callable[[bytes, str, int, int, int], DecodedForModel | str],
+    images: list[tuple[bytes, str]],
     max_pixels: int,
     draft_size: int,
     side: int,
 ) -> list[DecodedForModel | str]:
-    """A pool task: several images (`work` on each), so a task's hand-off is paid per chunk."""
-    return [work(data, max_pixels, draft_size, side) for data in images]
+    """A pool task: several images (`work` on each, with its SHA-256), so a task's hand-off is
+    paid per chunk."""
+    return [work(data, sha256, max_pixels, draft_size, side) for data, sha256 in images]
 
 
-def decode_for_model(
-    data: bytes, max_pixels: int, draft_size: int, side: int
-) -> DecodedForModel | str:
-    """Decode, measure and lay out one image; an image that cannot be used gives its one-line
-    reason instead (an exception would have to cross the process boundary)."""
-    try:
-        decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
-        quality = measure_quality(decoded.pixels)
-        pixels = input_pixels(decoded.pixels, side)
-    except ListingError as error:
-        return str(error)
-    except Exception as error:  # a decoder bug on odd input: this image only
-        return f"could not prepare image: {one_line(error)}"
-    return DecodedForModel(
+def decode_and_measure(
+    data: bytes, sha256: str, max_pixels: int, draft_size: int
+) -> tuple[ImageFacts, Image.Image]:
+    """Decode one image and measure it: its facts (size, format, blur, brightness) and its RGB
+    pixels. `ImageRejected` (a `ListingError`) when it cannot be used."""
+    decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
+    quality = measure_quality(decoded.pixels)
+    facts = ImageFacts(
+        sha256,
         decoded.width,
         decoded.height,
         decoded.format,
         decoded.bytes,
         quality.blur,
         quality.brightness,
-        pixels,
     )
+    return facts, decoded.pixels
+
+
+def decode_for_model(
+    data: bytes, sha256: str, max_pixels: int, draft_size: int, side: int
+) -> DecodedForModel | str:
+    """Decode, measure and lay out one image; an image that cannot be used gives its one-line
+    reason instead (an exception would have to cross the process boundary)."""
+    try:
+        facts, image = decode_and_measure(data, sha256, max_pixels, draft_size)
+        return DecodedForModel(facts, input_pixels(image, side))
+    except ListingError as error:
+        return str(error)
+    except Exception as error:  # a decoder bug on odd input: this image only
+        return f"could not prepare image: {one_line(error)}"

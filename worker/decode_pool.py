@@ -28,15 +28,14 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 
 from contract.errors import TransientError
-from db.records import ImageFacts
 from worker.decode_child import DecodedForModel, decode_each, decode_for_model, ready
 from worker.images import FailedImage, FetchedBytes, PreparedImage
 
 log = logging.getLogger(__name__)
 
-# What a pool process runs on (bytes, max_pixels, draft_size, side); a parameter for the
-# tests, which swap in one that crashes on cue.
-DecodeWork = Callable[[bytes, int, int, int], DecodedForModel | str]
+# What a pool process runs on (bytes, sha256, max_pixels, draft_size, side); a parameter for
+# the tests, which swap in one that crashes on cue.
+DecodeWork = Callable[[bytes, str, int, int, int], DecodedForModel | str]
 
 
 class DecodePool:
@@ -76,7 +75,7 @@ class DecodePool:
         pool = self._pool
         try:
             futures = [
-                pool.submit(decode_each, self._work, [image.data for image in chunk], *self._args)
+                pool.submit(decode_each, self._work, [_task(image) for image in chunk], *self._args)
                 for chunk in chunks
             ]
         except BrokenProcessPool:  # broken by another group's image, not yet replaced
@@ -103,10 +102,10 @@ class DecodePool:
         for image in chunk:
             pool = self._pool
             try:
-                out.append(self._run(pool, image.data))
+                out.append(self._run(pool, image))
             except BrokenProcessPool:
                 self._replace(pool)
-                out.append(self._alone_run(image.data))
+                out.append(self._alone_run(image))
             except FutureTimeout:
                 out.append(self._too_slow())
             except RuntimeError as error:  # shut down meanwhile
@@ -122,11 +121,13 @@ class DecodePool:
             self._closed = True
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, pool: ProcessPoolExecutor, data: bytes) -> DecodedForModel | str:
-        future: Future[DecodedForModel | str] = pool.submit(self._work, data, *self._args)
+    def _run(self, pool: ProcessPoolExecutor, image: FetchedBytes) -> DecodedForModel | str:
+        future: Future[DecodedForModel | str] = pool.submit(
+            self._work, image.data, image.sha256, *self._args
+        )
         return future.result(timeout=self._timeout)
 
-    def _alone_run(self, data: bytes) -> DecodedForModel | str:
+    def _alone_run(self, image: FetchedBytes) -> DecodedForModel | str:
         """Once more in a process of its own: an image that was only in the same pool as the
         one that killed it succeeds; the one that kills this process too is the culprit."""
         with self._alone:
@@ -134,7 +135,7 @@ class DecodePool:
                 raise _stopping()
             alone = self._new_pool(1)
             try:
-                return self._run(alone, data)
+                return self._run(alone, image)
             except BrokenProcessPool:
                 return "the decoder process died on this image"
             except FutureTimeout:
@@ -169,11 +170,12 @@ def _stopping() -> TransientError:
     return TransientError("the worker is stopping: its decode processes are gone")
 
 
+def _task(image: FetchedBytes) -> tuple[bytes, str]:
+    return image.data, image.sha256
+
+
 def _outcome(image: FetchedBytes, got: DecodedForModel | str) -> PreparedImage | FailedImage:
     if isinstance(got, str):
         return FailedImage(image.position, image.url, got)
-    facts = ImageFacts(
-        image.sha256, got.width, got.height, got.format, got.bytes, got.blur, got.brightness
-    )
     pixels = torch.from_numpy(got.pixels).permute(2, 0, 1)
-    return PreparedImage(image.position, image.url, facts, pixels, None, image.validators)
+    return PreparedImage(image.position, image.url, got.facts, pixels, None, image.validators)

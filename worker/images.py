@@ -22,9 +22,8 @@ from PIL import Image
 from contract.errors import FetchTimeout, ListingError, TransientError, one_line
 from db.embeddings import CachedImage
 from db.records import ImageFacts
-from worker.decode import decode_image
+from worker.decode_child import decode_and_measure
 from worker.fetch import FetchPolicy, NotModified, Validators, fetch_image
-from worker.quality import measure_quality
 from worker.tensor_input import EncodedJpeg
 
 # Stands in for blur and brightness until the model's batch has decoded the image on the device.
@@ -219,19 +218,10 @@ def _decode_and_prepare(
     max_pixels: int,
     draft_size: int,
 ) -> PreparedImage:
-    decoded = decode_image(image.data, max_pixels=max_pixels, draft_size=draft_size)
-    quality = measure_quality(decoded.pixels)
-    facts = ImageFacts(
-        image.sha256,
-        decoded.width,
-        decoded.height,
-        decoded.format,
-        decoded.bytes,
-        quality.blur,
-        quality.brightness,
+    facts, pixels = decode_and_measure(image.data, image.sha256, max_pixels, draft_size)
+    return PreparedImage(
+        image.position, image.url, facts, preprocess(pixels), None, image.validators
     )
-    pixels = preprocess(decoded.pixels)
-    return PreparedImage(image.position, image.url, facts, pixels, None, image.validators)
 
 
 def _left_encoded(image: FetchedBytes, jpeg: EncodedJpeg) -> PreparedImage:

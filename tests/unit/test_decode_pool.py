@@ -25,11 +25,13 @@ DRAFT, SIDE = 256, 64
 KILLER = b"kill the decoder process"
 
 
-def crash_on_cue(data: bytes, max_pixels: int, draft_size: int, side: int) -> DecodedForModel | str:
+def crash_on_cue(
+    data: bytes, sha256: str, max_pixels: int, draft_size: int, side: int
+) -> DecodedForModel | str:
     """Runs in a pool process: dies on `KILLER` (as a decoder crash would), else decodes."""
     if data == KILLER:
         os._exit(1)
-    return decode_for_model(data, max_pixels, draft_size, side)
+    return decode_for_model(data, sha256, max_pixels, draft_size, side)
 
 
 def fetched(blobs: list[bytes]) -> list[FetchedBytes]:
@@ -113,7 +115,7 @@ def test_the_child_needs_no_torch() -> None:
     code = "import sys, worker.decode_child; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    got = decode_for_model(encode(textured(30, 20), "JPEG"), MAX_PIXELS, DRAFT, SIDE)
+    got = decode_for_model(encode(textured(30, 20), "JPEG"), "sha", MAX_PIXELS, DRAFT, SIDE)
     assert isinstance(got, DecodedForModel) and isinstance(got.pixels, np.ndarray)
 
 
