@@ -1,7 +1,7 @@
 """What a decode process runs (`LV_DECODE_PROCESSES`): one image's bytes to its facts, its
-blur and brightness, and the tensor input path's uint8 pixels. Pillow, numpy and plain records, no torch,
-so a process starts in a fraction of a second; the worker's threads run the same functions
-when there is no pool, so both give the same numbers."""
+blur and brightness, and the tensor input path's uint8 pixels. It needs Pillow, numpy and plain
+records, no torch; the worker's threads run the same functions when there is no pool, so both
+give the same numbers."""
 
 from __future__ import annotations
 
