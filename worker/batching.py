@@ -259,9 +259,10 @@ class DynamicBatcher(Generic[T, R]):
             return
         log.warning("batch of %d failed (%s); retrying it in halves", len(batch), error)
         # The error's traceback holds the failed call's frames and, in them, what it built
-        # (a stacked batch, activations on the GPU): cleared first, or the halves run with
-        # that memory still taken. The futures keep the error and its frame list for the log.
-        traceback.clear_frames(error.__traceback__)
+        # (a stacked batch, activations on the GPU): cleared first (with those of the errors
+        # it was raised from), or the halves run with that memory still taken. The error's
+        # message and frame list stay for the log line above.
+        _clear_frames(error)
         self.stats.splits += 1
         middle = len(batch) // 2
         self._run(batch[:middle])
@@ -272,6 +273,14 @@ class DynamicBatcher(Generic[T, R]):
         self.stats.items += len(batch)
         self.stats.units += units
         self.stats.last_batch_units = units
+
+
+def _clear_frames(error: BaseException | None) -> None:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
 
 
 def _resolve(future: Future[R], *, result: R | None = None, error: Exception | None = None) -> None:

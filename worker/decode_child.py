@@ -5,7 +5,10 @@ give the same numbers."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +27,20 @@ class DecodedForModel:
 
     facts: ImageFacts
     pixels: np.ndarray  # uint8 (H, W, 3)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def start(parent: int) -> None:
+    """A pool process's initializer: it dies with the worker (Linux: the kernel sends SIGKILL
+    when the worker ends, even by `os._exit` or SIGKILL, which skip every clean-up), and
+    Ctrl-C is the worker's to handle, not its."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the worker ended before the line above took effect
+        os._exit(0)
 
 
 def ready() -> int:

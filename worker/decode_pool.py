@@ -9,29 +9,34 @@ the GIL. A pool process receives the image's bytes and returns its facts and uin
 input path only: its pixels are plain arrays, while the PIL path's are each model's own
 transform.
 
-A process that dies (a decoder crash on a hostile file, the kernel's OOM killer) breaks the pool
-for every image in it at that moment: the pool is replaced, and each of those images is decoded
-once more in a process of its own, so only the image that kills its process fails ("the
-decoder process died"); the worker lives on.
+A process that dies (a decoder crash on a hostile file, the kernel's OOM killer) or hangs
+(killed after `timeout`) breaks the pool for every chunk in it at that moment: the pool is
+replaced, and each broken chunk's images are decoded again one at a time in a process of their
+own, so the shared pool breaks once per bad image and only the image that kills (or hangs) a
+process alone fails ("the decoder process died on this image"); the worker lives on. The pool's
+processes die with the worker, however it ends (Linux: the parent-death signal).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
-from contract.errors import TransientError
-from worker.decode_child import DecodedForModel, decode_each, decode_for_model, ready
+from contract.errors import TransientError, one_line
+from worker.decode_child import DecodedForModel, decode_each, decode_for_model, ready, start
 from worker.images import FailedImage, FetchedBytes, PreparedImage
 
 log = logging.getLogger(__name__)
+CHUNK = 16  # images per task at most: bounds the pixels held in one message, and a timeout
 
 # What a pool process runs on (bytes, sha256, max_pixels, draft_size, side); a parameter for
 # the tests, which swap in one that crashes on cue.
@@ -60,17 +65,17 @@ class DecodePool:
         # half-way; the children import Pillow and numpy only.
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
-        self._alone = threading.BoundedSemaphore(self.processes)  # isolated retries at once
+        self._alone = threading.BoundedSemaphore(self.processes)  # private pools at once
         self._closed = False
         self._pool = self._new_pool(self.processes)
         self.replaced = 0  # pools replaced after a process died (for tests and the log)
 
     def prepare_many(self, images: Sequence[FetchedBytes]) -> list[PreparedImage | FailedImage]:
-        """A group's images in one task per process: a task's own cost (its hand-off, a wake-up
-        of the pool's result thread) is paid per chunk, not per image."""
+        """A group's images in a few tasks (up to `CHUNK` images each): a task's own cost (its
+        hand-off, a wake-up of the pool's result thread) is paid per chunk, not per image."""
         if not images:
             return []
-        size = -(-len(images) // self.processes)
+        size = min(CHUNK, -(-len(images) // self.processes))
         chunks = [list(images[start : start + size]) for start in range(0, len(images), size)]
         pool = self._pool
         try:
@@ -88,28 +93,48 @@ class DecodePool:
         for chunk, future in zip(chunks, futures, strict=True):
             try:
                 got.extend(future.result(timeout=self._timeout))
+                continue
+            except CancelledError as error:  # queued when the pool was closed
+                raise _stopping() from error
             except BrokenProcessPool:  # a process died, perhaps of an image in this chunk
                 self._replace(pool)
-                got.extend(self._one_by_one(chunk))
-            except FutureTimeout:
-                got.extend([self._too_slow()] * len(chunk))
+            except FutureTimeout:  # a process is stuck, perhaps on an image in this chunk
+                _kill(pool)
+                self._replace(pool)
+            except Exception as error:  # e.g. no memory to send the chunk's pixels back
+                log.warning("a decode task failed (%s); decoding its images one by one", error)
+            got.extend(self._one_by_one(chunk))
         return [_outcome(image, one) for image, one in zip(images, got, strict=True)]
 
-    def _one_by_one(self, chunk: Sequence[FetchedBytes]) -> list[DecodedForModel | str]:
-        """A broken chunk's images again, one task each in the new pool; one that breaks that
-        pool too is decoded alone to find out whether it is the one that kills."""
+    def _one_by_one(self, images: Sequence[FetchedBytes]) -> list[DecodedForModel | str]:
+        """Images of a chunk that broke (or hung) the shared pool, decoded one at a time in a
+        process of their own, so the shared pool is broken once per bad image and the image
+        that kills (or hangs) a process alone is the one that fails."""
         out: list[DecodedForModel | str] = []
-        for image in chunk:
-            pool = self._pool
+        with self._alone:
+            private: ProcessPoolExecutor | None = None
             try:
-                out.append(self._run(pool, image))
-            except BrokenProcessPool:
-                self._replace(pool)
-                out.append(self._alone_run(image))
-            except FutureTimeout:
-                out.append(self._too_slow())
-            except RuntimeError as error:  # shut down meanwhile
-                raise _stopping() from error
+                for image in images:
+                    if self._closed:
+                        raise _stopping()
+                    if private is None:
+                        private = self._new_pool(1)
+                    try:
+                        out.append(self._run(private, image))
+                    except BrokenProcessPool:
+                        out.append("the decoder process died on this image")
+                        private.shutdown(wait=False, cancel_futures=True)
+                        private = None
+                    except FutureTimeout:
+                        out.append(self._too_slow())
+                        _kill(private)
+                        private.shutdown(wait=False, cancel_futures=True)
+                        private = None
+                    except Exception as error:  # its result could not come back
+                        out.append(f"could not prepare image: {one_line(error)}")
+            finally:
+                if private is not None:
+                    private.shutdown(wait=False, cancel_futures=True)
         return out
 
     def _too_slow(self) -> str:
@@ -127,28 +152,12 @@ class DecodePool:
         )
         return future.result(timeout=self._timeout)
 
-    def _alone_run(self, image: FetchedBytes) -> DecodedForModel | str:
-        """Once more in a process of its own: an image that was only in the same pool as the
-        one that killed it succeeds; the one that kills this process too is the culprit."""
-        with self._alone:
-            if self._closed:
-                raise _stopping()
-            alone = self._new_pool(1)
-            try:
-                return self._run(alone, image)
-            except BrokenProcessPool:
-                return "the decoder process died on this image"
-            except FutureTimeout:
-                return self._too_slow()
-            finally:
-                alone.shutdown(wait=False, cancel_futures=True)
-
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
             if self._closed:
                 raise _stopping()
             if self._pool is broken:  # the first of its images to notice replaces it
-                log.warning("a decode process died; starting a new pool")
+                log.warning("a decode process died or hung; starting a new pool")
                 self._pool = self._new_pool(self.processes)
                 self.replaced += 1
         broken.shutdown(wait=False, cancel_futures=True)
@@ -156,14 +165,29 @@ class DecodePool:
     def _new_pool(self, processes: int) -> ProcessPoolExecutor:
         """A pool whose processes have all started (each is spawned for a task that finds no
         idle one): the first images do not wait for them."""
-        pool = ProcessPoolExecutor(max_workers=processes, mp_context=self._context)
+        pool = ProcessPoolExecutor(
+            max_workers=processes,
+            mp_context=self._context,
+            initializer=start,
+            initargs=(os.getpid(),),
+        )
         try:
             for started in [pool.submit(ready) for _ in range(processes)]:
                 started.result(timeout=self._timeout)
         except (OSError, BrokenProcessPool, FutureTimeout) as error:  # no memory to start one
+            _kill(pool)
             pool.shutdown(wait=False, cancel_futures=True)
             raise TransientError(f"cannot start a decode process: {error}") from error
         return pool
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """End a pool's processes now, a stuck one too (`shutdown` would wait for its task; Python
+    3.14 has `terminate_workers`, 3.11 only this attribute)."""
+    processes = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        with contextlib.suppress(Exception):
+            process.kill()
 
 
 def _stopping() -> TransientError:

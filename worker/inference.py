@@ -108,6 +108,13 @@ class InferenceService:
         self._image_chunks = OomChunker(max_size, "image")
         self._text_chunks = OomChunker(_TEXT_CALL_LIMIT, "text")
         self.decode_pool: DecodePool | None = None
+        if decode_processes > 0 and self.input_spec is None:
+            log.warning(
+                "LV_DECODE_PROCESSES=%d is ignored: the pool serves the tensor input path, and "
+                "%s takes the PIL path (its own transform per image)",
+                decode_processes,
+                backend.spec.model_id,
+            )
         if decode_processes > 0 and self.input_spec is not None:
             self.decode_pool = DecodePool(
                 decode_processes,

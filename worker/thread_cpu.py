@@ -15,7 +15,8 @@ from pathlib import Path
 _TASKS = Path("/proc/self/task")
 _NUMBERED = re.compile(r"[-_]?\d+(_\d+)?$")  # "job-group-3", "ThreadPoolExecutor-1_0"
 NATIVE = "native"  # threads Python did not start: torch's intra-op pool, library threads
-CHILDREN = "child-processes"  # the live processes this one started (the decode pool's)
+CHILDREN = "child-processes"  # the processes this one started (the decode pool's)
+_CHILDREN_SEEN: dict[int, float] = {}  # pid -> its CPU seconds when last read
 
 
 def thread_kind(name: str) -> str:
@@ -25,7 +26,7 @@ def thread_kind(name: str) -> str:
 
 def cpu_seconds_by_thread() -> dict[str, float]:
     """User plus system seconds of every live thread, summed by `thread_kind` (a thread that
-    has ended no longer counts), and of the live child processes (`CHILDREN`)."""
+    has ended no longer counts), and of the child processes (`CHILDREN`, as last read)."""
     if not _TASKS.is_dir():
         return {}
     names = {t.native_id: thread_kind(t.name) for t in threading.enumerate()}
@@ -38,8 +39,10 @@ def cpu_seconds_by_thread() -> dict[str, float]:
         seconds[kind] = round(seconds.get(kind, 0.0) + used, 3)
     for child in multiprocessing.active_children():
         used = _cpu_seconds(Path(f"/proc/{child.pid}/stat"))
-        if used is not None:
-            seconds[CHILDREN] = round(seconds.get(CHILDREN, 0.0) + used, 3)
+        if used is not None and child.pid is not None:
+            _CHILDREN_SEEN[child.pid] = used
+    if _CHILDREN_SEEN:  # ended children keep their last reading: the sum never goes back
+        seconds[CHILDREN] = round(sum(_CHILDREN_SEEN.values()), 3)
     return seconds
 
 

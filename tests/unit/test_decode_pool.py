@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +27,8 @@ from worker.images import FailedImage, FetchedBytes, PreparedImage, prepare_imag
 MAX_PIXELS = 40_000_000
 DRAFT, SIDE = 256, 64
 KILLER = b"kill the decoder process"
+HANG = b"hang the decoder process"
+SLOW = b"take a second"
 
 
 def crash_on_cue(
@@ -31,6 +37,10 @@ def crash_on_cue(
     """Runs in a pool process: dies on `KILLER` (as a decoder crash would), else decodes."""
     if data == KILLER:
         os._exit(1)
+    if data == HANG:
+        time.sleep(3600)
+    if data == SLOW:
+        time.sleep(1.0)
     return decode_for_model(data, sha256, max_pixels, draft_size, side)
 
 
@@ -101,7 +111,7 @@ def test_a_dying_process_fails_only_the_image_that_killed_it(pool: DecodePool) -
     assert [r.position for r in failed] == [6]
     assert "decoder process died" in failed[0].error
     assert all(isinstance(r, PreparedImage) for i, r in enumerate(results) if i != 6)
-    assert pool.replaced >= 1
+    assert pool.replaced == 1  # the bad image breaks the shared pool once, not again
     after = prepared(good[:3], pool)  # the new pool serves
     assert all(isinstance(r, PreparedImage) for r in after)
 
@@ -130,3 +140,92 @@ def test_after_close_a_decode_is_a_transient_error_and_no_pool_is_started() -> N
     with pytest.raises(TransientError, match="stopping"):
         closing.prepare_many(fetched([encode(textured(30, 20), "JPEG")]))
     assert closing.replaced == 0
+
+
+def test_a_hanging_image_fails_alone_its_process_is_killed_and_the_pool_serves_on() -> None:
+    hanging = DecodePool(
+        1, max_pixels=MAX_PIXELS, draft_size=DRAFT, side=SIDE, timeout=3.0, work=crash_on_cue
+    )
+    try:
+        good = [encode(textured(40, 30, seed=i), "JPEG") for i in range(3)]
+        first = {c.pid for c in _children()}
+
+        results = prepared([good[0], HANG, good[1]], hanging)
+
+        assert isinstance(results[0], PreparedImage) and isinstance(results[2], PreparedImage)
+        assert isinstance(results[1], FailedImage) and "longer than 3 s" in results[1].error
+        assert all(isinstance(r, PreparedImage) for r in prepared([good[2]], hanging))
+        deadline = time.monotonic() + 10
+        while first & {c.pid for c in _children() if c.is_alive()} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not first & {c.pid for c in _children() if c.is_alive()}  # the stuck one is gone
+    finally:
+        hanging.close()
+
+
+def test_groups_queued_when_the_pool_closes_get_a_transient_error() -> None:
+    """Tasks still queued when the worker stops are cancelled: their groups get a transient
+    error (the jobs are retried), not a bare CancelledError."""
+    from contract.errors import TransientError
+
+    single = DecodePool(1, max_pixels=MAX_PIXELS, draft_size=DRAFT, side=SIDE, work=crash_on_cue)
+    answers: list[object] = []
+
+    def group(blob: bytes) -> None:
+        try:
+            answers.append(single.prepare_many(fetched([blob])))
+        except BaseException as error:
+            answers.append(error)
+
+    threads = [threading.Thread(target=group, args=(SLOW,))]
+    threads += [
+        threading.Thread(target=group, args=(encode(textured(30, 20, seed=i), "JPEG"),))
+        for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)  # the slow one first; the others queue behind it
+    single.close()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert len(answers) == 5
+    stopped = [a for a in answers if isinstance(a, BaseException)]
+    assert stopped, answers  # more were queued than the pool had taken on
+    assert all(isinstance(a, TransientError) and "stopping" in str(a) for a in stopped), stopped
+
+
+def test_the_pool_processes_die_with_the_worker_however_it_ends() -> None:
+    """`os._exit` (the stall watchdog's way out) and SIGKILL skip every clean-up: the pool's
+    processes must not live on without their worker."""
+    code = (
+        "import multiprocessing, os, sys\n"
+        "from worker.decode_pool import DecodePool\n"
+        "if __name__ == '__main__':\n"
+        "    DecodePool(2, max_pixels=10**6, draft_size=64, side=32)\n"
+        "    print(' '.join(str(c.pid) for c in multiprocessing.active_children()), flush=True)\n"
+        "    os._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    pids = [int(pid) for pid in out.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _children() -> list:  # type: ignore[type-arg]
+    import multiprocessing
+
+    return multiprocessing.active_children()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
