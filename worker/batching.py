@@ -262,7 +262,7 @@ class DynamicBatcher(Generic[T, R]):
         # (a stacked batch, activations on the GPU): cleared first (with those of the errors
         # it was raised from), or the halves run with that memory still taken. The error's
         # message and frame list stay for the log line above.
-        _clear_frames(error)
+        clear_frames(error)
         self.stats.splits += 1
         middle = len(batch) // 2
         self._run(batch[:middle])
@@ -275,7 +275,10 @@ class DynamicBatcher(Generic[T, R]):
         self.stats.last_batch_units = units
 
 
-def _clear_frames(error: BaseException | None) -> None:
+def clear_frames(error: BaseException | None) -> None:
+    """Drop the locals of the finished frames in `error`'s traceback and in those of the errors
+    it was raised from: what a failed call allocated is freed now, while its message and frame
+    list stay for a log line."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

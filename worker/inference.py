@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from PIL import Image
 
 from contract.errors import TransientError
 from worker.backends.base import ModelBackend
-from worker.batching import DynamicBatcher
+from worker.batching import DynamicBatcher, clear_frames
 from worker.decode_child import input_pixels
 from worker.decode_pool import DecodePool
 from worker.device_quality import measure_quality_batch
@@ -431,7 +430,7 @@ class OomChunker:
             except torch.cuda.OutOfMemoryError as error:
                 # Its frames hold what the failed call allocated: freed before the retry
                 # (and before `empty_cache`), not when the handler ends.
-                traceback.clear_frames(error.__traceback__)
+                clear_frames(error)
                 self._after_oom(len(chunk))
                 continue
             start += len(chunk)

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 _TASKS = Path("/proc/self/task")
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc's unit of CPU time
 _NUMBERED = re.compile(r"[-_]?\d+(_\d+)?$")  # "job-group-3", "ThreadPoolExecutor-1_0"
 NATIVE = "native"  # threads Python did not start: torch's intra-op pool, library threads
 CHILDREN = "child-processes"  # the processes this one started (the decode pool's)
@@ -52,4 +53,4 @@ def _cpu_seconds(stat: Path) -> float | None:
         fields = stat.read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / _TICK
