@@ -620,14 +620,35 @@ def run_profile(bench: Bench, out: Path) -> dict[str, Any]:
 SIM_INPUT_PATH = "tensor"
 
 
+def measure_alone(bench: Bench, model_id: str, batch: int) -> dict[str, float]:
+    """A model alone at `batch`, as every pipeline row is judged against: images/s, and
+    listings/s on the pipeline's own workload (`model_only_listings`)."""
+    seconds = bench.plan.sim_seconds
+    images = bench_model(bench.registry, model_id, [batch], seconds)[0]["images_per_s"]
+    listings = model_only_listings(bench.registry, model_id, batch, seconds)
+    return {"images_per_s": images, "listings_per_s": listings}
+
+
+def against_alone(row: dict[str, Any], alone: dict[str, float]) -> dict[str, Any]:
+    """A pipeline row's figures beside the model alone: its rates and the row's ratios to them
+    (the whole run's, and the steady one's when the row has it)."""
+    model_only = alone["listings_per_s"]
+    steady = row.get("steady_listings_per_s")
+    return {
+        "model_only_images_per_s": alone["images_per_s"],
+        "model_only_listings_per_s": round(model_only, 1),
+        "ratio_to_model_only": round(row["listings_per_s"] / model_only, 3),
+        "steady_ratio_to_model_only": round(steady / model_only, 3) if steady else None,
+    }
+
+
 def run_simulated(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each simulated model: its images/s alone, then listings/s through a real worker on the
     tensor input path; and the first model's pipeline on the PIL path."""
     rows: list[dict[str, Any]] = []
     pil_row: dict[str, Any] = {}
     for index, (model_id, (name, batch)) in enumerate(SIM_MODELS.items()):
-        alone = bench_model(bench.registry, model_id, [batch], bench.plan.sim_seconds)[0]
-        model_only = model_only_listings(bench.registry, model_id, batch, bench.plan.sim_seconds)
+        alone = measure_alone(bench, model_id, batch)
         bound = simulated_bound(name, batch)
         paths = (SIM_INPUT_PATH, "pil") if index == 0 else (SIM_INPUT_PATH,)
         count = batch * -(-bench.plan.sim_listings // batch)  # whole batches
@@ -639,14 +660,7 @@ def run_simulated(bench: Bench) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 simulated=name,
                 input_path=path,
                 batch_max_size=batch,
-                model_only_images_per_s=alone["images_per_s"],
-                model_only_listings_per_s=round(model_only, 1),
-                ratio_to_model_only=round(row["listings_per_s"] / model_only, 3),
-                steady_ratio_to_model_only=(
-                    round(row["steady_listings_per_s"] / model_only, 3)
-                    if row["steady_listings_per_s"]
-                    else None
-                ),
+                **against_alone(row, alone),
                 device_bound_listings_per_s=round(bound, 1),
                 ratio_to_device_bound=round(row["listings_per_s"] / bound, 3),
             )
@@ -682,20 +696,12 @@ def run_device_models(bench: Bench, model_ids: Sequence[str]) -> list[dict[str, 
     rows = []
     for model_id in model_ids:
         model = DEVICE_MODELS[model_id]
-        seconds = bench.plan.sim_seconds
-        alone = bench_model(bench.registry, model_id, [model.batch], seconds)[0]
-        model_only = model_only_listings(bench.registry, model_id, model.batch, seconds)
+        alone = measure_alone(bench, model_id, model.batch)
         count = model.batch if bench.plan is QUICK else model.listings
         listings = bench.listings(model_id, count + 8)
         with pipeline_worker(bench.settings, model_id, "device"):
             row = measured_run(bench.settings, bench.listener, model_id, listings)
-        row.update(
-            model_name=model.name,
-            batch_max_size=model.batch,
-            model_only_images_per_s=alone["images_per_s"],
-            model_only_listings_per_s=round(model_only, 1),
-            ratio_to_model_only=round(row["listings_per_s"] / model_only, 3),
-        )
+        row.update(model_name=model.name, batch_max_size=model.batch, **against_alone(row, alone))
         print_pipeline(row, f"batch {model.batch}")
         print(f"    ratio to model alone {row['ratio_to_model_only']:.3f}", flush=True)
         rows.append(row)
