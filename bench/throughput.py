@@ -525,6 +525,18 @@ def trickle(
     return row
 
 
+def settle_disk(settings: Settings) -> None:
+    """Write out what the runs before left dirty (PostgreSQL's pages, the drawn images), so a
+    latency measurement on an idle worker is not also timing their flush to disk: on the
+    development VM a commit's fsync behind such a flush took up to 90 ms."""
+    with (
+        contextlib.suppress(psycopg.errors.InsufficientPrivilege),
+        psycopg.connect(settings.require_database_url(), autocommit=True) as connection,
+    ):
+        connection.execute("CHECKPOINT")  # a superuser's (or pg_checkpoint's) right
+    os.sync()
+
+
 def print_pipeline(row: dict[str, Any], label: str) -> None:
     cpu = row.get("worker_cpu_ms_per_listing") or {}
     busiest = ", ".join(f"{kind} {ms}" for kind, ms in list(cpu.items())[:5])
@@ -576,6 +588,7 @@ def run_pipeline(bench: Bench, result: dict[str, Any]) -> None:
         peer_listings = listings[8 : 8 + plan.peer_listings]
         result["peer"] = bench_peer(settings, bench.registry, peer_listings)
         time.sleep(1.0)  # idle: nothing queued, nothing batching
+        settle_disk(settings)
         print("latency under a trickle (idle worker):", flush=True)
         result["trickle"] = trickle(settings, bench.listener, TOY, trickled, plan.trickle_rate)
     result["pipeline"] = headline
