@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Select, any_, bindparam, func, or_, select, text, update
+from sqlalchemy import Select, any_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -65,10 +65,22 @@ class Unclaimable:
 
 
 def create_jobs(session: Session, jobs: Sequence[NewJob]) -> None:
-    """Insert queued jobs (sent to the broker only after this transaction commits)."""
-    session.add_all(
-        Job(job_id=j.job_id, listing_id=j.listing_id, model_id=j.model_id, run_id=j.run_id)
-        for j in jobs
+    """Insert queued jobs (sent to the broker only after this transaction commits). One Core
+    statement, not ORM objects: the unit of work's flush took 0.15 ms a job, most of an
+    `enqueue` call's own CPU."""
+    if not jobs:
+        return
+    session.execute(
+        insert(table_of(Job)),
+        [
+            {
+                "job_id": j.job_id,
+                "listing_id": j.listing_id,
+                "model_id": j.model_id,
+                "run_id": j.run_id,
+            }
+            for j in jobs
+        ],
     )
 
 
