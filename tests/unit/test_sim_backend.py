@@ -72,6 +72,17 @@ def test_texts_are_deterministic_and_cheaper_than_images() -> None:
     assert model.seconds(64, 0.25) < model.seconds(64)
 
 
+def test_it_stays_on_the_cpu_on_a_cuda_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only the probe is faked: on a CUDA host the other backends take the GPU by default, and
+    # the sim's projection (made on the CPU) met a CUDA input there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend = create_backend(sim("ViT-B-32"))
+    assert backend.device.type == "cpu"
+    info = backend.load()
+    pixels = torch.stack([backend.preprocess(Image.new("RGB", (64, 64), "red"))] * 2)
+    assert backend.embed_images(pixels.to(backend.device)).shape == (2, info.embed_dim)
+
+
 def test_an_unknown_simulated_model_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"unknown model 'ViT-Z'.*ViT-B-32"):
         create_backend(sim("ViT-Z")).load()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from contract.registry import ModelSpec
 from worker.backends.base import ModelBackend, ModelInfo
 from worker.tensor_input import InputSpec, input_spec_from_open_clip, normalise
 
@@ -68,7 +69,12 @@ _STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class SimBackend(ModelBackend):
-    """Sleeps like the named model on an H100; `name` is a key of `SIMULATED`."""
+    """Sleeps like the named model on an H100; `name` is a key of `SIMULATED`. It runs on the
+    CPU unless told otherwise, on a CUDA host too: the device it stands for is simulated, and
+    its rows measure the host's side of the pipeline, comparable from host to host."""
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device | None = None) -> None:
+        super().__init__(spec, device or "cpu")
 
     def _load(self) -> ModelInfo:
         if self.spec.name not in SIMULATED:
