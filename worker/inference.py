@@ -21,6 +21,7 @@ from worker.decode_child import input_pixels
 from worker.decode_pool import DecodePool
 from worker.device_quality import measure_quality_batch
 from worker.images import FailedImage, FetchedBytes, PreparedImage
+from worker.prepare_stream import PrepareStream
 from worker.quality import ImageQuality
 from worker.tensor_input import (
     EncodedJpeg,
@@ -102,6 +103,7 @@ class InferenceService:
         self.input_spec = tensor_input_spec(backend, input_path)
         self.decodes_on_device = decodes_on_device(backend, self.input_spec, decode)
         self._max_pixels = max_pixels
+        self._prepare_stream = PrepareStream(backend.device)
         self._coming = 0
         self._coming_lock = threading.Lock()
         self._image_chunks = OomChunker(max_size, "image")
@@ -233,7 +235,14 @@ class InferenceService:
     def _prepare(self, requests: list[EmbedRequest]) -> list[EmbedRequest]:
         """The tensor path's batch step run one batch ahead, while the previous batch is on
         the model: JPEGs decoded on the device (`LV_DECODE`), then every image resized and
-        cropped there, still uint8; the model call itself only normalises and runs."""
+        cropped there, still uint8; the model call itself only normalises and runs. On CUDA
+        on a stream of its own (`worker.prepare_stream`)."""
+        return self._prepare_stream.run(
+            lambda: self._prepare_here(requests),
+            lambda prepared: (item for request in prepared for item in request.pixels),
+        )
+
+    def _prepare_here(self, requests: list[EmbedRequest]) -> list[EmbedRequest]:
         if self.decodes_on_device:
             requests = self._decode_on_device(requests)
         spec = self.input_spec
