@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -702,11 +702,16 @@ def run_baselines_and_pipelines(bench: Bench, result: dict[str, Any]) -> None:
     result["simulated"], result["simulated_pil_path"] = run_simulated(bench)
 
 
-def run_device_models(bench: Bench, model_ids: Sequence[str]) -> list[dict[str, Any]]:
+def run_device_models(
+    bench: Bench,
+    model_ids: Sequence[str],
+    measured: Callable[[list[dict[str, Any]]], None] = lambda _rows: None,
+) -> list[dict[str, Any]]:
     """Each real model (bench/device_models.py): its images/s and listings/s alone, then
     listings/s through a real worker at the settings' defaults (on a CUDA host: nvJPEG decode,
-    the tensor input path). A quick plan sends one batch each."""
-    rows = []
+    the tensor input path). A quick plan sends one batch each. `measured(rows so far)` after
+    each model: a short GPU lease keeps what it measured if it runs out."""
+    rows: list[dict[str, Any]] = []
     for model_id in model_ids:
         model = DEVICE_MODELS[model_id]
         alone = measure_alone(bench, model_id, model.batch)
@@ -718,6 +723,7 @@ def run_device_models(bench: Bench, model_ids: Sequence[str]) -> list[dict[str, 
         print_pipeline(row, f"batch {model.batch}")
         print(f"    ratio to model alone {row['ratio_to_model_only']:.3f}", flush=True)
         rows.append(row)
+        measured(rows)
     return rows
 
 
@@ -821,6 +827,12 @@ def main() -> None:
         help="only the real models (a GPU host's short first look; writes <date>-<device>-"
         "models.json)",
     )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="where the JSON and the plot go (default bench/results; a GPU lease: $OUT)",
+    )
     args = parser.parse_args()
     quick, profile = args.quick, args.profile
     device_ids = args.device_models
@@ -835,7 +847,13 @@ def main() -> None:
     stem = f"{today}-{slug}{'-quick' if quick else ''}{'-models' if args.device_only else ''}"
     result: dict[str, Any] = {"date": today, "device": device, "quick": quick, **machine()}
     load_at_start = os.getloadavg()[0]
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{stem}.json"
+
+    def save_partial(rows: list[dict[str, Any]]) -> None:
+        partial = {**result, "device_models": rows, "partial": True}
+        out.write_text(json.dumps(partial, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         models_file = scratch / "models.toml"
@@ -864,10 +882,10 @@ def main() -> None:
                     run_baselines_and_pipelines(bench, result)
                 if device_ids:
                     print("real models on the device:", flush=True)
-                    result["device_models"] = run_device_models(bench, device_ids)
+                    result["device_models"] = run_device_models(bench, device_ids, save_partial)
                 if profile:
                     print("profile (py-spy on the worker):", flush=True)
-                    flame = RESULTS / f"{stem}-worker-flame.svg"
+                    flame = args.out / f"{stem}-worker-flame.svg"
                     result["profile"] = run_profile(bench, flame)
             finally:
                 listener.close()
@@ -875,7 +893,6 @@ def main() -> None:
     # it was (1-minute load average against the cores), to judge a surprising ratio by.
     result["load_average_1m"] = {"start": load_at_start, "end": os.getloadavg()[0]}
     result["checks"] = checks(result)
-    out = RESULTS / f"{stem}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print_summary(result)
     print(f"wrote {out}")

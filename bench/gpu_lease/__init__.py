@@ -1,0 +1,1 @@
+"""What a short lease of a GPU machine runs (README.md here)."""
