@@ -10,6 +10,7 @@ torchvision backend rounds its resize back to uint8), so this path does too.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from PIL import Image
 
 from contract.errors import ImageRejected, one_line
 from worker.decode import ALLOWED_FORMATS, _check_pixels, decode_image
+
+log = logging.getLogger(__name__)
 
 ResizeMode = Literal["shortest_edge", "fixed", "keep_ratio"]
 Interpolation = Literal["bilinear", "bicubic"]
@@ -459,12 +462,31 @@ def _decode_jpegs_on(
         decoded: list[torch.Tensor | None] = list(
             decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
         )
-    except Exception:  # nvJPEG returns nothing when any image fails
+    except Exception as error:  # nvJPEG returns nothing when any image fails
+        _note_batch_failure(device, error)
         decoded = [_decode_one(data, device) for data in encoded]
     return [
         None if image is None else apply_orientation(image, jpeg.orientation)
         for image, jpeg in zip(decoded, jpegs, strict=True)
     ]
+
+
+_batch_failures_noted: set[str] = set()
+
+
+def _note_batch_failure(device: torch.device, error: Exception) -> None:
+    """Said once per device type and process (then at debug level): a damaged JPEG in a batch
+    does this now and then, but a decoder that fails every batch (nvJPEG unusable on a host)
+    would otherwise pass silently for Pillow's slower path."""
+    first = device.type not in _batch_failures_noted
+    _batch_failures_noted.add(device.type)
+    log.log(
+        logging.WARNING if first else logging.DEBUG,
+        "a batch of JPEGs failed to decode on %s (%s); decoding them one at a time%s",
+        device.type,
+        one_line(error),
+        " (said once; more at debug level)" if first else "",
+    )
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:

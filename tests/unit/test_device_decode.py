@@ -115,6 +115,20 @@ def test_a_jpeg_the_decoder_refuses_gets_pillows_reason(tmp_path: Path) -> None:
     assert "corrupt or truncated" in str(decoded[1])
 
 
+def test_a_failed_batch_decode_is_said_once_then_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """A decoder that failed every batch would otherwise pass silently for the slower path."""
+    from worker import tensor_input
+
+    tensor_input._batch_failures_noted.clear()
+    headers = [encoded_jpeg(b, MAX_PIXELS) for b in (jpeg(photo(80, 60)), broken_jpeg())]
+    with caplog.at_level("DEBUG", logger="worker.tensor_input"):
+        for _ in range(3):
+            decode_jpegs([h for h in headers if h is not None], "cpu", max_pixels=MAX_PIXELS)
+
+    said = [r for r in caplog.records if "failed to decode on cpu" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG", "DEBUG"]
+
+
 # -- through the model's batch -----------------------------------------------------------------
 
 
