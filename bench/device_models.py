@@ -98,6 +98,8 @@ def device_checks(rows: list[dict[str, Any]]) -> dict[str, tuple[float, str, flo
     """Each measured model's judged value: name -> (value, comparison, target)."""
     checks = {}
     for row in rows:
+        if "error" in row:  # it failed before it was measured: nothing to judge
+            continue
         model = DEVICE_MODELS[row["model"]]
         key = row["model"].replace("-", "_")
         if model.ratio_target is not None:

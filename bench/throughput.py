@@ -714,11 +714,17 @@ def run_device_models(
     rows: list[dict[str, Any]] = []
     for model_id in model_ids:
         model = DEVICE_MODELS[model_id]
-        alone = measure_alone(bench, model_id, model.batch)
-        count = model.batch if bench.plan is QUICK else model.listings
-        listings = bench.listings(model_id, count + 8)
-        with pipeline_worker(bench.settings, model_id, "device"):
-            row = measured_run(bench.settings, bench.listener, model_id, listings)
+        try:
+            alone = measure_alone(bench, model_id, model.batch)
+            count = model.batch if bench.plan is QUICK else model.listings
+            listings = bench.listings(model_id, count + 8)
+            with pipeline_worker(bench.settings, model_id, "device"):
+                row = measured_run(bench.settings, bench.listener, model_id, listings)
+        except Exception as error:  # one model's failure: recorded, and the others still run
+            print(f"  {model_id} failed: {type(error).__name__}: {error}", flush=True)
+            rows.append({"model": model_id, "error": f"{type(error).__name__}: {error}"})
+            measured(rows)
+            continue
         row.update(model_name=model.name, batch_max_size=model.batch, **against_alone(row, alone))
         print_pipeline(row, f"batch {model.batch}")
         print(f"    ratio to model alone {row['ratio_to_model_only']:.3f}", flush=True)
@@ -796,7 +802,7 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"  {'pipeline, one per message':34} {single:>10}")
     for row in result.get("device_models", []):
         label = f"{row['model']} (listings/s)"
-        print(f"  {label:34} {row['listings_per_s']:>10}")
+        print(f"  {label:34} {row.get('listings_per_s', row.get('error')):>10}")
     for row in result["checks"]:
         target = f"{row['op']} {row['target']}" if row["target"] is not None else ""
         met = {True: "yes", False: "NO", None: ""}[row["met"]]

@@ -16,6 +16,7 @@ On the CPU this is a plain call: the same code runs there, and is tested there.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -39,10 +40,14 @@ class PrepareStream:
         try:
             with torch.cuda.stream(self.stream):
                 result = step()
-        finally:
+        except BaseException:
             # Also after a failure: the next step's decoder must not get a block this one's
-            # queued kernels still write.
-            self.stream.synchronize()
+            # queued kernels still write. A sticky CUDA error raises here again: the step's
+            # own error is the one to report.
+            with contextlib.suppress(Exception):
+                self.stream.synchronize()
+            raise
+        self.stream.synchronize()
         consumer = torch.cuda.default_stream(self.device)
         for item in handed_over(result):
             if isinstance(item, torch.Tensor) and item.is_cuda:

@@ -3,6 +3,7 @@
 # (bench/gpu_lease/wheels.txt) into .whl/ (git-ignored); a `run` names `.whl` in `carry`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+rm -rf .whl  # one version of each: a wheel left from an earlier fetch would stop the install
 mkdir -p .whl
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \

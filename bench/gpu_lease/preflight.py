@@ -138,6 +138,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     report: dict[str, Any] = {"cuda": torch.cuda.is_available(), "torch": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each step: a step cut short keeps the ones before
+        (args.out / "preflight.json").write_text(json.dumps(report, indent=2) + "\n")
+
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
         report["device"] = torch.cuda.get_device_name()
@@ -155,8 +160,8 @@ def main() -> None:
             except Exception as error:  # each step on its own: a lease is short
                 report[name] = f"error: {type(error).__name__}: {error}"
             print(f"{name} ({time.perf_counter() - started:.1f} s): {report[name]}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "preflight.json").write_text(json.dumps(report, indent=2) + "\n")
+            save()
+    save()
     print(json.dumps(report, indent=2))
 
 

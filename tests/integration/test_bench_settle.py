@@ -13,8 +13,13 @@ from tests.integration.conftest import Stack
 
 def _requested_checkpoints(stack: Stack) -> int:
     with stack.engine.connect() as connection:
-        requested = connection.execute(text("SELECT checkpoints_req FROM pg_stat_bgwriter"))
-        return int(requested.one()[0])
+        version = int(connection.execute(text("SHOW server_version_num")).scalar_one())
+        query = (  # PostgreSQL 17 moved the count to its own view
+            "SELECT num_requested FROM pg_stat_checkpointer"
+            if version >= 170000
+            else "SELECT checkpoints_req FROM pg_stat_bgwriter"
+        )
+        return int(connection.execute(text(query)).scalar_one())
 
 
 def test_settling_checkpoints_the_database(stack: Stack) -> None:

@@ -42,6 +42,7 @@ def test_each_model_is_judged_by_its_own_target() -> None:
     rows = [
         {"model": "gpu-vit-b32", "listings_per_s": 4_200.0, "ratio_to_model_only": 0.3},
         {"model": "gpu-vit-l14", "listings_per_s": 2_500.0, "ratio_to_model_only": 0.95},
+        {"model": "gpu-vit-h14-378", "error": "OutOfMemoryError: ..."},  # recorded, not judged
     ]
 
     checks = device_checks(rows)
