@@ -95,6 +95,15 @@ def odd_jpegs(cuda: torch.device) -> dict[str, Any]:
     return report
 
 
+def free_while_busy(device: torch.device, size: int) -> None:
+    """The #9606 pattern on the current (the model's) stream: blocks of `size` bytes written by
+    a long queue of kernels and freed before those kernels ran (their blocks go back at once)."""
+    busy = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(64)]
+    for tensor in busy:
+        for _ in range(20):
+            tensor.add_(1)
+
+
 def race(cuda: torch.device, own_stream: bool, rounds: int = 30) -> int:
     """Images decoded wrong while the default stream frees memory its queued kernels still
     write (the #9606 pattern), decoding in another thread as the prepare thread does."""
@@ -110,11 +119,7 @@ def race(cuda: torch.device, own_stream: bool, rounds: int = 30) -> int:
     reference = decode()
     wrong = 0
     for _ in range(rounds):
-        busy = [torch.empty(3 * 640 * 640, dtype=torch.uint8, device=cuda) for _ in range(64)]
-        for tensor in busy:
-            for _ in range(20):
-                tensor.add_(1)
-        del busy, tensor
+        free_while_busy(cuda, 3 * 640 * 640)
         with ThreadPoolExecutor(1) as thread:
             got = thread.submit(decode).result()
         wrong += sum(not torch.equal(a, b) for a, b in zip(got, reference, strict=True))

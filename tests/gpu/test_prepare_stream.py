@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from bench.gpu_lease.preflight import free_while_busy
 from tests.tiny_models import load_tiny_backends
 from tests.unit.test_device_decode import jpeg, photo
 from worker.inference import EmbedRequest, InferenceService
@@ -37,13 +38,7 @@ def test_prepared_pixels_stay_right_while_the_model_stream_frees_busy_memory(
         reference = _pixels(service._prepare([request]))
         wrong = 0
         for _ in range(30):
-            # The model's stream: blocks the size of a decoded image, written by a long queue
-            # of kernels, freed before those kernels ran (their blocks go back at once).
-            busy = [torch.empty(3 * 480 * 640, dtype=torch.uint8, device="cuda") for _ in range(64)]
-            for tensor in busy:
-                for _ in range(20):
-                    tensor.add_(1)
-            del busy, tensor
+            free_while_busy(torch.device("cuda"), 3 * 480 * 640)  # a decoded image's size
             got = _prepared_in_another_thread(service, request)
             wrong += sum(not torch.equal(a, b) for a, b in zip(got, reference, strict=True))
         torch.cuda.synchronize()
