@@ -1,13 +1,13 @@
 """Image embeddings in pgvector: the per-(image, model) cache and nearest-neighbour search.
 
 The `embedding` column has no fixed dimension because models differ, so each model gets its own
-partial HNSW index on a cast to its dimension; queries repeat the same cast and filter, which is
-what lets the planner use that index (pgvector's documented pattern for mixed dimensions).
+partial HNSW index on a cast to its dimension (`db.embedding_index`); queries repeat the same
+cast and filter, which is what lets the planner use that index (pgvector's documented pattern
+for mixed dimensions).
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +21,6 @@ from sqlalchemy import Select, Text, any_, bindparam, column, func, select, tabl
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
-from db.locks import transaction_lock
 from db.records import ImageFacts
 from db.schema import Embedding, Image, table_of
 
@@ -129,31 +128,6 @@ def insert_embeddings(
         for sha in sorted(embeddings)
     ]
     session.execute(_INSERT_EMBEDDINGS, rows)
-
-
-def index_name(model_id: str) -> str:
-    """A valid, unique index name for any model id."""
-    digest = hashlib.sha1(model_id.encode()).hexdigest()[:10]
-    safe = "".join(c if c.isalnum() else "_" for c in model_id)[:30]
-    return f"embeddings_hnsw_{safe}_{digest}"
-
-
-def ensure_hnsw_index(session: Session, model_id: str, dim: int) -> None:
-    """Create the model's cosine HNSW index if missing (run by the worker once it knows `dim`).
-
-    Workers starting together for one model take turns (an advisory lock), and building the
-    index over an existing catalogue may take long: no statement limit here.
-    """
-    literal = model_id.replace("'", "''")
-    transaction_lock(session, index_name(model_id))
-    session.execute(text("SET LOCAL statement_timeout = 0"))
-    session.execute(
-        text(
-            f"CREATE INDEX IF NOT EXISTS {index_name(model_id)} ON embeddings "
-            f"USING hnsw ((embedding::vector({int(dim)})) vector_cosine_ops) "
-            f"WHERE model_id = '{literal}'"
-        )
-    )
 
 
 @dataclass(frozen=True)

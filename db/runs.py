@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Text, cast, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -397,22 +397,37 @@ class CompletedRun:
     restamped: int = 0
 
 
-def complete_if_done(session: Session, run_id: uuid.UUID) -> CompletedRun | None:
-    """Mark the run succeeded once it is produced and no chunk is open; a reindex then switches
-    the active model, in this same transaction, and its rows get new change_seq values."""
+def _done(run_id: Any) -> list[ColumnElement[bool]]:
+    """A run is done once it is produced and no chunk of it is open."""
     open_chunks = (
         select(RunChunk.chunk_id)
         .where(RunChunk.run_id == run_id, RunChunk.status.in_(OPEN_CHUNK))
         .exists()
     )
+    return [Run.status == "running", Run.produced_at.is_not(None), ~open_chunks]
+
+
+def done_run(session: Session, run_id: uuid.UUID) -> Run | None:
+    """The run, if its work is done but it is not yet marked succeeded."""
+    return session.scalar(select(Run).where(Run.run_id == run_id, *_done(run_id)))
+
+
+def done_runs_left_open(session: Session, stalled_for: timedelta) -> list[Run]:
+    """Runs whose work is done but whose completion has not happened for `stalled_for` (the
+    process completing it died, or a reindex's index build failed)."""
+    return list(
+        session.scalars(
+            select(Run).where(*_done(Run.run_id), Run.updated_at < func.now() - stalled_for)
+        )
+    )
+
+
+def complete_if_done(session: Session, run_id: uuid.UUID) -> CompletedRun | None:
+    """Mark the run succeeded once it is produced and no chunk is open; a reindex then switches
+    the active model, in this same transaction, and its rows get new change_seq values."""
     row = session.execute(
         update(Run)
-        .where(
-            Run.run_id == run_id,
-            Run.status == "running",
-            Run.produced_at.is_not(None),
-            ~open_chunks,
-        )
+        .where(Run.run_id == run_id, *_done(run_id))
         .values(status="succeeded", finished_at=func.now(), updated_at=func.now())
         .returning(Run.kind, Run.model_id)
     ).first()

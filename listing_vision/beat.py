@@ -72,15 +72,20 @@ def make_beat_app(resolved: Settings) -> Celery:
 
     @app.task(name=WATCH_RUNS_TASK)
     def watch_runs() -> dict[str, Any]:
-        resumed = []
+        resumed, completed = [], []
         with Producer(resolved) as producer:
             with producer.sessions() as session:
                 stalled = runs.unproduced_runs(session, STALLED_PRODUCTION)
+                left_open = runs.done_runs_left_open(session, STALLED_PRODUCTION)
             for run in stalled:
                 log.warning("run %s stopped being produced: producing the rest", run.run_id)
                 RunProducer(producer).produce(run.run_id)
                 resumed.append(str(run.run_id))
-        return {"produced": resumed}
+            for run in left_open:
+                log.warning("run %s is done but was never completed: completing it", run.run_id)
+                if RunProducer(producer).complete(run.run_id) is not None:
+                    completed.append(str(run.run_id))
+        return {"produced": resumed, "completed": completed}
 
     return app
 

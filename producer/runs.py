@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from contract.broker import send_chunks
 from contract.registry import ModelSpec, get_spec
 from db import registered_models, runs
+from db.embedding_index import set_aside_empty_index
 from db.milvus import ACTIVE_ALIAS, MirrorMismatch, MirrorUnavailable, open_store
 from db.mirror import sync_alias
 from db.results import restamp_results
+from db.run_completion import complete_run
 from db.runs import CompletedRun, NewChunk, NewRun, RunConflict, RunKind, RunScope
 from db.schema import Run
 from producer.enqueue import Producer
@@ -93,6 +95,8 @@ class RunProducer:
                 )
             run_id = runs.create_run(session, new)
             runs.set_total(session, run_id, runs.count_listings(session, new.scope, new.model_id))
+        if new.kind == "reindex" and set_aside_empty_index(self.producer.engine, new.model_id):
+            log.info("HNSW index of %s set aside: built once the backfill is done", new.model_id)
         log.info("%s run %s of model %s recorded", new.kind, run_id, new.model_id)
         self.produce(run_id)
         return run_id
@@ -125,7 +129,7 @@ class RunProducer:
             sent += len(chunks)
             if last:
                 break
-        self._complete(run_id)
+        self.complete(run_id)
         return sent
 
     def _send(self, chunk_ids: list[uuid.UUID], model_id: str) -> None:
@@ -136,10 +140,10 @@ class RunProducer:
         with self.sessions.begin() as session:
             runs.mark_chunks_sent(session, chunk_ids)
 
-    def _complete(self, run_id: uuid.UUID) -> CompletedRun | None:
-        """A run with nothing to do (an empty catalogue) completes as soon as it is produced."""
-        with self.sessions.begin() as session:
-            completed = runs.complete_if_done(session, run_id)
+    def complete(self, run_id: uuid.UUID) -> CompletedRun | None:
+        """Complete the run if its work is done: one with nothing to do (an empty catalogue) as
+        soon as it is produced, one whose completing worker died when beat's watch notices."""
+        completed = complete_run(self.sessions, run_id)
         if completed is not None and completed.kind == "reindex":
             self.sync_mirror_alias()
         return completed

@@ -27,6 +27,7 @@ from db import runs
 from db.listing_state import StoredListing, load_listings
 from db.records import ListingOutcome, ResultRecord
 from db.results import write_listing_outcomes
+from db.run_completion import complete_run
 from db.runs import ClaimedChunk, NewChunk
 from worker.chunk_analysis import ChunkAnalysis, ChunkAnalyzer
 from worker.mirror import NO_MIRROR, MirrorHook
@@ -170,8 +171,7 @@ class ChunkRunner:
             log.warning("could not send chunks %s now: %s", chunk_ids, one_line(error))
 
     def _complete_run(self, run_id: uuid.UUID) -> None:
-        with self.sessions.begin() as session:
-            completed = runs.complete_if_done(session, run_id)
+        completed = complete_run(self.sessions, run_id)
         if completed is None:
             return
         log.info("run %s (%s of %s) succeeded", run_id, completed.kind, completed.model_id)

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.registry import ModelSpec, Registry, get_spec
 from contract.settings import Settings
 from contract.thresholds import ThresholdSource
-from db import embeddings, registered_models
+from db import embedding_index, registered_models, runs
 from db.engine import make_engine, make_sessions
 from db.milvus import open_store
 from worker.analysis import ListingAnalyzer
@@ -135,7 +135,11 @@ def start_runtime(
             session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring
         )
     with sessions.begin() as session:
-        embeddings.ensure_hnsw_index(session, spec.model_id, info.embed_dim)
+        if runs.reindex_target(session) == spec.model_id:
+            # Built in one pass once the backfill is done (db.embedding_index).
+            log.info("%s: HNSW index waits for the reindex run's backfill", spec.model_id)
+        else:
+            embedding_index.ensure_index(session, spec.model_id, info.embed_dim)
     max_size, max_wait = batch_limits(settings, spec)
     service = InferenceService(
         backend,

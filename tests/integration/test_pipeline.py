@@ -234,7 +234,8 @@ def test_similar_finds_the_listing_sharing_an_image_first_and_uses_the_hnsw_inde
     import subprocess
     import sys
 
-    from db.embeddings import index_name, nearest_listings, nearest_sql
+    from db.embedding_index import index_name
+    from db.embeddings import nearest_listings, nearest_sql
     from db.engine import make_sessions
 
     output = subprocess.run(

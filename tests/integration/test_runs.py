@@ -26,6 +26,7 @@ import redis
 from sqlalchemy import Engine, text
 
 from contract.broker import STATS_COMMAND, model_queue, send_chunks
+from db.embedding_index import index_name, index_state
 from db.engine import make_sessions
 from producer.enqueue import Producer
 from producer.runs import RunProducer
@@ -370,6 +371,12 @@ def test_reindex_switches_atomically_to_a_model_of_another_dimension_and_rolls_b
         runs = RunProducer(producer)
         poller.start()
         run_id = runs.start_reindex("tiny-wide")
+        # Its worker created the index empty at start; the backfill runs without it.
+        index_during_run = catalogue.query(
+            "SELECT to_regclass(:n) IS NOT NULL AS built, status FROM runs WHERE run_id = :r",
+            n=index_name("tiny-wide"),
+            r=run_id,
+        )[0]
         changed = producer.enqueue(
             [{"listing_id": "r-001", "title": "a changed title", "image_url": _url(catalogue)}]
         )
@@ -390,6 +397,9 @@ def test_reindex_switches_atomically_to_a_model_of_another_dimension_and_rolls_b
         "SELECT DISTINCT vector_dims(embedding) AS d FROM embeddings WHERE model_id = 'tiny-wide'"
     )
     assert [row["d"] for row in dims] == [48]
+    assert not index_during_run["built"] or index_during_run["status"] == "succeeded"
+    with make_sessions(catalogue.engine)() as session:
+        assert index_state(session, "tiny-wide") == "valid"  # built before the switch
     wide = catalogue.query(
         "SELECT title FROM listings l JOIN model_results r USING (listing_id) "
         "WHERE r.model_id = 'tiny-wide' AND listing_id = 'r-001'"

@@ -367,7 +367,8 @@ def _jsonl(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
 def test_similar_text_finds_listings_showing_it_through_the_index(toolkit: Toolkit) -> None:
     from collections import Counter
 
-    from db.embeddings import index_name, nearest_vector_sql
+    from db.embedding_index import index_name
+    from db.embeddings import nearest_vector_sql
 
     shown = Counter((item.shows_colour, item.shows_product) for item in toolkit.catalogue)
     colour, product = shown.most_common(1)[0][0]

@@ -1,0 +1,146 @@
+"""A model's HNSW index: set aside while a reindex backfills it, built in one concurrent pass
+before the run switches models, and rebuilt when an interrupted build left it invalid."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from contract.broker import WATCH_RUNS_TASK
+from contract.registry import ModelSpec
+from contract.settings import load_settings
+from db import embedding_index, registered_models, runs
+from db.embedding_index import build_index, index_name, index_state, set_aside_empty_index
+from db.embeddings import insert_embeddings
+from db.engine import make_sessions
+from db.images import insert_image_facts
+from db.locks import try_session_lock
+from db.records import ImageFacts, ListingImageRecord
+from db.run_completion import complete_run
+from db.runs import NewRun
+from listing_vision.beat import make_beat_app
+from tests.integration.conftest import OwnServers, Stack, own_servers
+
+DIM = 8
+
+
+@pytest.fixture(scope="module")
+def own(stack: Stack) -> Iterator[OwnServers]:
+    """A database of its own: completing a reindex here switches the active model."""
+    own = own_servers(stack, "lv_index", broker_db=12)
+    yield own
+    own.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def engine(own: OwnServers) -> Engine:
+    return own.engine
+
+
+def _model(sessions: sessionmaker[Session], model_id: str, rows: int) -> None:
+    """Register `model_id` (as a worker that loaded it would) with `rows` embeddings."""
+    rng = np.random.default_rng(len(model_id))
+    shas = [f"{model_id}-{i}" for i in range(rows)]
+    with sessions.begin() as session:
+        registered_models.ensure_model(session, ModelSpec(model_id, "open_clip", "x", 0.5))
+        registered_models.record_loaded(session, model_id, embed_dim=DIM, scoring="cosine")
+        insert_image_facts(
+            session,
+            [
+                ListingImageRecord(0, "file:///x.jpg", ImageFacts(s, 8, 8, "JPEG", 1, 1.0, 0.5))
+                for s in shas
+            ],
+        )
+        vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
+        insert_embeddings(session, model_id, dict(zip(shas, vectors, strict=True)))
+
+
+def _state(engine: Engine, model_id: str) -> str:
+    with make_sessions(engine)() as session:
+        return index_state(session, model_id)
+
+
+def test_a_build_replaces_an_invalid_index_and_a_second_builder_steps_aside(
+    engine: Engine,
+) -> None:
+    sessions = make_sessions(engine)
+    _model(sessions, "ix-build", 300)
+    assert _state(engine, "ix-build") == "missing"
+    with engine.connect() as holder:  # another process building it now
+        assert try_session_lock(holder, index_name("ix-build"))
+        assert build_index(engine, "ix-build", DIM) is False
+        assert _state(engine, "ix-build") == "missing"
+        holder.invalidate()  # closed, not pooled: its session lock goes with it
+    assert build_index(engine, "ix-build", DIM) is True
+    assert _state(engine, "ix-build") == "valid"
+
+    with sessions.begin() as session:  # what a build interrupted halfway leaves behind
+        session.execute(
+            text("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(:n)"),
+            {"n": index_name("ix-build")},
+        )
+    assert _state(engine, "ix-build") == "invalid"
+    assert build_index(engine, "ix-build", DIM) is True
+    assert _state(engine, "ix-build") == "valid"
+    with sessions() as session:
+        definition = session.scalar(
+            text("SELECT pg_get_indexdef(to_regclass(:n))"), {"n": index_name("ix-build")}
+        )
+    assert "hnsw" in definition and f"vector({DIM})" in definition, definition
+
+
+def test_only_an_empty_index_is_set_aside(engine: Engine) -> None:
+    sessions = make_sessions(engine)
+    _model(sessions, "ix-empty", 0)
+    _model(sessions, "ix-full", 20)
+    for model_id in ("ix-empty", "ix-full"):
+        with sessions.begin() as session:
+            embedding_index.ensure_index(session, model_id, DIM)
+    assert set_aside_empty_index(engine, "ix-empty") is True
+    assert set_aside_empty_index(engine, "ix-full") is False  # rebuilding would cost more
+    assert set_aside_empty_index(engine, "ix-none") is False
+    assert _state(engine, "ix-empty") == "missing"
+    assert _state(engine, "ix-full") == "valid"
+
+
+def test_beat_completes_a_done_reindex_left_open_after_building_its_index(
+    own: OwnServers, tmp_path: Path
+) -> None:
+    engine = own.engine
+    sessions = make_sessions(engine)
+    _model(sessions, "ix-old", 5)
+    _model(sessions, "ix-new", 200)  # the backfill's rows, written with no index
+    with sessions.begin() as session:
+        registered_models.switch_active_model(session, "ix-old")
+        run_id = runs.create_run(session, NewRun("reindex", "ix-new", previous_model_id="ix-old"))
+    assert complete_run(sessions, run_id) is None  # not produced yet: nothing to complete
+    assert _state(engine, "ix-new") == "missing"
+
+    with sessions.begin() as session:  # every chunk done, the completing worker gone
+        session.execute(
+            text(
+                "UPDATE runs SET status = 'running', produced_at = now(), "
+                "updated_at = now() - interval '1 hour' WHERE run_id = :r"
+            ),
+            {"r": run_id},
+        )
+    with sessions() as session:
+        left_open = runs.done_runs_left_open(session, timedelta(minutes=2))
+    assert [run.run_id for run in left_open] == [run_id]
+
+    settings = load_settings(home=str(tmp_path)).with_servers(own.database_url, own.broker_url)
+    watch = make_beat_app(settings).tasks[WATCH_RUNS_TASK]
+    assert watch() == {"produced": [], "completed": [str(run_id)]}
+    assert _state(engine, "ix-new") == "valid"
+    with sessions() as session:
+        assert registered_models.active_model_row(session).model_id == "ix-new"  # type: ignore[union-attr]
+        assert runs.done_runs_left_open(session, timedelta(minutes=2)) == []
+    assert complete_run(sessions, run_id) is None  # completed once
+    assert complete_run(sessions, uuid.uuid4()) is None
