@@ -36,6 +36,9 @@ from worker.decode_child import DecodedForModel, decode_each, decode_for_model, 
 from worker.images import FailedImage, FetchedBytes, PreparedImage
 
 log = logging.getLogger(__name__)
+# A spawned process imports the decoder's modules before its first task: on a loaded host that
+# took longer than a short decode timeout, which is about decoding, not starting.
+_START_TIMEOUT = 60.0
 CHUNK = 16  # images per task at most: bounds the pixels held in one message, and a timeout
 
 # What a pool process runs on (bytes, sha256, max_pixels, draft_size, side); a parameter for
@@ -173,7 +176,7 @@ class DecodePool:
         )
         try:
             for started in [pool.submit(ready) for _ in range(processes)]:
-                started.result(timeout=self._timeout)
+                started.result(timeout=max(self._timeout, _START_TIMEOUT))
         except (OSError, BrokenProcessPool, FutureTimeout) as error:  # no memory to start one
             _kill(pool)
             pool.shutdown(wait=False, cancel_futures=True)
