@@ -1,5 +1,8 @@
 """Catalogue-scale runs on this machine with `lv-toy` (issue 12): reindex backfill, unchanged
 rescoring at two sizes, rescoring after a category-list change; listings/s and peak memory.
+First, the catalogue (each listing its own image) reindexed to a simulated ViT-L-14 (H100
+timings, 768 dimensions), where PostgreSQL's HNSW index matters: its rate against the simulated
+model alone, and how long the index build before the switch took.
 
     python -m bench.runs [--quick]
 
@@ -28,6 +31,8 @@ import torch
 
 from bench.machine import device_label
 from bench.plots import plot_runs
+from bench.throughput import REGISTRY as SIM_REGISTRY
+from bench.throughput import model_only_listings
 from contract.registry import get_spec, load_registry
 from contract.settings import Settings, load_settings
 from db.engine import make_engine, make_sessions
@@ -42,6 +47,7 @@ from producer.runs import RunProducer
 from worker.backends import create_backend
 
 RESULTS = Path(__file__).with_name("results")
+SIM_MODEL = "sim-vit-l14"
 
 
 def model_only_rate(seconds: float = 5.0, batch: int = 64) -> float:
@@ -119,16 +125,17 @@ class PeakMemory:
 
 
 @contextmanager
-def worker(settings: Settings, log: Path, **env: str) -> Iterator[Child]:
+def worker(settings: Settings, log: Path, model: str = "lv-toy", **env: str) -> Iterator[Child]:
     child = Child(
         "bench-worker",
-        [sys.executable, "-m", "listing_vision", "worker", "--model", "lv-toy"],
+        [sys.executable, "-m", "listing_vision", "worker", "--model", model],
         child_env(
             settings,
             LV_LOG_LEVEL="INFO",
             LV_HOME=str(settings.home),
             LV_MODEL=settings.model,
             LV_FILE_ROOTS=":".join(str(root) for root in settings.file_roots),
+            **({"LV_MODELS_FILE": str(settings.models_file)} if settings.models_file else {}),
             **env,
         ),
         log_path=log,
@@ -175,6 +182,39 @@ def timed_run(settings: Settings, start: Any, child: Child) -> dict[str, Any]:
     return row
 
 
+def simulated_reindex(settings: Settings, scratch: Path, listings: int) -> dict[str, Any]:
+    """The catalogue reindexed to a simulated ViT-L-14, against the simulated model alone doing
+    what each listing needs from it (an image and a title)."""
+    model_only = model_only_listings(load_registry(settings.models_file), SIM_MODEL, 256, 5.0)
+    env = {"LV_INPUT_PATH": "tensor"}  # as a GPU host runs it
+    with worker(settings, scratch / "worker-sim.log", SIM_MODEL, **env) as child:
+        print(f"reindex of {listings:,} listings to simulated {SIM_MODEL}:", flush=True)
+        row = timed_run(settings, lambda r: r.start_reindex(SIM_MODEL), child)
+    row["model_only_listings_per_s"] = round(model_only, 1)
+    row["ratio_to_model_only"] = round(row["listings_per_s"] / model_only, 3)
+    row["index_build_and_switch_seconds"] = index_build_seconds(settings)
+    print(f"  {row}", flush=True)
+    return row
+
+
+def index_build_seconds(settings: Settings) -> float:
+    """For the last reindex run: from its last chunk's close to the run's completion, which
+    is the HNSW index build (`db.run_completion`) and the switch."""
+    from sqlalchemy import text
+
+    engine = make_engine(settings.require_database_url())
+    with make_sessions(engine)() as session:
+        seconds = session.scalar(
+            text(
+                "SELECT extract(epoch FROM r.finished_at - max(c.updated_at)) FROM runs r "
+                "JOIN run_chunks c USING (run_id) WHERE r.kind = 'reindex' "
+                "GROUP BY r.run_id, r.finished_at ORDER BY r.finished_at DESC LIMIT 1"
+            )
+        )
+    engine.dispose()
+    return round(float(seconds), 2)
+
+
 def runs_row(session: Any, run_id: uuid.UUID) -> dict[str, Any]:
     from sqlalchemy import text
 
@@ -207,14 +247,20 @@ def main() -> None:
         scratch = Path(scratch_name)
         images = draw_images(scratch / "images", small)
         home = scratch / "home"
+        models_file = scratch / "models.toml"
+        models_file.write_text(SIM_REGISTRY)
         with EmbeddedServers(home) as urls:
             settings = load_settings(
-                home=str(home), file_roots=str(scratch / "images"), model="clip-vit-b32"
+                home=str(home),
+                file_roots=str(scratch / "images"),
+                model="clip-vit-b32",
+                models_file=str(models_file),
             ).with_servers(urls.database_url, urls.broker_url)
             engine = make_engine(settings.require_database_url())
             upgrade(engine)
             engine.dispose()
             add_listings(settings, images, 0, small)
+            result["reindex_simulated_vit_l14"] = simulated_reindex(settings, scratch, small)
             with worker(settings, scratch / "worker.log") as child:
                 print(f"reindex backfill of {small:,} listings:", flush=True)
                 reindex = timed_run(settings, lambda r: r.start_reindex("lv-toy"), child)

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # analyses and commits a group together (docs/architecture.md). 1: one message per job.
     enqueue_group: int = Field(16, ge=1, le=256)
     run_chunk_size: int | None = Field(None, ge=1, le=10_000)
+    # PostgreSQL's maintenance_work_mem for building a model's HNSW index (unset: the server's
+    # own); pgvector builds fast only while the graph fits in it (db.embedding_index).
+    index_build_memory: str | None = Field(None, pattern=r"^[1-9][0-9]*(kB|MB|GB|TB)$")
     rescore_schedule: str = "0 2 * * *"
     log_level: str = "INFO"
     metrics_port: int | None = Field(None, ge=1, le=65535)

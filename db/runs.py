@@ -422,6 +422,16 @@ def done_runs_left_open(session: Session, stalled_for: timedelta) -> list[Run]:
     )
 
 
+def fail_run(session: Session, run_id: uuid.UUID, error: str) -> None:
+    """A running run that cannot complete (its index build failed): `failed`, with why;
+    `run --resume` tries again."""
+    session.execute(
+        update(Run)
+        .where(Run.run_id == run_id, Run.status == "running")
+        .values(status="failed", error=error, finished_at=func.now(), updated_at=func.now())
+    )
+
+
 def complete_if_done(session: Session, run_id: uuid.UUID) -> CompletedRun | None:
     """Mark the run succeeded once it is produced and no chunk is open; a reindex then switches
     the active model, in this same transaction, and its rows get new change_seq values."""
@@ -472,7 +482,9 @@ def reopen_run(session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
                 update(Run)
                 .where(Run.run_id == run_id)
                 .values(
-                    status="running" if run.cursor is not None else "pending",
+                    # pending: nothing recorded yet (a produced run of an empty catalogue has
+                    # no cursor either, and only a running run completes)
+                    status="running" if run.cursor or run.produced_at else "pending",
                     finished_at=None,
                     error=None,
                     updated_at=func.now(),

@@ -20,6 +20,7 @@ from celery import Celery
 from celery.schedules import crontab, schedule
 
 from contract.broker import CONTROL_QUEUE, RESCORE_TASK, WATCH_RUNS_TASK, make_celery
+from contract.errors import one_line
 from contract.settings import Settings, crontab_fields, schedule_seconds
 from db import runs
 from db.milvus import MirrorMismatch, MirrorUnavailable, open_store
@@ -81,10 +82,13 @@ def make_beat_app(resolved: Settings) -> Celery:
                 log.warning("run %s stopped being produced: producing the rest", run.run_id)
                 RunProducer(producer).produce(run.run_id)
                 resumed.append(str(run.run_id))
-            for run in left_open:
-                log.warning("run %s is done but was never completed: completing it", run.run_id)
-                if RunProducer(producer).complete(run.run_id) is not None:
-                    completed.append(str(run.run_id))
+            for run in left_open:  # its completing process died, or is building an index
+                try:
+                    if RunProducer(producer).complete(run.run_id) is not None:
+                        log.warning("run %s was done but left open: completed it", run.run_id)
+                        completed.append(str(run.run_id))
+                except Exception as error:  # one run's trouble never stops the others'
+                    log.warning("run %s not completed: %s", run.run_id, one_line(error))
         return {"produced": resumed, "completed": completed}
 
     return app

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from contract.broker import send_chunks
+from contract.errors import one_line
 from contract.registry import ModelSpec, get_spec
 from db import registered_models, runs
 from db.embedding_index import set_aside_empty_index
@@ -95,8 +96,9 @@ class RunProducer:
                 )
             run_id = runs.create_run(session, new)
             runs.set_total(session, run_id, runs.count_listings(session, new.scope, new.model_id))
-        if new.kind == "reindex" and set_aside_empty_index(self.producer.engine, new.model_id):
-            log.info("HNSW index of %s set aside: built once the backfill is done", new.model_id)
+            dim = registered_models.embed_dim(session, new.model_id)
+        if new.kind == "reindex" and dim is not None:
+            self._set_aside_index(new.model_id, dim)
         log.info("%s run %s of model %s recorded", new.kind, run_id, new.model_id)
         self.produce(run_id)
         return run_id
@@ -132,6 +134,16 @@ class RunProducer:
         self.complete(run_id)
         return sent
 
+    def _set_aside_index(self, model_id: str, dim: int) -> None:
+        """A reindex target's index, if a worker built it empty, is dropped: the backfill runs
+        without it and the run's completion builds it (db.embedding_index). Best effort: the
+        run is recorded already, and with the index kept it is only slower."""
+        try:
+            if set_aside_empty_index(self.producer.engine, model_id, dim):
+                log.info("HNSW index of %s set aside: built once the backfill is done", model_id)
+        except Exception as error:
+            log.warning("HNSW index of %s kept during the backfill: %s", model_id, one_line(error))
+
     def _send(self, chunk_ids: list[uuid.UUID], model_id: str) -> None:
         """Sent only after the commit that recorded them; an unsent chunk is the reconciler's."""
         if not chunk_ids:
@@ -143,7 +155,7 @@ class RunProducer:
     def complete(self, run_id: uuid.UUID) -> CompletedRun | None:
         """Complete the run if its work is done: one with nothing to do (an empty catalogue) as
         soon as it is produced, one whose completing worker died when beat's watch notices."""
-        completed = complete_run(self.sessions, run_id)
+        completed = complete_run(self.sessions, run_id, self.producer.settings.index_build_memory)
         if completed is not None and completed.kind == "reindex":
             self.sync_mirror_alias()
         return completed

@@ -59,6 +59,7 @@ class ChunkRunner:
     # would only contend for the GIL and the connections with the single jobs.
     slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
     mirror: MirrorHook = NO_MIRROR  # told what was committed, and of a reindex's switch
+    index_memory: str | None = None  # LV_INDEX_BUILD_MEMORY, for a reindex's index build
 
     def run(self, chunk_id: uuid.UUID, redeliveries: int = 0) -> ChunkReport:
         """Run one delivery of a chunk. Trouble outside the listings' own analyses (the database
@@ -127,7 +128,12 @@ class ChunkRunner:
         self.mirror.written(analysis.outcomes)
         if retry is not None:
             self._send([retry.chunk_id], backoff_seconds(claim.generation, self.retry_backoff))
-        self._complete_run(claim.run_id)
+        if claim.kind == "reindex":  # its completion builds an index first: not in this task
+            threading.Thread(
+                target=self._complete_run, args=(claim.run_id,), name="run-completion", daemon=True
+            ).start()
+        else:
+            self._complete_run(claim.run_id)
         return ChunkReport(
             {
                 "run_id": str(claim.run_id),
@@ -171,7 +177,13 @@ class ChunkRunner:
             log.warning("could not send chunks %s now: %s", chunk_ids, one_line(error))
 
     def _complete_run(self, run_id: uuid.UUID) -> None:
-        completed = complete_run(self.sessions, run_id)
+        """Complete the run if this was its last chunk. Trouble here is not the chunk's (it is
+        recorded): logged, and beat's watch completes the run later."""
+        try:
+            completed = complete_run(self.sessions, run_id, self.index_memory)
+        except Exception as error:
+            log.warning("run %s not completed now (beat's watch will): %s", run_id, one_line(error))
+            return
         if completed is None:
             return
         log.info("run %s (%s of %s) succeeded", run_id, completed.kind, completed.model_id)

@@ -9,9 +9,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from contract.errors import one_line
 from contract.registry import ModelSpec, Registry, get_spec
 from contract.settings import Settings
 from contract.thresholds import ThresholdSource
@@ -134,12 +137,7 @@ def start_runtime(
         registered_models.record_loaded(
             session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring
         )
-    with sessions.begin() as session:
-        if runs.reindex_target(session) == spec.model_id:
-            # Built in one pass once the backfill is done (db.embedding_index).
-            log.info("%s: HNSW index waits for the reindex run's backfill", spec.model_id)
-        else:
-            embedding_index.ensure_index(session, spec.model_id, info.embed_dim)
+    start_index_build(engine, spec.model_id, info.embed_dim, settings.index_build_memory)
     max_size, max_wait = batch_limits(settings, spec)
     service = InferenceService(
         backend,
@@ -223,6 +221,7 @@ def start_runtime(
         retry_backoff=settings.retry_backoff,
         send_chunks=send.chunks,
         mirror=mirror,
+        index_memory=settings.index_build_memory,
     )
     reconciler = Reconciler(sessions, send.jobs, send.chunks, spec.model_id, lateness(settings))
     stops = [
@@ -230,6 +229,44 @@ def start_runtime(
         reconciler.start(min(30.0, settings.visibility_timeout / 4)),
     ]
     return WorkerRuntime(spec, backend, service, runner, groups, chunks, executor, stops, mirror)
+
+
+IndexOutcome = Literal["deferred", "present", "built", "busy"]
+
+
+def build_index_if_due(engine: Engine, model_id: str, dim: int, memory: str | None) -> IndexOutcome:
+    """Build the model's HNSW index if it has none (concurrently: other models' writers never
+    wait), unless a reindex to this model is under way: that index is built once the backfill
+    is done (db.embedding_index). `busy`: another process is building it."""
+    with make_sessions(engine)() as session:
+        if runs.reindex_target(session) == model_id:
+            return "deferred"
+        if embedding_index.index_state(session, model_id) == "valid":
+            return "present"
+    log.info("%s: building its HNSW index", model_id)
+    return "built" if embedding_index.build_index(engine, model_id, dim, memory) else "busy"
+
+
+def start_index_build(engine: Engine, model_id: str, dim: int, memory: str | None) -> None:
+    """`build_index_if_due` in the background: the worker serves meanwhile (a model with a
+    catalogue of rows and no index, after a cancelled reindex, takes long)."""
+
+    def build() -> None:
+        try:
+            outcome = build_index_if_due(engine, model_id, dim, memory)
+            log.info("%s: HNSW index %s", model_id, _INDEX_OUTCOMES[outcome])
+        except Exception as error:  # the worker serves without it; its next start tries again
+            log.error("%s: could not build its HNSW index: %s", model_id, one_line(error))
+
+    threading.Thread(target=build, name="hnsw-index", daemon=True).start()
+
+
+_INDEX_OUTCOMES: dict[IndexOutcome, str] = {
+    "deferred": "waits for the reindex run's backfill",
+    "present": "present",
+    "built": "built",
+    "busy": "being built by another process",
+}
 
 
 def start_mirror(

@@ -309,3 +309,17 @@ def own_servers(stack: Stack, prefix: str, broker_db: int) -> OwnServers:
     engine = make_engine(database_url)
     upgrade(engine)
     return OwnServers(database_url, broker_url, engine)
+
+
+def wait_for_index(engine: Engine, model_id: str, timeout: float = 60) -> None:
+    """A worker builds its model's HNSW index in the background: wait until it is valid."""
+    from db.embedding_index import index_state
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with make_sessions(engine)() as session:
+            if index_state(session, model_id) == "valid":
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the HNSW index of {model_id} was not built within {timeout:.0f} s")
+        time.sleep(0.1)

@@ -3,6 +3,7 @@ before the run switches models, and rebuilt when an interrupted build left it in
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from contract.broker import WATCH_RUNS_TASK
 from contract.registry import ModelSpec
 from contract.settings import load_settings
-from db import embedding_index, registered_models, runs
+from db import registered_models, runs
 from db.embedding_index import build_index, index_name, index_state, set_aside_empty_index
 from db.embeddings import insert_embeddings
 from db.engine import make_sessions
@@ -26,7 +27,10 @@ from db.records import ImageFacts, ListingImageRecord
 from db.run_completion import complete_run
 from db.runs import NewRun
 from listing_vision.beat import make_beat_app
+from producer.enqueue import Producer
+from producer.runs import RunProducer
 from tests.integration.conftest import OwnServers, Stack, own_servers
+from worker.runtime import build_index_if_due
 
 DIM = 8
 
@@ -101,13 +105,43 @@ def test_only_an_empty_index_is_set_aside(engine: Engine) -> None:
     _model(sessions, "ix-empty", 0)
     _model(sessions, "ix-full", 20)
     for model_id in ("ix-empty", "ix-full"):
-        with sessions.begin() as session:
-            embedding_index.ensure_index(session, model_id, DIM)
-    assert set_aside_empty_index(engine, "ix-empty") is True
-    assert set_aside_empty_index(engine, "ix-full") is False  # rebuilding would cost more
-    assert set_aside_empty_index(engine, "ix-none") is False
+        assert build_index(engine, model_id, DIM)
+    assert set_aside_empty_index(engine, "ix-empty", DIM) is True
+    assert set_aside_empty_index(engine, "ix-full", DIM) is False  # rebuilding would cost more
+    assert set_aside_empty_index(engine, "ix-none", DIM) is False
     assert _state(engine, "ix-empty") == "missing"
     assert _state(engine, "ix-full") == "valid"
+
+
+def test_a_worker_builds_its_index_at_start_unless_a_reindex_to_its_model_is_under_way(
+    engine: Engine,
+) -> None:
+    sessions = make_sessions(engine)
+    _model(sessions, "ix-start", 50)
+    _model(sessions, "ix-target", 50)  # rows of a cancelled reindex, say
+    with sessions.begin() as session:
+        runs.create_run(session, NewRun("reindex", "ix-target"))
+    try:
+        assert build_index_if_due(engine, "ix-target", DIM, None) == "deferred"
+        assert _state(engine, "ix-target") == "missing"
+        assert build_index_if_due(engine, "ix-start", DIM, None) == "built"
+        assert _state(engine, "ix-start") == "valid"
+        assert build_index_if_due(engine, "ix-start", DIM, None) == "present"
+    finally:
+        with sessions.begin() as session:
+            session.execute(
+                text("UPDATE runs SET status = 'cancelled' WHERE model_id = 'ix-target'")
+            )
+    assert build_index_if_due(engine, "ix-target", DIM, None) == "built"
+
+
+def test_a_build_past_its_memory_says_so_in_the_log(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    _model(make_sessions(engine), "ix-memory", 3000)
+    with caplog.at_level(logging.WARNING, logger="db.embedding_index"):
+        assert build_index(engine, "ix-memory", DIM, memory="1MB")
+    assert any("maintenance_work_mem" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_beat_completes_a_done_reindex_left_open_after_building_its_index(
@@ -144,3 +178,44 @@ def test_beat_completes_a_done_reindex_left_open_after_building_its_index(
         assert runs.done_runs_left_open(session, timedelta(minutes=2)) == []
     assert complete_run(sessions, run_id) is None  # completed once
     assert complete_run(sessions, uuid.uuid4()) is None
+
+
+def test_a_failing_build_fails_the_run_with_why_and_resume_builds_again(
+    own: OwnServers, tmp_path: Path
+) -> None:
+    engine = own.engine
+    sessions = make_sessions(engine)
+    _model(sessions, "ix-bad", 30)
+    with sessions.begin() as session:
+        insert_image_facts(
+            session,
+            [ListingImageRecord(0, "file:///x.jpg", ImageFacts("odd", 8, 8, "JPEG", 1, 1.0, 0.5))],
+        )
+        insert_embeddings(session, "ix-bad", {"odd": [1.0] * (DIM - 1)})  # a row no index takes
+        active = registered_models.active_model_row(session)
+        active_id = None if active is None else active.model_id
+        run_id = runs.create_run(session, NewRun("reindex", "ix-bad"))
+        session.execute(
+            text("UPDATE runs SET status = 'running', produced_at = now() WHERE run_id = :r"),
+            {"r": run_id},
+        )
+    assert complete_run(sessions, run_id) is None
+    with sessions() as session:
+        run = runs.get_run(session, run_id)
+        assert run is not None and run.status == "failed", run
+        assert run.error == (
+            "the HNSW index of ix-bad could not be built: expected 8 dimensions, not 7"
+        ), run.error
+        now = registered_models.active_model_row(session)
+        assert (None if now is None else now.model_id) == active_id  # no switch
+    assert _state(engine, "ix-bad") != "valid"
+
+    with sessions.begin() as session:
+        session.execute(text("DELETE FROM embeddings WHERE sha256 = 'odd'"))
+    settings = load_settings(home=str(tmp_path)).with_servers(own.database_url, own.broker_url)
+    with Producer(settings) as producer:
+        RunProducer(producer).resume(run_id)
+    with sessions() as session:
+        run = runs.get_run(session, run_id)
+        assert run is not None and run.status == "succeeded", run
+    assert _state(engine, "ix-bad") == "valid"

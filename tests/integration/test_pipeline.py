@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from tests import images
-from tests.integration.conftest import Stack, WorkerProcess, query
+from tests.integration.conftest import Stack, WorkerProcess, query, wait_for_index
 from tests.integration.reference import OpenClipReference
 
 pytestmark = pytest.mark.slow
@@ -262,6 +262,7 @@ def test_similar_finds_the_listing_sharing_an_image_first_and_uses_the_hnsw_inde
     assert rows[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert "p-red" not in [r["listing_id"] for r in rows]
     assert [r["similarity"] for r in rows] == sorted((r["similarity"] for r in rows), reverse=True)
+    wait_for_index(stack.engine, "tiny")
     with make_sessions(stack.engine)() as session:
         session.execute(text("SET LOCAL enable_seqscan = off"))
         plan = (

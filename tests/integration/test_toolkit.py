@@ -37,6 +37,7 @@ from tests.integration.conftest import (
     start_worker,
     stop_worker,
     together,
+    wait_for_index,
     wait_ready,
 )
 from tests.tiny_models import save_tiny_open_clip
@@ -385,6 +386,7 @@ def test_similar_text_finds_listings_showing_it_through_the_index(toolkit: Toolk
     top = by_id[rows[0]["listing_id"]]
     assert (top.shows_colour, top.shows_product) == (colour, product), rows
     assert rows[0]["similarity"] >= rows[1]["similarity"] >= rows[2]["similarity"]
+    wait_for_index(toolkit.engine, "toy-cal")
     with make_sessions(toolkit.engine).begin() as session:
         session.execute(text("SET LOCAL enable_seqscan = off"))
         dim = session.execute(
