@@ -44,7 +44,7 @@ def plot_runs(result: dict[str, Any], out: Path) -> Path:
         ax.axvline(model_only, color="#c00000", linestyle="--", label="model alone (img/s)")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("listings/s")
-    ax.set_xlim(0, max([*rates, model_only or 0]) * 1.6)
+    ax.set_xlim(0, max([*rates, model_only or 0]) * 1.75)
     ax.set_title(f"Runs, {result['model']} on {result['device']} ({result['date']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
