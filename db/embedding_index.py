@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 from sqlalchemy import Connection, Engine, text
@@ -57,42 +59,90 @@ def build_index(engine: Engine, model_id: str, dim: int, memory: str | None = No
     server's. pgvector builds the graph in it; past it the build is no faster than inserting
     row by row, and pgvector's NOTICE saying so is logged here as a warning.
     """
-    with engine.connect() as connection:
-        connection = connection.execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            if not try_session_lock(connection, index_name(model_id)):
-                return False
-            _log_notices(connection, model_id)
-            _unlimited(connection, memory)
-            state = index_state(connection, model_id)
-            if state == "invalid":
-                connection.execute(
-                    text(f"DROP INDEX CONCURRENTLY IF EXISTS {index_name(model_id)}")
-                )
-            if state != "valid":
-                connection.execute(text(_create_sql(model_id, dim)))
-            return index_state(connection, model_id) == "valid"
-        finally:
-            connection.invalidate()
+    with _builder(engine, model_id) as connection:
+        if connection is None:
+            return False
+        _log_notices(connection, model_id)
+        _unlimited(connection, memory)
+        state = index_state(connection, model_id)
+        if state == "invalid":
+            connection.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {index_name(model_id)}"))
+        if state != "valid":
+            connection.execute(text(_create_sql(model_id, dim)))
+        return index_state(connection, model_id) == "valid"
 
 
 def set_aside_empty_index(engine: Engine, model_id: str, dim: int) -> bool:
     """Drop the model's index if it holds no row (a worker for a reindex target started before
-    the run and built it empty), so the backfill does not maintain it row by row; True if it
-    was dropped. An index holding rows is kept: rebuilding it would cost more."""
+    the run and built it empty) or is invalid (an interrupted build's, which PostgreSQL still
+    maintains on every insert), so the backfill does not maintain it row by row; True if it
+    was dropped. A valid index holding rows is kept: rebuilding it would cost more."""
+    if _state_now(engine, model_id) == "missing":
+        return False
+    with _builder(engine, model_id) as connection:
+        if connection is None:
+            return False
+        state = index_state(connection, model_id)
+        if state == "missing" or (state == "valid" and _holds_rows(connection, model_id, dim)):
+            return False
+        connection.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {index_name(model_id)}"))
+        return True
+
+
+def build_progress(connection: Session | Connection, model_id: str) -> str | None:
+    """What a build of the model's index under way is doing, as PostgreSQL reports it
+    (`pg_stat_progress_create_index`), e.g. "building index: loading tuples, 41% of rows";
+    None when none is."""
+    row = connection.execute(
+        text(
+            "SELECT p.phase, p.tuples_done, p.tuples_total FROM pg_stat_progress_create_index p "
+            "JOIN pg_class c ON c.oid = p.index_relid WHERE c.relname = :name"
+        ),
+        {"name": index_name(model_id)},
+    ).first()
+    if row is None:
+        return None
+    if row.tuples_total:
+        return f"{row.phase}, {100 * row.tuples_done / row.tuples_total:.0f}% of rows"
+    return str(row.phase)
+
+
+def vector_cast(dim: int) -> str:
+    """The type every query of a model's index casts `embedding` to, as the index does."""
+    return f"vector({int(dim)})"
+
+
+def model_literal(model_id: str) -> str:
+    """The model filter as a quoted literal: a bound parameter would not match the partial
+    index's predicate, so the planner would not use it."""
+    return "'" + model_id.replace("'", "''") + "'"
+
+
+def holds_rows_sql(model_id: str, dim: int) -> str:
+    """The probe `_holds_rows` runs (its plan is tested to be the index's)."""
+    cast = vector_cast(dim)
+    return (
+        f"SELECT 1 FROM embeddings WHERE model_id = {model_literal(model_id)} "
+        f"ORDER BY embedding::{cast} <=> CAST(:probe AS {cast}) LIMIT 1"
+    )
+
+
+@contextmanager
+def _builder(engine: Engine, model_id: str) -> Iterator[Connection | None]:
+    """A connection of its own, outside any transaction, holding the model's build lock; None
+    when another process holds it. Closed afterwards, never pooled: the lock and the
+    settings made on it go with it."""
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="AUTOCOMMIT")
         try:
-            if index_state(connection, model_id) != "valid":
-                return False
-            if not try_session_lock(connection, index_name(model_id)):
-                return False
-            if _holds_rows(connection, model_id, dim):
-                return False
-            connection.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {index_name(model_id)}"))
-            return True
+            yield connection if try_session_lock(connection, index_name(model_id)) else None
         finally:
             connection.invalidate()
+
+
+def _state_now(engine: Engine, model_id: str) -> IndexState:
+    with engine.connect() as connection:
+        return index_state(connection, model_id)
 
 
 def _holds_rows(connection: Connection, model_id: str, dim: int) -> bool:
@@ -100,16 +150,12 @@ def _holds_rows(connection: Connection, model_id: str, dim: int) -> bool:
     graph): `embeddings` has no index on `model_id` alone, so asking the table would read all
     of it when the model has no row."""
     connection.execute(text("SELECT set_config('enable_seqscan', 'off', false)"))
-    probe = "[" + ",".join(["1"] * int(dim)) + "]"
-    found = connection.scalar(
-        text(
-            f"SELECT 1 FROM embeddings WHERE model_id = '{_literal(model_id)}' "
-            f"ORDER BY embedding::vector({int(dim)}) <=> CAST(:probe AS vector({int(dim)})) "
-            "LIMIT 1"
-        ),
-        {"probe": probe},
-    )
+    found = connection.scalar(text(holds_rows_sql(model_id, dim)), {"probe": _probe(dim)})
     return found is not None
+
+
+def _probe(dim: int) -> str:
+    return "[" + ",".join(["1"] * int(dim)) + "]"
 
 
 def _unlimited(connection: Connection, memory: str | None) -> None:
@@ -142,10 +188,6 @@ def _create_sql(model_id: str, dim: int) -> str:
     """The index's definition; queries repeat its cast and model filter (`db.embeddings`)."""
     return (
         f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {index_name(model_id)} ON embeddings "
-        f"USING hnsw ((embedding::vector({int(dim)})) vector_cosine_ops) "
-        f"WHERE model_id = '{_literal(model_id)}'"
+        f"USING hnsw ((embedding::{vector_cast(dim)}) vector_cosine_ops) "
+        f"WHERE model_id = {model_literal(model_id)}"
     )
-
-
-def _literal(model_id: str) -> str:
-    return model_id.replace("'", "''")

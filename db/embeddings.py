@@ -21,6 +21,7 @@ from sqlalchemy import Select, Text, any_, bindparam, column, func, select, tabl
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
+from db.embedding_index import model_literal, vector_cast
 from db.records import ImageFacts
 from db.schema import Embedding, Image, table_of
 
@@ -154,13 +155,13 @@ def nearest_listings(
 def nearest_sql(model_id: str, dim: int) -> str:
     """The neighbour query; the model filter is a literal so the partial index's predicate
     matches it, and the cast repeats the index expression."""
-    literal = model_id.replace("'", "''")
-    cast = f"vector({int(dim)})"
+    literal = model_literal(model_id)
+    cast = vector_cast(dim)
     return f"""
         WITH mine AS (
             SELECT DISTINCT e.embedding::{cast} AS embedding
             FROM listing_images li
-            JOIN embeddings e ON e.sha256 = li.sha256 AND e.model_id = '{literal}'
+            JOIN embeddings e ON e.sha256 = li.sha256 AND e.model_id = {literal}
             WHERE li.listing_id = :listing_id
         ),
         near AS (
@@ -169,7 +170,7 @@ def nearest_sql(model_id: str, dim: int) -> str:
             CROSS JOIN LATERAL (
                 SELECT e.sha256, e.embedding::{cast} <=> mine.embedding AS distance
                 FROM embeddings e
-                WHERE e.model_id = '{literal}'
+                WHERE e.model_id = {literal}
                 ORDER BY e.embedding::{cast} <=> mine.embedding
                 LIMIT :fanout
             ) n
@@ -204,13 +205,13 @@ def nearest_to_vector(
 def nearest_vector_sql(model_id: str, dim: int) -> str:
     """The query-vector search: the same index expression and literal model filter as
     `nearest_sql`."""
-    literal = model_id.replace("'", "''")
-    cast = f"vector({int(dim)})"
+    literal = model_literal(model_id)
+    cast = vector_cast(dim)
     return f"""
         WITH near AS (
             SELECT e.sha256, e.embedding::{cast} <=> CAST(:query AS {cast}) AS distance
             FROM embeddings e
-            WHERE e.model_id = '{literal}'
+            WHERE e.model_id = {literal}
             ORDER BY e.embedding::{cast} <=> CAST(:query AS {cast})
             LIMIT :fanout
         )

@@ -5,8 +5,12 @@ built here, outside any transaction and without blocking writers, and only then 
 switch the active model: the model that starts serving searches has its index. Any process
 may complete a run (the worker that closes its last chunk, the producer of an empty catalogue,
 beat's watch when the one before died); a second one finds the index building and leaves the
-run to the first. A build that fails fails the run, with the error and the active model
-unchanged; `run --resume` builds again.
+run to the first.
+
+A build that fails for a reason that lasts (a row the index cannot take, a limit, a bad
+`LV_INDEX_BUILD_MEMORY`) fails the run, with the server's words and the active model
+unchanged; `run --resume` builds again. Passing trouble (the connection lost, a deadlock, the
+server restarting) leaves the run running, done but open: beat's watch completes it later.
 """
 
 from __future__ import annotations
@@ -16,41 +20,60 @@ import uuid
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
 
 from contract.errors import one_line
 from db import embedding_index, registered_models, runs
+from db.engine import make_sessions
 from db.runs import CompletedRun
 
 log = logging.getLogger(__name__)
 
+# SQLSTATE classes and codes of trouble that passes: connection exceptions, transaction
+# rollbacks (deadlock, serialization), a lock not available, an administrator's or a crash's
+# shutdown, a server not yet accepting connections.
+_PASSING_CLASSES = ("08", "40")
+_PASSING_CODES = ("55P03", "57P01", "57P02", "57P03")
+
 
 def complete_run(
-    sessions: sessionmaker[Session], run_id: uuid.UUID, index_memory: str | None = None
+    engine: Engine, run_id: uuid.UUID, index_memory: str | None = None
 ) -> CompletedRun | None:
     """Mark the run succeeded if its work is done (for a reindex, once its model's index is
     built, and then switch models); None if it is not done, another process completes it, or
-    the index build failed (the run is then `failed`)."""
+    the index build failed (the run is then `failed`, or left for beat's watch when the
+    trouble passes)."""
+    sessions = make_sessions(engine)
     with sessions.begin() as session:
         run = runs.done_run(session, run_id)
         dim = None if run is None else registered_models.embed_dim(session, run.model_id)
     if run is None:
         return None
     if run.kind == "reindex" and dim is not None:
-        engine = sessions.kw["bind"]
-        assert isinstance(engine, Engine)
         log.info("run %s: building the HNSW index of %s before the switch", run_id, run.model_id)
         try:
             built = embedding_index.build_index(engine, run.model_id, dim, index_memory)
         except SQLAlchemyError as error:
             said = one_line(getattr(error, "orig", None) or error)  # the server's words alone
             why = f"the HNSW index of {run.model_id} could not be built: {said}"
+            if passing(error):
+                log.warning("run %s left open (beat's watch completes it): %s", run_id, why)
+                return None
             log.error("run %s failed: %s", run_id, why)
             with sessions.begin() as session:
                 runs.fail_run(session, run_id, why)
             return None
         if not built:
-            log.info("run %s: another process is building the index; it completes the run", run_id)
+            log.info("run %s: its HNSW index is being built by another process", run_id)
             return None
     with sessions.begin() as session:
         return runs.complete_if_done(session, run_id)
+
+
+def passing(error: SQLAlchemyError) -> bool:
+    """Whether the error is trouble that passes, worth trying again later: a known passing
+    SQLSTATE, or no SQLSTATE at all (the server never answered: no connection, a pool
+    timeout)."""
+    code = getattr(getattr(error, "orig", None), "sqlstate", None)
+    if not code:
+        return True
+    return code[:2] in _PASSING_CLASSES or code in _PASSING_CODES

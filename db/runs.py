@@ -414,7 +414,7 @@ def done_run(session: Session, run_id: uuid.UUID) -> Run | None:
 
 def done_runs_left_open(session: Session, stalled_for: timedelta) -> list[Run]:
     """Runs whose work is done but whose completion has not happened for `stalled_for` (the
-    process completing it died, or a reindex's index build failed)."""
+    process completing it died, or a reindex's index build met passing trouble)."""
     return list(
         session.scalars(
             select(Run).where(*_done(Run.run_id), Run.updated_at < func.now() - stalled_for)

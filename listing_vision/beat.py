@@ -78,16 +78,19 @@ def make_beat_app(resolved: Settings) -> Celery:
             with producer.sessions() as session:
                 stalled = runs.unproduced_runs(session, STALLED_PRODUCTION)
                 left_open = runs.done_runs_left_open(session, STALLED_PRODUCTION)
-            for run in stalled:
+            for run in stalled:  # one run's trouble never stops the others'
                 log.warning("run %s stopped being produced: producing the rest", run.run_id)
-                RunProducer(producer).produce(run.run_id)
-                resumed.append(str(run.run_id))
+                try:
+                    RunProducer(producer).produce(run.run_id)
+                    resumed.append(str(run.run_id))
+                except Exception as error:
+                    log.warning("run %s not produced: %s", run.run_id, one_line(error))
             for run in left_open:  # its completing process died, or is building an index
                 try:
                     if RunProducer(producer).complete(run.run_id) is not None:
                         log.warning("run %s was done but left open: completed it", run.run_id)
                         completed.append(str(run.run_id))
-                except Exception as error:  # one run's trouble never stops the others'
+                except Exception as error:
                     log.warning("run %s not completed: %s", run.run_id, one_line(error))
         return {"produced": resumed, "completed": completed}
 

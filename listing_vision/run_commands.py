@@ -84,7 +84,7 @@ def list_run_table(
 ) -> None:
     """List the runs (rescoring, reindexing), newest first."""
     with _run_producer() as runs, runs.sessions() as session:
-        print_runs(console, list_runs(session, limit))
+        print_runs(console, session, list_runs(session, limit))
 
 
 @app.command("run")
@@ -101,10 +101,13 @@ def show_run(
         raise typer.BadParameter("give at most one of --follow, --cancel, --resume")
     with _run_producer() as runs:
         with runs.sessions() as session:
-            found = find_run(session, run_id).run_id
+            found_run = find_run(session, run_id)
+            found, kind = found_run.run_id, found_run.kind
         if cancel:
             runs.cancel(found)
         if resume:
+            if kind == "reindex":
+                console.print("resuming: once its work is done, its model's index is built first")
             sent = runs.resume(found)
             console.print(f"resumed: {sent} chunk(s) sent")
         if follow_it:
@@ -112,7 +115,8 @@ def show_run(
         with runs.sessions() as session:
             run = find_run(session, str(found))
             chunks = chunk_counts(session, found)
-        console.print(RunProgress.of(run).line())
+            progress = RunProgress.read(session, run)
+        console.print(progress.line())
         console.print("chunks: " + ", ".join(f"{n} {state}" for state, n in sorted(chunks.items())))
         if run.error:
             console.print(f"error: {run.error}")

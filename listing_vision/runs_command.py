@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import runs
+from db import embedding_index, runs
 from db.schema import Run
 
 STALLED_AFTER = 120.0  # seconds without progress before a running run is shown as stalled
@@ -32,9 +32,13 @@ class RunProgress:
     seconds: float  # since it started (until it finished)
     idle: float  # since its last progress
     produced: bool
+    error: str | None = None
+    index_build: str | None = None  # what a reindex's index build under way is doing
 
     @classmethod
-    def of(cls, run: Run, now: datetime | None = None) -> RunProgress:
+    def of(
+        cls, run: Run, now: datetime | None = None, index_build: str | None = None
+    ) -> RunProgress:
         now = now or datetime.now(UTC)
         end = run.finished_at or now
         return cls(
@@ -48,7 +52,19 @@ class RunProgress:
             max(0.0, (end - run.started_at).total_seconds()),
             max(0.0, (now - run.updated_at).total_seconds()),
             run.produced_at is not None,
+            run.error,
+            index_build,
         )
+
+    @classmethod
+    def read(cls, session: Session, run: Run) -> RunProgress:
+        """The run's progress, with its index build's when a done reindex is building it
+        (its counts stand still meanwhile, and that is not a stall)."""
+        done = run.produced_at is not None and run.done + run.failed >= run.total
+        building = None
+        if run.kind == "reindex" and run.status == "running" and done:
+            building = embedding_index.build_progress(session, run.model_id)
+        return cls.of(run, index_build=building)
 
     @property
     def finished(self) -> int:
@@ -68,7 +84,7 @@ class RunProgress:
 
     @property
     def stalled(self) -> bool:
-        return self.status == "running" and self.idle > STALLED_AFTER
+        return self.status == "running" and self.idle > STALLED_AFTER and not self.index_build
 
     def line(self) -> str:
         """One line: status, counts, rate, ETA."""
@@ -80,6 +96,8 @@ class RunProgress:
         ]
         if self.eta is not None:
             parts.append(f"ETA {_duration(self.eta)}")
+        if self.index_build:
+            parts.append(f"building its HNSW index before the switch ({self.index_build})")
         if self.stalled:
             parts.append(f"no progress for {_duration(self.idle)} (workers re-send its chunks)")
         if not self.produced and self.status in runs.ACTIVE_RUN:
@@ -87,18 +105,18 @@ class RunProgress:
         return "; ".join(parts)
 
 
-def print_runs(console: Console, rows: list[Run]) -> None:
+def print_runs(console: Console, session: Session, rows: list[Run]) -> None:
     """The newest runs first, one row each."""
     table = Table()
     for column in ("run", "kind", "model", "status", "done", "failed", "total", "rate", "started"):
         table.add_column(column, no_wrap=True)
     for run in rows:
-        progress = RunProgress.of(run)
+        progress = RunProgress.read(session, run)
         table.add_row(
             str(run.run_id)[:8],
             run.kind,
             run.model_id,
-            run.status + (" (stalled)" if progress.stalled else ""),
+            run.status + _status_note(progress),
             f"{run.done:,}",
             f"{run.failed:,}",
             f"{run.total:,}",
@@ -122,13 +140,12 @@ def follow(sessions: sessionmaker[Session], run_id: uuid.UUID, console: Console)
         while True:
             with sessions() as session:
                 run = session.get(Run, run_id)
-            if run is None:
-                console.print(f"[red]run {run_id} disappeared")
-                return 1
-            progress = RunProgress.of(run)
+                if run is None:
+                    console.print(f"[red]run {run_id} disappeared")
+                    return 1
+                progress = RunProgress.read(session, run)
             eta = f", ETA {_duration(progress.eta)}" if progress.eta is not None else ""
-            stalled = ", stalled" if progress.stalled else ""
-            detail = f"failed {run.failed:,}, {progress.rate:,.0f}/s{eta}{stalled}"
+            detail = f"failed {run.failed:,}, {progress.rate:,.0f}/s{eta}" + _status_note(progress)
             bar.update(
                 task,
                 total=run.total or None,
@@ -140,7 +157,15 @@ def follow(sessions: sessionmaker[Session], run_id: uuid.UUID, console: Console)
                 break
             time.sleep(0.5)
     console.print(progress.line())
+    if progress.error:
+        console.print(f"error: {progress.error}")
     return 0 if progress.status == "succeeded" else 1
+
+
+def _status_note(progress: RunProgress) -> str:
+    if progress.index_build:
+        return " (building index)"
+    return " (stalled)" if progress.stalled else ""
 
 
 def _duration(seconds: float) -> str:

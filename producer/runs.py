@@ -155,7 +155,9 @@ class RunProducer:
     def complete(self, run_id: uuid.UUID) -> CompletedRun | None:
         """Complete the run if its work is done: one with nothing to do (an empty catalogue) as
         soon as it is produced, one whose completing worker died when beat's watch notices."""
-        completed = complete_run(self.sessions, run_id, self.producer.settings.index_build_memory)
+        completed = complete_run(
+            self.producer.engine, run_id, self.producer.settings.index_build_memory
+        )
         if completed is not None and completed.kind == "reindex":
             self.sync_mirror_alias()
         return completed

@@ -19,11 +19,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.errors import one_line
 from db import runs
+from db.engine import make_sessions
 from db.listing_state import StoredListing, load_listings
 from db.records import ListingOutcome, ResultRecord
 from db.results import write_listing_outcomes
@@ -49,7 +51,7 @@ class ChunkReport:
 class ChunkRunner:
     """Runs deliveries of run chunks against the database and the warm chunk analyzer."""
 
-    sessions: sessionmaker[Session]
+    engine: Engine
     analyzer: ChunkAnalyzer
     worker_name: str
     max_attempts: int
@@ -60,6 +62,10 @@ class ChunkRunner:
     slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
     mirror: MirrorHook = NO_MIRROR  # told what was committed, and of a reindex's switch
     index_memory: str | None = None  # LV_INDEX_BUILD_MEMORY, for a reindex's index build
+    sessions: sessionmaker[Session] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sessions = make_sessions(self.engine)
 
     def run(self, chunk_id: uuid.UUID, redeliveries: int = 0) -> ChunkReport:
         """Run one delivery of a chunk. Trouble outside the listings' own analyses (the database
@@ -180,7 +186,7 @@ class ChunkRunner:
         """Complete the run if this was its last chunk. Trouble here is not the chunk's (it is
         recorded): logged, and beat's watch completes the run later."""
         try:
-            completed = complete_run(self.sessions, run_id, self.index_memory)
+            completed = complete_run(self.engine, run_id, self.index_memory)
         except Exception as error:
             log.warning("run %s not completed now (beat's watch will): %s", run_id, one_line(error))
             return

@@ -214,7 +214,7 @@ def start_runtime(
         threads=max(2, -(-batches_held * max_size // group_size)),
     )
     chunks = ChunkRunner(
-        sessions=sessions,
+        engine=engine,
         analyzer=chunk_analyzer,
         worker_name=worker_name,
         max_attempts=settings.max_attempts,

@@ -3,7 +3,10 @@ before the run switches models, and rebuilt when an interrupted build left it in
 
 from __future__ import annotations
 
+import io
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,7 +22,14 @@ from contract.broker import WATCH_RUNS_TASK
 from contract.registry import ModelSpec
 from contract.settings import load_settings
 from db import registered_models, runs
-from db.embedding_index import build_index, index_name, index_state, set_aside_empty_index
+from db.embedding_index import (
+    build_index,
+    build_progress,
+    holds_rows_sql,
+    index_name,
+    index_state,
+    set_aside_empty_index,
+)
 from db.embeddings import insert_embeddings
 from db.engine import make_sessions
 from db.images import insert_image_facts
@@ -27,6 +38,7 @@ from db.records import ImageFacts, ListingImageRecord
 from db.run_completion import complete_run
 from db.runs import NewRun
 from listing_vision.beat import make_beat_app
+from listing_vision.runs_command import RunProgress, print_runs
 from producer.enqueue import Producer
 from producer.runs import RunProducer
 from tests.integration.conftest import OwnServers, Stack, own_servers
@@ -154,7 +166,7 @@ def test_beat_completes_a_done_reindex_left_open_after_building_its_index(
     with sessions.begin() as session:
         registered_models.switch_active_model(session, "ix-old")
         run_id = runs.create_run(session, NewRun("reindex", "ix-new", previous_model_id="ix-old"))
-    assert complete_run(sessions, run_id) is None  # not produced yet: nothing to complete
+    assert complete_run(engine, run_id) is None  # not produced yet: nothing to complete
     assert _state(engine, "ix-new") == "missing"
 
     with sessions.begin() as session:  # every chunk done, the completing worker gone
@@ -176,8 +188,8 @@ def test_beat_completes_a_done_reindex_left_open_after_building_its_index(
     with sessions() as session:
         assert registered_models.active_model_row(session).model_id == "ix-new"  # type: ignore[union-attr]
         assert runs.done_runs_left_open(session, timedelta(minutes=2)) == []
-    assert complete_run(sessions, run_id) is None  # completed once
-    assert complete_run(sessions, uuid.uuid4()) is None
+    assert complete_run(engine, run_id) is None  # completed once
+    assert complete_run(engine, uuid.uuid4()) is None
 
 
 def test_a_failing_build_fails_the_run_with_why_and_resume_builds_again(
@@ -199,7 +211,7 @@ def test_a_failing_build_fails_the_run_with_why_and_resume_builds_again(
             text("UPDATE runs SET status = 'running', produced_at = now() WHERE run_id = :r"),
             {"r": run_id},
         )
-    assert complete_run(sessions, run_id) is None
+    assert complete_run(engine, run_id) is None
     with sessions() as session:
         run = runs.get_run(session, run_id)
         assert run is not None and run.status == "failed", run
@@ -219,3 +231,93 @@ def test_a_failing_build_fails_the_run_with_why_and_resume_builds_again(
         run = runs.get_run(session, run_id)
         assert run is not None and run.status == "succeeded", run
     assert _state(engine, "ix-bad") == "valid"
+
+
+def test_the_set_aside_drops_an_invalid_index_even_with_rows(engine: Engine) -> None:
+    sessions = make_sessions(engine)
+    _model(sessions, "ix-invalid", 20)
+    assert build_index(engine, "ix-invalid", DIM)
+    with sessions.begin() as session:  # an interrupted build's: still maintained on inserts
+        session.execute(
+            text("UPDATE pg_index SET indisvalid = false WHERE indexrelid = to_regclass(:n)"),
+            {"n": index_name("ix-invalid")},
+        )
+    assert set_aside_empty_index(engine, "ix-invalid", DIM) is True
+    assert _state(engine, "ix-invalid") == "missing"
+
+
+def test_the_set_aside_probe_asks_the_index_not_the_table(engine: Engine) -> None:
+    _model(make_sessions(engine), "ix-probe", 50)
+    assert build_index(engine, "ix-probe", DIM)
+    with engine.connect() as connection:
+        connection.execute(text("SET enable_seqscan = off"))
+        plan = connection.execute(
+            text("EXPLAIN " + holds_rows_sql("ix-probe", DIM)), {"probe": "[" + "1," * 7 + "1]"}
+        ).scalars()
+        plan_text = "\n".join(plan)
+        connection.rollback()
+    assert f"Index Scan using {index_name('ix-probe')}" in plan_text, plan_text
+
+
+def test_a_build_cut_short_leaves_the_run_open_showing_its_build_and_the_next_one_completes(
+    own: OwnServers,
+) -> None:
+    """The build waits for a writer's open transaction (as CREATE INDEX CONCURRENTLY does);
+    meanwhile the run shows its build; the server then ends the build's connection, as a
+    restart would: passing trouble, so the run stays open and the next completion builds."""
+    engine = own.engine
+    sessions = make_sessions(engine)
+    _model(sessions, "ix-cut", 40)
+    with sessions.begin() as session:
+        run_id = runs.create_run(session, NewRun("reindex", "ix-cut"))
+        session.execute(
+            text("UPDATE runs SET status = 'running', produced_at = now() WHERE run_id = :r"),
+            {"r": run_id},
+        )
+    writer = sessions()
+    writer.execute(text("UPDATE embeddings SET embedding = embedding WHERE sha256 = 'ix-cut-0'"))
+    outcome: list[object] = []
+    build = threading.Thread(target=lambda: outcome.append(complete_run(engine, run_id)))
+    build.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with sessions() as session:
+                phase = build_progress(session, "ix-cut")
+                run = runs.get_run(session, run_id)
+                assert run is not None
+                progress = RunProgress.read(session, run)
+            if phase is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert phase is not None and "waiting" in phase, phase
+        assert progress.index_build == phase and not progress.stalled
+        assert f"building its HNSW index before the switch ({phase})" in progress.line()
+        shown = io.StringIO()
+        with sessions() as session:
+            print_runs(Console(file=shown, width=200), session, [run])
+        assert "running (building index)" in shown.getvalue(), shown.getvalue()
+
+        with sessions.begin() as session:
+            ended = session.scalar(
+                text(
+                    "SELECT pg_terminate_backend(p.pid) FROM pg_stat_progress_create_index p "
+                    "JOIN pg_class c ON c.oid = p.index_relid WHERE c.relname = :n"
+                ),
+                {"n": index_name("ix-cut")},
+            )
+        assert ended is True
+        build.join(30)
+        assert not build.is_alive() and outcome == [None]
+    finally:
+        writer.rollback()
+        writer.close()
+        build.join(30)
+    with sessions() as session:
+        run = runs.get_run(session, run_id)
+        assert run is not None and run.status == "running" and run.error is None, run
+    assert _state(engine, "ix-cut") == "invalid"  # what the cut build left behind
+
+    completed = complete_run(engine, run_id)
+    assert completed is not None and completed.model_id == "ix-cut"
+    assert _state(engine, "ix-cut") == "valid"

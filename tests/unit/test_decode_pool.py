@@ -5,7 +5,6 @@ only the image that killed it; the pool is replaced and keeps serving."""
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.decode_cues import HANG, KILLER, SLOW, crash_on_cue
 from tests.images import png_claiming_size, truncated_jpeg
 from tests.unit.test_tensor_input import encode, sample_blobs, textured
 from worker.decode_child import DecodedForModel, decode_for_model
@@ -26,22 +26,6 @@ from worker.images import FailedImage, FetchedBytes, PreparedImage, prepare_imag
 
 MAX_PIXELS = 40_000_000
 DRAFT, SIDE = 256, 64
-KILLER = b"kill the decoder process"
-HANG = b"hang the decoder process"
-SLOW = b"take a second"
-
-
-def crash_on_cue(
-    data: bytes, sha256: str, max_pixels: int, draft_size: int, side: int
-) -> DecodedForModel | str:
-    """Runs in a pool process: dies on `KILLER` (as a decoder crash would), else decodes."""
-    if data == KILLER:
-        os._exit(1)
-    if data == HANG:
-        time.sleep(3600)
-    if data == SLOW:
-        time.sleep(1.0)
-    return decode_for_model(data, sha256, max_pixels, draft_size, side)
 
 
 def fetched(blobs: list[bytes]) -> list[FetchedBytes]:
