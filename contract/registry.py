@@ -80,6 +80,14 @@ def get_spec(registry: Registry, model_id: str) -> ModelSpec:
         raise RegistryError(f"unknown model {model_id!r}; the registry has: {known}") from None
 
 
+def configured_spec(registry: Registry, model_id: str) -> ModelSpec:
+    """The entry `LV_MODEL` names: an unknown id is a bad setting, and the error says which."""
+    try:
+        return get_spec(registry, model_id)
+    except RegistryError as error:
+        raise RegistryError(f"invalid setting LV_MODEL: {error}") from None
+
+
 def _read_file(path: Path, source: str) -> dict[str, ModelSpec]:
     """Entries of one file; relative paths in it resolve against its folder."""
     try:

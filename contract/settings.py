@@ -6,6 +6,7 @@ import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -70,6 +71,9 @@ class Settings(BaseSettings):
     rescore_schedule: str = "0 2 * * *"
     log_level: str = "INFO"
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # The address a worker's metrics listen on: every interface for a deployment's
+    # Prometheus; `up` (the embedded default) sets 127.0.0.1 for its workers unless given.
+    metrics_host: str = "0.0.0.0"
     # The one exporter per deployment (queue depth, backlog, runs): `listing-vision exporter`.
     exporter_port: int = Field(9808, ge=1, le=65535)
     log_format: Literal["text", "json"] = "text"
@@ -101,6 +105,26 @@ class Settings(BaseSettings):
                 if part.strip()
             )
         return value
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _known_database_url(cls, value: str | None) -> str | None:
+        return check_url(value, DATABASE_SCHEMES, "a PostgreSQL URL")
+
+    @field_validator("broker_url", mode="after")
+    @classmethod
+    def _known_broker_url(cls, value: str | None) -> str | None:
+        return check_url(value, BROKER_SCHEMES, "a Redis URL")
+
+    @field_validator("metrics_host", mode="after")
+    @classmethod
+    def _an_address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(
+                "must be an IP address to listen on (0.0.0.0, 127.0.0.1, ::)"
+            ) from None
 
     @field_validator("milvus_uri", mode="after")
     @classmethod
@@ -194,6 +218,27 @@ def check_schedule(value: str) -> str:
     return text
 
 
+# What the engine (psycopg 3) and the broker (kombu's Redis transport) can connect with.
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+
+
+def check_url(value: str | None, schemes: tuple[str, ...], what: str) -> str | None:
+    """A URL of one of `schemes` with a readable port, so a typo is an error at start naming
+    the setting, not a driver's traceback at the first connection."""
+    if value is None:
+        return None
+    wanted = f"must be {what} ({', '.join(s + '://' for s in schemes)}…)"
+    scheme, separator, _ = value.partition("://")
+    if not separator or scheme.lower() not in schemes:
+        raise ValueError(wanted)
+    try:
+        urlsplit(value).port  # noqa: B018  (parsing the port is the check)
+    except ValueError as error:
+        raise ValueError(f"{wanted}: {error}") from None
+    return value
+
+
 def check_milvus_uri(value: str | None) -> str | None:
     """`http(s)://host:port` (a Milvus server) or a filesystem path (milvus-lite); any other
     scheme is refused rather than taken for a file name."""
@@ -233,6 +278,9 @@ def schedule_seconds(value: str) -> float | None:
 _EVERY = re.compile(r"every (\d+(?:\.\d+)?)s?")
 
 
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -242,6 +290,8 @@ def _describe(error: ValidationError) -> str:
             lines.append(f"invalid settings: {message}")
             continue
         got = item.get("input")
+        if isinstance(got, str):
+            got = _PASSWORD.sub(r"\1***@", got)  # a URL's password is never echoed
         suffix = f" (got {got!r})" if isinstance(got, str | int | float) else ""
         lines.append(f"invalid setting LV_{field.upper()}: {message}{suffix}")
     return "; ".join(lines)

@@ -9,10 +9,13 @@ reindex writes a whole catalogue for a model nobody searches yet, so its index w
 backfill is done and is built before the run switches models (`db.run_completion`).
 
 A concurrent build never makes other models' writers wait (a plain CREATE INDEX holds a lock
-that stops every insert into `embeddings` for the whole build). One process builds at a time:
-a session advisory lock, only ever tried, never waited for (a waiter holding a snapshot would
-deadlock with the build, which waits for older snapshots). The build's connection is closed
-afterwards, so neither the lock nor its settings reach the pool.
+that stops every insert into `embeddings` for the whole build). One build or drop runs at a
+time on the table, whatever its model: two concurrent builds (or a build and a concurrent drop)
+on one table wait for each other's snapshots, and PostgreSQL ends one as a deadlock, often the
+one nearly done. So every build and drop holds one session advisory lock, only ever tried,
+never waited for (a waiter holding a snapshot would deadlock with the build too); who finds it
+taken tries again later. The build's connection is closed afterwards, so neither the lock nor
+its settings reach the pool.
 """
 
 from __future__ import annotations
@@ -91,20 +94,59 @@ def set_aside_empty_index(engine: Engine, model_id: str, dim: int) -> bool:
 
 def build_progress(connection: Session | Connection, model_id: str) -> str | None:
     """What a build of the model's index under way is doing, as PostgreSQL reports it
-    (`pg_stat_progress_create_index`), e.g. "building index: loading tuples, 41% of rows";
-    None when none is."""
+    (`pg_stat_progress_create_index`), e.g. "building index: loading tuples, 41% of the
+    table"; "waiting for another HNSW index build" when another build holds the build lock;
+    None when neither."""
+    # Before the index exists (initializing, waiting for the table lock) the progress row's
+    # index_relid is 0: the build is recognised by its statement, which names the index.
     row = connection.execute(
         text(
-            "SELECT p.phase, p.tuples_done, p.tuples_total FROM pg_stat_progress_create_index p "
-            "JOIN pg_class c ON c.oid = p.index_relid WHERE c.relname = :name"
+            "SELECT p.phase, p.tuples_done, p.tuples_total, p.blocks_done, p.blocks_total "
+            "FROM pg_stat_progress_create_index p JOIN pg_stat_activity a ON a.pid = p.pid "
+            "LEFT JOIN pg_class c ON c.oid = p.index_relid "
+            "WHERE c.relname = :name OR strpos(a.query, :name) > 0 LIMIT 1"
         ),
         {"name": index_name(model_id)},
     ).first()
-    if row is None:
-        return None
-    if row.tuples_total:
-        return f"{row.phase}, {100 * row.tuples_done / row.tuples_total:.0f}% of rows"
-    return str(row.phase)
+    if row is not None:
+        return progress_words(
+            row.phase, row.tuples_done, row.tuples_total, row.blocks_done, row.blocks_total
+        )
+    if lock_held(connection, index_name(model_id)):
+        return "starting its build"
+    if lock_held(connection, BUILD_LOCK):
+        return WAITING_FOR_ANOTHER_BUILD
+    return None
+
+
+def progress_words(
+    phase: str, tuples_done: int, tuples_total: int, blocks_done: int, blocks_total: int
+) -> str:
+    """A progress row in words: the share of rows where PostgreSQL counts them, else of the
+    table's blocks (pgvector's HNSW build counts blocks read while it loads rows)."""
+    if tuples_total:
+        return f"{phase}, {100 * tuples_done / tuples_total:.0f}% of rows"
+    if blocks_total:
+        return f"{phase}, {100 * blocks_done / blocks_total:.0f}% of the table"
+    return phase
+
+
+BUILD_LOCK = "embeddings-hnsw-build"  # one build or drop on the table at a time
+WAITING_FOR_ANOTHER_BUILD = "waiting for another model's HNSW index build"
+
+
+def lock_held(connection: Session | Connection, key: str) -> bool:
+    """Whether a process holds the session advisory lock `key` (`db.locks`: one bigint key,
+    its high half in classid, its low half in objid)."""
+    held = connection.scalar(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 1 AND objid = (hashtext(:key)::bigint & 4294967295)::oid "
+            "AND classid = ((hashtext(:key)::bigint >> 32) & 4294967295)::oid)"
+        ),
+        {"key": key},
+    )
+    return bool(held)
 
 
 def vector_cast(dim: int) -> str:
@@ -129,13 +171,16 @@ def holds_rows_sql(model_id: str, dim: int) -> str:
 
 @contextmanager
 def _builder(engine: Engine, model_id: str) -> Iterator[Connection | None]:
-    """A connection of its own, outside any transaction, holding the model's build lock; None
-    when another process holds it. Closed afterwards, never pooled: the lock and the
-    settings made on it go with it."""
+    """A connection of its own, outside any transaction, holding the build lock (any model's
+    build or drop) and, to say whose, the model's; None when another process holds the build
+    lock. Closed afterwards, never pooled: the locks and the settings made on it go with it."""
     with engine.connect() as connection:
         connection = connection.execution_options(isolation_level="AUTOCOMMIT")
         try:
-            yield connection if try_session_lock(connection, index_name(model_id)) else None
+            taken = try_session_lock(connection, BUILD_LOCK)
+            yield (
+                connection if taken and try_session_lock(connection, index_name(model_id)) else None
+            )
         finally:
             connection.invalidate()
 

@@ -10,7 +10,8 @@ run to the first.
 A build that fails for a reason that lasts (a row the index cannot take, a limit, a bad
 `LV_INDEX_BUILD_MEMORY`) fails the run, with the server's words and the active model
 unchanged; `run --resume` builds again. Passing trouble (the connection lost, a deadlock, the
-server restarting) leaves the run running, done but open: beat's watch completes it later.
+server restarting, a cancelled build, another model's build holding the build lock) leaves the
+run running, done but open: beat's watch completes it later.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ from db.runs import CompletedRun
 log = logging.getLogger(__name__)
 
 # SQLSTATE classes and codes of trouble that passes: connection exceptions, transaction
-# rollbacks (deadlock, serialization), a lock not available, an administrator's or a crash's
-# shutdown, a server not yet accepting connections.
+# rollbacks (deadlock, serialization), too many connections, a read-only server (a failover
+# under way), a lock not available, a cancel (an operator's pg_cancel_backend; `run --cancel`
+# is how a run is stopped), an administrator's or a crash's shutdown, a server not yet
+# accepting connections. Out of memory or disk lasts: LV_INDEX_BUILD_MEMORY or the disk needs
+# an operator, then `run --resume`.
 _PASSING_CLASSES = ("08", "40")
-_PASSING_CODES = ("55P03", "57P01", "57P02", "57P03")
+_PASSING_CODES = ("25006", "53300", "55P03", "57014", "57P01", "57P02", "57P03")
 
 
 def complete_run(

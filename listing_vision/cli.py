@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from contract.registry import RegistryError, get_spec, load_registry
+from contract.registry import RegistryError, configured_spec, load_registry
 from contract.settings import SettingsError
 from db.registered_models import active_model_id
 from db.runs import RunConflict, RunNotFound
@@ -74,11 +74,25 @@ def enqueue(
     """Queue analysis jobs for listing events (exit 2 if a line was refused, 1 if any failed)."""
     from listing_vision.enqueue_command import enqueue_file
 
+    _readable(file)
     settings = command_settings()
     with connected(settings) as resolved:
         ready_engine(settings, resolved).dispose()
         code = enqueue_file(resolved, file, model=model, wait=wait, timeout=timeout)
     raise typer.Exit(code)
+
+
+def _readable(path: str) -> None:
+    """An unreadable FILE is bad usage (exit 2), found before any server is started."""
+    if path == "-":
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise typer.BadParameter(
+            f"cannot read {path}: {error.strerror}", param_hint="FILE"
+        ) from None
 
 
 @app.command()
@@ -103,11 +117,11 @@ def results(
 @app.command("models")
 def list_models() -> None:
     """List the model registry, marking the active model."""
-    from contract.registry import load_registry
     from listing_vision.output import print_models_table
 
     settings = command_settings()
     registry = load_registry(settings.models_file)
+    configured_spec(registry, settings.model)
     with read_database(settings) as (engine, _):
         active = active_model_id(engine, settings.model)
     print_models_table(console, registry.values(), active)
@@ -161,7 +175,7 @@ def up() -> None:
     settings = command_settings(service=True)
     with connected(settings, milvus=True) as resolved:
         engine = migrated_engine(resolved)
-        default = get_spec(load_registry(settings.models_file), settings.model)
+        default = configured_spec(load_registry(settings.models_file), settings.model)
         with make_sessions(engine).begin() as session:
             record_default_model(session, default)
         engine.dispose()

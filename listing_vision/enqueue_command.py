@@ -55,25 +55,41 @@ def enqueue_file(
     return 2 if report.refused else outcome
 
 
-def _open(path: str) -> IO[str] | nullcontext[IO[str]]:
+def _open(path: str) -> IO[bytes] | nullcontext[IO[bytes]]:
+    """Bytes: each line is decoded on its own, so one line that is not UTF-8 is refused alone."""
     if path == "-":
-        return nullcontext(sys.stdin)
-    return open(path, encoding="utf-8")
+        return nullcontext(sys.stdin.buffer)
+    return open(path, "rb")
 
 
 def _chunks(
-    stream: IO[str], settings: Settings
+    stream: IO[bytes], settings: Settings
 ) -> Iterator[tuple[list[ListingEvent], list[Refusal]]]:
     """Parse in chunks so a huge file is queued progressively, keeping global line numbers."""
     lines: list[str] = []
+    undecodable: list[Refusal] = []
     first_line = 1
-    for line in stream:
-        lines.append(line)
+    for raw in stream:
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            number = first_line + len(lines)
+            undecodable.append(
+                Refusal(number, None, f"not UTF-8: {error.reason} at byte {error.start}")
+            )
+            lines.append("")  # keeps the numbering; blank lines are skipped
         if len(lines) >= CHUNK_LINES:
-            yield parse_lines(lines, settings.file_roots, first_line)
+            yield _parsed(lines, settings, first_line, undecodable)
             first_line += len(lines)
-            lines = []
-    yield parse_lines(lines, settings.file_roots, first_line)
+            lines, undecodable = [], []
+    yield _parsed(lines, settings, first_line, undecodable)
+
+
+def _parsed(
+    lines: list[str], settings: Settings, first_line: int, undecodable: list[Refusal]
+) -> tuple[list[ListingEvent], list[Refusal]]:
+    events, refused = parse_lines(lines, settings.file_roots, first_line)
+    return events, sorted([*refused, *undecodable], key=lambda refusal: refusal.line)
 
 
 def wait_with_bar(

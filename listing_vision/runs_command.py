@@ -164,7 +164,8 @@ def follow(sessions: sessionmaker[Session], run_id: uuid.UUID, console: Console)
 
 def _status_note(progress: RunProgress) -> str:
     if progress.index_build:
-        return " (building index)"
+        waiting = progress.index_build == embedding_index.WAITING_FOR_ANOTHER_BUILD
+        return " (index build waiting)" if waiting else " (building index)"
     return " (stalled)" if progress.stalled else ""
 
 

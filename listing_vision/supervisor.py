@@ -83,6 +83,16 @@ def child_env(resolved: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def worker_env(resolved: Settings) -> dict[str, str]:
+    """A worker's environment under `up`: as any child's, and its metrics (with
+    LV_METRICS_PORT) on 127.0.0.1 unless LV_METRICS_HOST says otherwise, as SPEC.md has the
+    embedded default serve them."""
+    env = child_env(resolved)
+    if not env.get("LV_METRICS_HOST"):
+        env["LV_METRICS_HOST"] = "127.0.0.1"
+    return env
+
+
 def log_dir(settings: Settings) -> Path:
     """The one directory for the logs of everything `up` runs: `LV_HOME/logs`."""
     logs = settings.home.expanduser() / "logs"

@@ -19,13 +19,13 @@ from listing_vision.supervisor import (
     Child,
     banner,
     beat_child,
-    child_env,
     console_copy,
     exporter_child,
     flower_child,
     log_dir,
     supervise,
     visible_gpus,
+    worker_env,
     worker_stop_timeout,
 )
 
@@ -34,7 +34,7 @@ def run_stack(resolved: Settings) -> int:
     """Start the stack and keep it up until Ctrl-C/SIGTERM; returns the exit status."""
     engine = make_engine(resolved.require_database_url(), application_name="listing-vision-up")
     gpus = visible_gpus()
-    env = child_env(resolved)
+    env = worker_env(resolved)
 
     def plan() -> dict[str, list[str]]:
         active, run_models = models_needed(engine, resolved)

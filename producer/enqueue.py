@@ -17,7 +17,7 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.broker import make_celery, send_analysis
-from contract.registry import ModelSpec, get_spec, load_registry
+from contract.registry import ModelSpec, configured_spec, get_spec, load_registry
 from contract.settings import Settings
 from db import jobs, listings, registered_models, runs
 from db.engine import make_engine, make_sessions
@@ -45,7 +45,7 @@ class Producer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = load_registry(settings.models_file)
-        self.default_spec = get_spec(self.registry, settings.model)  # LV_MODEL
+        self.default_spec = configured_spec(self.registry, settings.model)  # LV_MODEL
         self.engine = make_engine(
             settings.require_database_url(), application_name="listing-vision-producer"
         )

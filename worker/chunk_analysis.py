@@ -81,12 +81,19 @@ class ChunkAnalyzer:
     group_size: int  # listings fetched, decoded and embedded together (bounds pixel memory)
 
     def analyze(
-        self, stored: dict[str, StoredListing], *, refetch: bool, recompute: bool
+        self,
+        stored: dict[str, StoredListing],
+        *,
+        refetch: bool,
+        recompute: bool,
+        deadline: float | None = None,
     ) -> ChunkAnalysis:
-        """Analyse every listing in `stored`; transient failures are reported, not raised.
-        The thresholds are read first: a rescoring run applies those recorded before it."""
+        """Analyse every listing in `stored`; a listing's transient failure is reported, not
+        raised. `deadline` (monotonic seconds): no fetch starts after it (those listings are
+        reported transient) and a model wait past it raises `TransientError`. The thresholds
+        are read first: a rescoring run applies those recorded before it."""
         self.scorer.thresholds.refresh()
-        return self._analyze(stored, refetch=refetch, recompute=recompute)
+        return self._analyze(stored, refetch=refetch, recompute=recompute, deadline=deadline)
 
     def analyze_new(
         self, listings: Sequence[ListingRecord], deadline: float, ticket: Ticket | None = None

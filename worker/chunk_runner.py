@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract.errors import one_line
+from contract.errors import TransientError, one_line
 from db import runs
 from db.engine import make_sessions
 from db.listing_state import StoredListing, load_listings
@@ -57,6 +57,10 @@ class ChunkRunner:
     max_attempts: int
     retry_backoff: float
     send_chunks: SendChunks
+    # LV_TASK_TIME_LIMIT: a delivery's fetches and model waits end this long after its claim;
+    # listings not fetched by then are retried in a chunk of their own, and a model wait past
+    # it retries the whole chunk (split in halves on its next delivery).
+    time_limit: float
     # A chunk is a batch already: two at a time keep the model and the database busy, and more
     # would only contend for the GIL and the connections with the single jobs.
     slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
@@ -75,6 +79,8 @@ class ChunkRunner:
                 return self._run(chunk_id)
         except (SQLAlchemyError, FutureTimeout) as error:
             log.warning("chunk %s: database trouble, will retry: %s", chunk_id, one_line(error))
+        except TransientError as error:
+            log.warning("chunk %s: %s; will retry, split", chunk_id, one_line(error))
         except Exception:
             log.exception("chunk %s: unexpected error, will retry", chunk_id)
         return ChunkReport(retry_in=backoff_seconds(redeliveries + 2, self.retry_backoff))
@@ -85,6 +91,7 @@ class ChunkRunner:
         if isinstance(claim, str):
             log.info("chunk %s not run: %s", chunk_id, claim)
             return ChunkReport({"skipped": claim})
+        deadline = time.monotonic() + self.time_limit
         if claim.attempt > 1 and len(claim.listing_ids) > 1:
             return self._split(claim)
         clock = _Stopwatch()
@@ -96,7 +103,7 @@ class ChunkRunner:
             analysis = ChunkAnalysis(transient=dict.fromkeys(stored, reason))
         else:
             analysis = self.analyzer.analyze(
-                stored, refetch=claim.refetch, recompute=claim.recompute
+                stored, refetch=claim.refetch, recompute=claim.recompute, deadline=deadline
             )
         clock.lap("analyse")
         report = self._record(claim, stored, analysis)

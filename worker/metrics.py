@@ -77,13 +77,14 @@ class WorkerMetrics:
         self.call_items.labels(self.model_id, tower).observe(items)
         self.embedded.labels(self.model_id, tower).inc(items)
 
-    def serve(self, port: int) -> bool:
-        """Expose the metrics on `port` (all interfaces: Prometheus scrapes from elsewhere);
-        a port already taken is logged, and the worker runs on without metrics."""
+    def serve(self, port: int, host: str = "0.0.0.0") -> bool:
+        """Expose the metrics on `host:port` (`LV_METRICS_HOST`: every interface by default,
+        where Prometheus scrapes from elsewhere); a port already taken is logged, and the worker
+        runs on without metrics."""
         try:
-            start_http_server(port, registry=self.registry)
+            start_http_server(port, addr=host, registry=self.registry)
         except OSError as error:
-            log.warning("metrics not served: port %d: %s", port, error)
+            log.warning("metrics not served: %s port %d: %s", host, port, error)
             return False
-        log.info("metrics on :%d/metrics", port)
+        log.info("metrics on %s:%d/metrics", host, port)
         return True

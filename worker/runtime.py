@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.errors import one_line
-from contract.registry import ModelSpec, Registry, get_spec
+from contract.registry import ModelSpec, Registry, configured_spec
 from contract.settings import Settings
 from contract.thresholds import ThresholdSource
 from db import embedding_index, registered_models, runs
@@ -133,7 +133,7 @@ def start_runtime(
     sessions = make_sessions(engine)
     with sessions.begin() as session:
         registered_models.ensure_model(session, spec)
-        registered_models.record_default_model(session, get_spec(registry, settings.model))
+        registered_models.record_default_model(session, configured_spec(registry, settings.model))
         registered_models.record_loaded(
             session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring
         )
@@ -220,6 +220,7 @@ def start_runtime(
         max_attempts=settings.max_attempts,
         retry_backoff=settings.retry_backoff,
         send_chunks=send.chunks,
+        time_limit=float(settings.task_time_limit),
         mirror=mirror,
         index_memory=settings.index_build_memory,
     )
@@ -247,25 +248,33 @@ def build_index_if_due(engine: Engine, model_id: str, dim: int, memory: str | No
     return "built" if embedding_index.build_index(engine, model_id, dim, memory) else "busy"
 
 
-def start_index_build(engine: Engine, model_id: str, dim: int, memory: str | None) -> None:
+def start_index_build(
+    engine: Engine, model_id: str, dim: int, memory: str | None, retry_every: float = 30.0
+) -> threading.Thread:
     """`build_index_if_due` in the background: the worker serves meanwhile (a model with a
-    catalogue of rows and no index, after a cancelled reindex, takes long)."""
+    catalogue of rows and no index, after a cancelled reindex, takes long). While another
+    process builds (this model's index or another's: one build at a time on the table), it
+    tries again every `retry_every` seconds."""
 
     def build() -> None:
         try:
-            outcome = build_index_if_due(engine, model_id, dim, memory)
+            while (outcome := build_index_if_due(engine, model_id, dim, memory)) == "busy":
+                log.info("%s: HNSW index %s; trying again", model_id, _INDEX_OUTCOMES[outcome])
+                time.sleep(retry_every)
             log.info("%s: HNSW index %s", model_id, _INDEX_OUTCOMES[outcome])
         except Exception as error:  # the worker serves without it; its next start tries again
             log.error("%s: could not build its HNSW index: %s", model_id, one_line(error))
 
-    threading.Thread(target=build, name="hnsw-index", daemon=True).start()
+    thread = threading.Thread(target=build, name="hnsw-index", daemon=True)
+    thread.start()
+    return thread
 
 
 _INDEX_OUTCOMES: dict[IndexOutcome, str] = {
     "deferred": "waits for the reindex run's backfill",
     "present": "present",
     "built": "built",
-    "busy": "being built by another process",
+    "busy": "not built yet: another process is building an index",
 }
 
 

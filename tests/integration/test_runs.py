@@ -6,7 +6,9 @@ The module has a database and a broker database of its own, so the catalogue's s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
+import os
 import signal
 import subprocess
 import sys
@@ -227,6 +229,30 @@ def test_rescoring_an_unchanged_catalogue_calls_no_encoder_and_rewrites_nothing(
     assert set(_each_listing_once(catalogue, run_id).values()) == {1}
 
 
+def test_refetch_re_embeds_only_the_image_whose_content_changed(catalogue: Catalogue) -> None:
+    """`rescore --refetch` revalidates every image with a conditional request: the one whose
+    file changed is fetched and embedded again, and only its listing's row is rewritten."""
+    changed = catalogue.root / "r-001.jpg"
+    with catalogue.worker(), catalogue.producer() as producer:
+        runs = RunProducer(producer)
+        catalogue.wait_run(runs.start_rescore(scope="all"))  # settles what earlier tests left
+        seq = catalogue.query("SELECT max(change_seq) AS seq FROM results")[0]["seq"]
+        before = _stats(producer, "tiny")
+        images.save(images.product_image("magenta", "triangle", (90, 70)), changed)
+        later = time.time() + 5  # a newer Last-Modified, whatever the clock's resolution
+        os.utime(changed, (later, later))
+        run = catalogue.wait_run(runs.start_rescore(scope="all", refetch=True))
+        after = _stats(producer, "tiny")
+    assert run["status"] == "succeeded", run
+    rewritten = catalogue.query(
+        "SELECT listing_id FROM results WHERE model_id = 'tiny' AND change_seq > :s", s=seq
+    )
+    assert [row["listing_id"] for row in rewritten] == ["r-001"]
+    stored = catalogue.query("SELECT sha256 FROM listing_images WHERE listing_id = 'r-001'")
+    assert [row["sha256"] for row in stored] == [hashlib.sha256(changed.read_bytes()).hexdigest()]
+    assert after["image_calls"] == before["image_calls"] + 1  # that one image, nothing else
+
+
 def test_a_category_list_change_reaches_every_row_without_an_image_call(
     catalogue: Catalogue,
 ) -> None:
@@ -280,6 +306,41 @@ def test_cancel_then_resume_finishes_the_rest_without_redoing_a_listing(
     assert resumed["done"] + resumed["failed"] == resumed["total"] == LISTINGS
     once = _each_listing_once(catalogue, run_id)
     assert set(once) == set(catalogue.listing_ids) and set(once.values()) == {1}
+
+
+def test_a_chunk_stops_fetching_at_the_time_limit_and_retries_the_rest(
+    catalogue: Catalogue,
+) -> None:
+    """LV_TASK_TIME_LIMIT (5 s here) bounds a chunk's delivery as it bounds a job's attempt:
+    16 listings at 1 s an image on two fetch threads would take about 9 s."""
+    catalogue.server.delay = 1.0
+    try:
+        with (
+            catalogue.worker(LV_WORKER_CONCURRENCY="1"),
+            catalogue.producer() as producer,
+        ):
+            run_id = RunProducer(producer).start_rescore(scope="all", refetch=True)
+            _wait_for(
+                lambda: catalogue.query(
+                    "SELECT 1 FROM run_chunks WHERE run_id = :r AND generation > 1", r=run_id
+                ),
+                "a chunk of listings the first could not fetch in time",
+                timeout=60,
+            )
+            first = catalogue.query(
+                "SELECT extract(epoch FROM finished_at - started_at) AS seconds, done, failed "
+                "FROM run_chunks WHERE run_id = :r AND generation = 1 AND status = 'succeeded' "
+                "ORDER BY finished_at LIMIT 1",
+                r=run_id,
+            )[0]
+            catalogue.server.delay = 0.0
+            run = catalogue.wait_run(run_id, timeout=180)
+    finally:
+        catalogue.server.delay = 0.0
+    assert float(first["seconds"]) < 8.0, first  # the limit, the commit, a busy machine
+    assert first["done"] + first["failed"] < CHUNK  # the rest went to the next generation
+    assert run["status"] == "succeeded", run
+    assert run["done"] + run["failed"] == run["total"] == LISTINGS
 
 
 def test_a_worker_killed_mid_chunk_loses_and_duplicates_nothing(catalogue: Catalogue) -> None:

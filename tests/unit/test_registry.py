@@ -12,6 +12,7 @@ from contract.registry import (
     BACKENDS,
     ModelSpec,
     RegistryError,
+    configured_spec,
     get_spec,
     load_registry,
 )
@@ -382,3 +383,15 @@ def test_a_checkpoint_path_expands_the_user_directory(tmp_path: Path) -> None:
 
 def test_a_bare_checkpoint_file_name_resolves_against_the_files_folder(tmp_path: Path) -> None:
     assert pretrained_in_file(tmp_path, "epoch_3.pt") == str(tmp_path / "epoch_3.pt")
+
+
+def test_an_unknown_lv_model_is_a_bad_setting_that_names_it() -> None:
+    registry = load_registry()
+
+    with pytest.raises(RegistryError) as caught:
+        configured_spec(registry, "clip-vit-b23")
+
+    message = str(caught.value)
+    assert message.startswith("invalid setting LV_MODEL: unknown model 'clip-vit-b23'")
+    assert "clip-vit-b32" in message  # what the operator could have meant
+    assert configured_spec(registry, "lv-toy").model_id == "lv-toy"

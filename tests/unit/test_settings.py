@@ -150,6 +150,11 @@ def test_log_level_is_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
         ("LV_FLOWER_PORT", "70000"),
         ("LV_EXPORTER_PORT", "0"),
         ("LV_LOG_LEVEL", "LOUD"),
+        ("LV_DATABASE_URL", "notaurl"),
+        ("LV_DATABASE_URL", "mysql://db.example/catalogue"),
+        ("LV_DATABASE_URL", "postgresql://db.example:99999/catalogue"),
+        ("LV_BROKER_URL", "amqp://broker.example//"),
+        ("LV_BROKER_URL", "localhost:6379"),
     ],
 )
 def test_a_bad_value_raises_settings_error_naming_the_variable(
@@ -322,3 +327,34 @@ def test_flower_credentials_are_complete_or_refused(
     with pytest.raises(SettingsError, match=complaint) as raised:
         load_settings()
     assert "s3cret" not in str(raised.value) and "a,b" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LV_DATABASE_URL", "postgresql://lv@db.example:5432/catalogue"),
+        ("LV_DATABASE_URL", "postgres://lv@db.example/catalogue"),
+        ("LV_DATABASE_URL", "postgresql+psycopg://lv@/catalogue?host=/run/postgresql"),
+        ("LV_BROKER_URL", "redis://broker.example:6379/0"),
+        ("LV_BROKER_URL", "rediss://:secret@broker.example:6380/0"),
+        ("LV_BROKER_URL", "redis+socket:///run/valkey.sock"),
+    ],
+)
+def test_the_urls_the_engine_and_broker_take_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    settings = load_settings()
+    assert value in (settings.database_url, settings.broker_url)
+
+
+def test_a_refused_url_is_shown_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LV_DATABASE_URL", "mysql://bob:hunter2@db.example/catalogue")
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+
+    message = str(caught.value)
+    assert "LV_DATABASE_URL" in message and "mysql://bob:***@db.example" in message
+    assert "hunter2" not in message
