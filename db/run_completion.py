@@ -9,7 +9,8 @@ run to the first.
 
 A build that fails for a reason that lasts (a row the index cannot take, a limit, a bad
 `LV_INDEX_BUILD_MEMORY`) fails the run, with the server's words and the active model
-unchanged; `run --resume` builds again. Passing trouble (the connection lost, a deadlock, the
+unchanged; `run --resume` builds again. So does passing trouble that keeps coming back: beat's
+watch gives up after a few tries (`last_try`). Passing trouble (the connection lost, a deadlock, the
 server restarting, a cancelled build, another model's build holding the build lock) leaves the
 run running, done but open: beat's watch completes it later.
 """
@@ -40,12 +41,13 @@ _PASSING_CODES = ("25006", "53300", "55P03", "57014", "57P01", "57P02", "57P03")
 
 
 def complete_run(
-    engine: Engine, run_id: uuid.UUID, index_memory: str | None = None
+    engine: Engine, run_id: uuid.UUID, index_memory: str | None = None, *, last_try: bool = False
 ) -> CompletedRun | None:
     """Mark the run succeeded if its work is done (for a reindex, once its model's index is
     built, and then switch models); None if it is not done, another process completes it, or
     the index build failed (the run is then `failed`, or left for beat's watch when the
-    trouble passes)."""
+    trouble passes). `last_try`: beat's watch has tried often enough, so passing trouble fails
+    the run too (a build that crashes the server every time must not go on doing so)."""
     sessions = make_sessions(engine)
     with sessions.begin() as session:
         run = runs.done_run(session, run_id)
@@ -59,9 +61,11 @@ def complete_run(
         except SQLAlchemyError as error:
             said = one_line(getattr(error, "orig", None) or error)  # the server's words alone
             why = f"the HNSW index of {run.model_id} could not be built: {said}"
-            if passing(error):
+            if passing(error) and not last_try:
                 log.warning("run %s left open (beat's watch completes it): %s", run_id, why)
                 return None
+            if last_try:
+                why += " (beat's watch gave up after trying again every minute)"
             log.error("run %s failed: %s", run_id, why)
             with sessions.begin() as session:
                 runs.fail_run(session, run_id, why)

@@ -13,6 +13,10 @@ Run exactly one beat per deployment (`up` starts it; Kubernetes: a single replic
 from __future__ import annotations
 
 import logging
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -22,7 +26,7 @@ from celery.schedules import crontab, schedule
 from contract.broker import CONTROL_QUEUE, RESCORE_TASK, WATCH_RUNS_TASK, make_celery
 from contract.errors import one_line
 from contract.settings import Settings, crontab_fields, schedule_seconds
-from db import runs
+from db import embedding_index, runs
 from db.milvus import MirrorMismatch, MirrorUnavailable, open_store
 from db.mirror import catch_up_all
 from db.runs import RunConflict
@@ -32,6 +36,31 @@ from producer.runs import RunProducer
 log = logging.getLogger(__name__)
 WATCH_EVERY = 60.0  # seconds
 STALLED_PRODUCTION = timedelta(minutes=2)
+COMPLETION_TRIES = 5  # a left-open run's completions tried before passing trouble fails it
+
+
+@dataclass
+class CompletionTries:
+    """How often beat's watch has tried to complete each run left open, in a row: a reindex
+    whose index build keeps failing for a passing reason (a server that restarts, or crashes,
+    at every try) fails at the last try instead of being tried every minute forever. A try
+    while some process holds the build lock does not count: that build may take hours."""
+
+    limit: int = COMPLETION_TRIES
+    tried: Counter[uuid.UUID] = field(default_factory=Counter)
+
+    def still_open(self, run_ids: Iterable[uuid.UUID]) -> None:
+        """Forget the runs no longer left open (completed, failed, cancelled)."""
+        kept = set(run_ids)
+        for run_id in [r for r in self.tried if r not in kept]:
+            del self.tried[run_id]
+
+    def next_is_last(self, run_id: uuid.UUID, someone_building: bool) -> bool:
+        """Count a try of `run_id`; True when it is the last before giving up."""
+        if someone_building:
+            return False
+        self.tried[run_id] += 1
+        return self.tried[run_id] >= self.limit
 
 
 def rescore_schedule(value: str) -> schedule | crontab:
@@ -71,6 +100,8 @@ def make_beat_app(resolved: Settings) -> Celery:
         # The run is on its way (workers do it); meanwhile this process catches the mirror up.
         return {**outcome, **catch_up_mirror(resolved)}
 
+    tries = CompletionTries()
+
     @app.task(name=WATCH_RUNS_TASK)
     def watch_runs() -> dict[str, Any]:
         resumed, completed = [], []
@@ -78,6 +109,8 @@ def make_beat_app(resolved: Settings) -> Celery:
             with producer.sessions() as session:
                 stalled = runs.unproduced_runs(session, STALLED_PRODUCTION)
                 left_open = runs.done_runs_left_open(session, STALLED_PRODUCTION)
+                building = embedding_index.lock_held(session, embedding_index.BUILD_LOCK)
+            tries.still_open(run.run_id for run in left_open)
             for run in stalled:  # one run's trouble never stops the others'
                 log.warning("run %s stopped being produced: producing the rest", run.run_id)
                 try:
@@ -86,8 +119,9 @@ def make_beat_app(resolved: Settings) -> Celery:
                 except Exception as error:
                     log.warning("run %s not produced: %s", run.run_id, one_line(error))
             for run in left_open:  # its completing process died, or is building an index
+                last = tries.next_is_last(run.run_id, building)
                 try:
-                    if RunProducer(producer).complete(run.run_id) is not None:
+                    if RunProducer(producer).complete(run.run_id, last_try=last) is not None:
                         log.warning("run %s was done but left open: completed it", run.run_id)
                         completed.append(str(run.run_id))
                 except Exception as error:

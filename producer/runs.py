@@ -152,11 +152,15 @@ class RunProducer:
         with self.sessions.begin() as session:
             runs.mark_chunks_sent(session, chunk_ids)
 
-    def complete(self, run_id: uuid.UUID) -> CompletedRun | None:
+    def complete(self, run_id: uuid.UUID, *, last_try: bool = False) -> CompletedRun | None:
         """Complete the run if its work is done: one with nothing to do (an empty catalogue) as
-        soon as it is produced, one whose completing worker died when beat's watch notices."""
+        soon as it is produced, one whose completing worker died when beat's watch notices
+        (`last_try`: see `complete_run`)."""
         completed = complete_run(
-            self.producer.engine, run_id, self.producer.settings.index_build_memory
+            self.producer.engine,
+            run_id,
+            self.producer.settings.index_build_memory,
+            last_try=last_try,
         )
         if completed is not None and completed.kind == "reindex":
             self.sync_mirror_alias()

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +39,7 @@ from db.locks import try_session_lock
 from db.records import ImageFacts, ListingImageRecord
 from db.run_completion import complete_run
 from db.runs import NewRun
+from db.schema import Run
 from listing_vision.beat import make_beat_app
 from listing_vision.runs_command import RunProgress, print_runs
 from producer.enqueue import Producer
@@ -78,6 +79,18 @@ def _model(sessions: sessionmaker[Session], model_id: str, rows: int) -> None:
         )
         vectors = rng.standard_normal((rows, DIM)).astype(np.float32)
         insert_embeddings(session, model_id, dict(zip(shas, vectors, strict=True)))
+
+
+def _done_reindex(sessions: sessionmaker[Session], model_id: str, rows: int) -> uuid.UUID:
+    """A reindex run to `model_id` whose backfill (`rows` embeddings) is done, not completed."""
+    _model(sessions, model_id, rows)
+    with sessions.begin() as session:
+        run_id = runs.create_run(session, NewRun("reindex", model_id))
+        session.execute(
+            text("UPDATE runs SET status = 'running', produced_at = now() WHERE run_id = :r"),
+            {"r": run_id},
+        )
+    return run_id
 
 
 def _state(engine: Engine, model_id: str) -> str:
@@ -261,31 +274,33 @@ def test_the_set_aside_probe_asks_the_index_not_the_table(engine: Engine) -> Non
     assert f"Index Scan using {index_name('ix-probe')}" in plan_text, plan_text
 
 
-def test_a_build_cut_short_leaves_the_run_open_showing_its_build_and_the_next_one_completes(
-    own: OwnServers,
-) -> None:
-    """The build waits for a writer's open transaction (as CREATE INDEX CONCURRENTLY does);
-    meanwhile the run shows its build; the server then ends the build's connection, as a
-    restart would: passing trouble, so the run stays open and the next completion builds."""
-    engine = own.engine
+def _cut_short(
+    engine: Engine,
+    run_id: uuid.UUID,
+    model_id: str,
+    while_waiting: Callable[[str, RunProgress, Run], None] = lambda *_: None,
+    *,
+    last_try: bool = False,
+) -> list[object]:
+    """Complete the run in a thread whose build waits for a writer's open transaction (as
+    CREATE INDEX CONCURRENTLY does), call `while_waiting` with its progress, then end the
+    build's connection as a server restart would; what `complete_run` returned."""
     sessions = make_sessions(engine)
-    _model(sessions, "ix-cut", 40)
-    with sessions.begin() as session:
-        run_id = runs.create_run(session, NewRun("reindex", "ix-cut"))
-        session.execute(
-            text("UPDATE runs SET status = 'running', produced_at = now() WHERE run_id = :r"),
-            {"r": run_id},
-        )
     writer = sessions()
-    writer.execute(text("UPDATE embeddings SET embedding = embedding WHERE sha256 = 'ix-cut-0'"))
+    writer.execute(
+        text("UPDATE embeddings SET embedding = embedding WHERE sha256 = :s"),
+        {"s": f"{model_id}-0"},
+    )
     outcome: list[object] = []
-    build = threading.Thread(target=lambda: outcome.append(complete_run(engine, run_id)))
+    build = threading.Thread(
+        target=lambda: outcome.append(complete_run(engine, run_id, last_try=last_try))
+    )
     build.start()
     try:
         deadline = time.monotonic() + 30
         while True:
             with sessions() as session:
-                phase = build_progress(session, "ix-cut")
+                phase = build_progress(session, model_id)
                 run = runs.get_run(session, run_id)
                 assert run is not None
                 progress = RunProgress.read(session, run)
@@ -293,6 +308,35 @@ def test_a_build_cut_short_leaves_the_run_open_showing_its_build_and_the_next_on
                 break
             time.sleep(0.05)
         assert phase is not None and phase.startswith("waiting for writers"), phase
+        while_waiting(phase, progress, run)
+        with sessions.begin() as session:
+            ended = session.scalar(
+                text(
+                    "SELECT pg_terminate_backend(p.pid) FROM pg_stat_progress_create_index p "
+                    "JOIN pg_class c ON c.oid = p.index_relid WHERE c.relname = :n"
+                ),
+                {"n": index_name(model_id)},
+            )
+        assert ended is True
+        build.join(30)
+        assert not build.is_alive()
+    finally:
+        writer.rollback()
+        writer.close()
+        build.join(30)
+    return outcome
+
+
+def test_a_build_cut_short_leaves_the_run_open_showing_its_build_and_the_next_one_completes(
+    own: OwnServers,
+) -> None:
+    """Meanwhile the run shows its build; the server's ending the build's connection is
+    passing trouble, so the run stays open and the next completion builds."""
+    engine = own.engine
+    sessions = make_sessions(engine)
+    run_id = _done_reindex(sessions, "ix-cut", 40)
+
+    def shows_its_build(phase: str, progress: RunProgress, run: Run) -> None:
         assert progress.index_build == phase and not progress.stalled
         assert f"building its HNSW index before the switch ({phase})" in progress.line()
         shown = io.StringIO()
@@ -300,21 +344,7 @@ def test_a_build_cut_short_leaves_the_run_open_showing_its_build_and_the_next_on
             print_runs(Console(file=shown, width=200), session, [run])
         assert "running (building index)" in shown.getvalue(), shown.getvalue()
 
-        with sessions.begin() as session:
-            ended = session.scalar(
-                text(
-                    "SELECT pg_terminate_backend(p.pid) FROM pg_stat_progress_create_index p "
-                    "JOIN pg_class c ON c.oid = p.index_relid WHERE c.relname = :n"
-                ),
-                {"n": index_name("ix-cut")},
-            )
-        assert ended is True
-        build.join(30)
-        assert not build.is_alive() and outcome == [None]
-    finally:
-        writer.rollback()
-        writer.close()
-        build.join(30)
+    assert _cut_short(engine, run_id, "ix-cut", shows_its_build) == [None]
     with sessions() as session:
         run = runs.get_run(session, run_id)
         assert run is not None and run.status == "running" and run.error is None, run
@@ -323,6 +353,22 @@ def test_a_build_cut_short_leaves_the_run_open_showing_its_build_and_the_next_on
     completed = complete_run(engine, run_id)
     assert completed is not None and completed.model_id == "ix-cut"
     assert _state(engine, "ix-cut") == "valid"
+
+
+def test_passing_trouble_at_the_watchs_last_try_fails_the_run(own: OwnServers) -> None:
+    engine = own.engine
+    sessions = make_sessions(engine)
+    run_id = _done_reindex(sessions, "ix-giveup", 40)
+
+    assert _cut_short(engine, run_id, "ix-giveup", last_try=True) == [None]
+
+    with sessions() as session:
+        run = runs.get_run(session, run_id)
+        active = registered_models.active_model_row(session)
+    assert run is not None and run.status == "failed", run
+    assert run.error is not None and "could not be built: terminating connection" in run.error
+    assert "gave up" in run.error
+    assert active is None or active.model_id != "ix-giveup"
 
 
 @contextmanager
@@ -344,13 +390,7 @@ def test_one_build_at_a_time_on_the_table_and_a_run_waiting_for_it_says_so(
     done): a build of another model steps aside, and its done run waits, shown as waiting."""
     engine = own.engine
     sessions = make_sessions(engine)
-    _model(sessions, "ix-queued", 30)
-    with sessions.begin() as session:
-        run_id = runs.create_run(session, NewRun("reindex", "ix-queued"))
-        session.execute(
-            text("UPDATE runs SET status = 'running', produced_at = now() WHERE run_id = :r"),
-            {"r": run_id},
-        )
+    run_id = _done_reindex(sessions, "ix-queued", 30)
     with _holding_the_build_lock(engine, "ix-elsewhere"):
         assert build_index(engine, "ix-queued", DIM) is False
         assert set_aside_empty_index(engine, "ix-queued", DIM) is False
