@@ -37,6 +37,7 @@ from db.engine import make_sessions
 from db.images import insert_image_facts
 from db.locks import try_session_lock
 from db.records import ImageFacts, ListingImageRecord
+from db.results import restamp_results
 from db.run_completion import complete_run
 from db.runs import NewRun
 from db.schema import Run
@@ -422,3 +423,37 @@ def test_a_worker_start_build_tries_again_while_another_build_runs(engine: Engin
     thread.join(30)
     assert not thread.is_alive()
     assert _state(engine, "ix-patient") == "valid"
+
+
+def test_the_switchs_restamp_is_not_cut_short_by_the_sessions_statement_limit(
+    engine: Engine,
+) -> None:
+    """Restamping a model's rows takes about 20 µs a row: a catalogue of millions would never
+    switch under the session's 60 s statement limit (here 100 ms against 20,000 rows)."""
+    rows = 20_000
+    sessions = make_sessions(engine)
+    with sessions.begin() as session:
+        registered_models.ensure_model(session, ModelSpec("ix-restamp", "open_clip", "x", 0.5))
+        session.execute(
+            text(
+                "INSERT INTO listings (listing_id, title, image_urls) "
+                "SELECT 'restamp-' || i, 't', '[]'::jsonb FROM generate_series(1, :n) i"
+            ),
+            {"n": rows},
+        )
+        session.execute(
+            text(
+                "INSERT INTO results (listing_id, model_id, status) "
+                "SELECT 'restamp-' || i, 'ix-restamp', 'ok' FROM generate_series(1, :n) i"
+            ),
+            {"n": rows},
+        )
+        before = session.scalar(text("SELECT max(change_seq) FROM results"))
+    with sessions.begin() as session:
+        session.execute(text("SET LOCAL statement_timeout = '100ms'"))
+        assert restamp_results(session, "ix-restamp") == rows
+    with sessions() as session:
+        lowest = session.scalar(
+            text("SELECT min(change_seq) FROM results WHERE model_id = 'ix-restamp'")
+        )
+    assert lowest > before
