@@ -29,7 +29,7 @@ from typing import Literal
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
-from db.locks import try_session_lock
+from db.locks import lock_held, try_session_lock
 
 log = logging.getLogger(__name__)
 IndexState = Literal["valid", "invalid", "missing"]
@@ -114,7 +114,7 @@ def build_progress(connection: Session | Connection, model_id: str) -> str | Non
         )
     if lock_held(connection, index_name(model_id)):
         return "starting its build"
-    if lock_held(connection, BUILD_LOCK):
+    if build_under_way(connection):
         return WAITING_FOR_ANOTHER_BUILD
     return None
 
@@ -135,18 +135,9 @@ BUILD_LOCK = "embeddings-hnsw-build"  # one build or drop on the table at a time
 WAITING_FOR_ANOTHER_BUILD = "waiting for another model's HNSW index build"
 
 
-def lock_held(connection: Session | Connection, key: str) -> bool:
-    """Whether a process holds the session advisory lock `key` (`db.locks`: one bigint key,
-    its high half in classid, its low half in objid)."""
-    held = connection.scalar(
-        text(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND objsubid = 1 AND objid = (hashtext(:key)::bigint & 4294967295)::oid "
-            "AND classid = ((hashtext(:key)::bigint >> 32) & 4294967295)::oid)"
-        ),
-        {"key": key},
-    )
-    return bool(held)
+def build_under_way(connection: Session | Connection) -> bool:
+    """Whether some process holds the build lock: building or dropping an index, any model's."""
+    return lock_held(connection, BUILD_LOCK)
 
 
 def vector_cast(dim: int) -> str:

@@ -25,3 +25,17 @@ def try_session_lock(connection: Connection, key: str) -> bool:
     CREATE INDEX CONCURRENTLY. Closing the connection releases it."""
     taken = connection.scalar(text("SELECT pg_try_advisory_lock(hashtext(:key))"), {"key": key})
     return bool(taken)
+
+
+def lock_held(connection: Session | Connection, key: str) -> bool:
+    """Whether a process holds the lock named `key`, either scope (pg_locks shows its one
+    bigint key as two halves: the high one in classid, the low one in objid)."""
+    held = connection.scalar(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 1 AND objid = (hashtext(:key)::bigint & 4294967295)::oid "
+            "AND classid = ((hashtext(:key)::bigint >> 32) & 4294967295)::oid)"
+        ),
+        {"key": key},
+    )
+    return bool(held)

@@ -9,10 +9,10 @@ run to the first.
 
 A build that fails for a reason that lasts (a row the index cannot take, a limit, a bad
 `LV_INDEX_BUILD_MEMORY`) fails the run, with the server's words and the active model
-unchanged; `run --resume` builds again. So does passing trouble that keeps coming back: beat's
-watch gives up after a few tries (`last_try`). Passing trouble (the connection lost, a deadlock, the
-server restarting, a cancelled build, another model's build holding the build lock) leaves the
-run running, done but open: beat's watch completes it later.
+unchanged; `run --resume` builds again. Passing trouble (the connection lost, a deadlock, the
+server restarting, a cancelled build) and another model's build holding the build lock leave
+the run running, done but open: beat's watch completes it later, and fails it when the same
+trouble is still there at its last try (`last_try`).
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def complete_run(
         except SQLAlchemyError as error:
             said = one_line(getattr(error, "orig", None) or error)  # the server's words alone
             why = f"the HNSW index of {run.model_id} could not be built: {said}"
-            if passing(error) and not last_try:
-                log.warning("run %s left open (beat's watch completes it): %s", run_id, why)
-                return None
-            if last_try:
+            if passing(error):
+                if not last_try:
+                    log.warning("run %s left open (beat's watch completes it): %s", run_id, why)
+                    return None
                 why += " (beat's watch gave up after trying again every minute)"
             log.error("run %s failed: %s", run_id, why)
             with sessions.begin() as session:

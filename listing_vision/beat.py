@@ -109,7 +109,7 @@ def make_beat_app(resolved: Settings) -> Celery:
             with producer.sessions() as session:
                 stalled = runs.unproduced_runs(session, STALLED_PRODUCTION)
                 left_open = runs.done_runs_left_open(session, STALLED_PRODUCTION)
-                building = embedding_index.lock_held(session, embedding_index.BUILD_LOCK)
+                building = embedding_index.build_under_way(session)
             tries.still_open(run.run_id for run in left_open)
             for run in stalled:  # one run's trouble never stops the others'
                 log.warning("run %s stopped being produced: producing the rest", run.run_id)

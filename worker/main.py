@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Sequence
 
 from contract.broker import make_celery, model_queue, send_analysis, send_chunks
-from contract.registry import configured_spec, get_spec, load_registry
+from contract.registry import get_spec, load_registry
 from contract.settings import Settings
 from worker.metrics import WorkerMetrics
 from worker.runtime import Senders, start_runtime, worker_concurrency
@@ -43,7 +43,6 @@ def run_worker(resolved: Settings, model_id: str, gpu: str | None) -> None:
     deadlines, and a stall watchdog ends a process whose model call hangs.
     """
     registry = load_registry(resolved.models_file)
-    configured_spec(registry, resolved.model)  # a bad LV_MODEL stops every worker, clearly
     spec = get_spec(registry, model_id)
     name = worker_name(model_id, gpu)
     app = make_celery(resolved)

@@ -116,6 +116,7 @@ def start_runtime(
     metrics: WorkerMetrics | None = None,
 ) -> WorkerRuntime:
     """Load the model once, warm it, register it, and build the runners around it."""
+    default = configured_spec(registry, settings.model)  # a bad LV_MODEL: before any loading
     backend = create_backend(spec)
     loading = time.monotonic()
     info = backend.load()
@@ -133,7 +134,7 @@ def start_runtime(
     sessions = make_sessions(engine)
     with sessions.begin() as session:
         registered_models.ensure_model(session, spec)
-        registered_models.record_default_model(session, configured_spec(registry, settings.model))
+        registered_models.record_default_model(session, default)
         registered_models.record_loaded(
             session, spec.model_id, embed_dim=info.embed_dim, scoring=info.scoring
         )

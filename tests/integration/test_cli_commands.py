@@ -92,7 +92,7 @@ def test_a_bad_setting_is_exit_2_naming_it(
     events = tmp_path / "one.jsonl"
     events.write_text(json.dumps({"listing_id": "x", "title": "t", "image_url": "x"}) + "\n")
 
-    for argv in (("models",), ("enqueue", str(events))):
+    for argv in (("models",), ("enqueue", str(events)), ("worker", "--model", "tiny")):
         shown = cli({**worker_env, variable: value}, *argv)
         assert shown.returncode == 2, (argv, shown.stderr)
         assert named in " ".join(shown.stderr.split()), (argv, shown.stderr)
