@@ -49,8 +49,11 @@ GZIP_BOMB = gzip.compress(gzip.compress(b"\0" * 50_000_000))
 
 
 class Handler(BaseHTTPRequestHandler):
+    """One instance per connection: it serves every request that connection carries."""
+
     protocol_version = "HTTP/1.1"
     server: RecordingServer
+    served = 0  # requests answered on this connection before the current one
 
     def log_message(self, format: str, *args: object) -> None:
         """Keep test output clean."""
@@ -67,6 +70,7 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(404, b"not found")
             return
         handler(arg, parse_qs(parts.query))
+        self.served += 1
 
     def reply(self, status: int, body: bytes = b"", **headers: str) -> None:
         self.send_response(status)
@@ -78,6 +82,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_image_jpg(self, arg: str, query: dict[str, list[str]]) -> None:
         self.reply(200, IMAGE_BYTES, Content_Type="image/png")
+
+    def route_hang_up_if_reused(self, arg: str, query: dict[str, list[str]]) -> None:
+        """The image on a new connection; on a kept one, hang up without answering (as a server
+        does that closed an idle connection the moment the request arrived)."""
+        if self.served:
+            self.close_connection = True
+            return
+        self.route_image_jpg(arg, query)
 
     def route_slow(self, arg: str, query: dict[str, list[str]]) -> None:
         """/slow/S answers a real JPEG after S seconds (sooner if the server stops)."""

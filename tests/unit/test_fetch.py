@@ -45,6 +45,7 @@ from worker.fetch import (
     fetch_image,
     http,
 )
+from worker.fetch import connections as kept
 from worker.fetch.addresses import check_address, resolve_checked
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -140,10 +141,20 @@ def tls_server(certificate: tuple[Path, Path]) -> Iterator[Running]:
         yield running
 
 
+@pytest.fixture(autouse=True)
+def fresh_connections() -> Iterator[None]:
+    """No test reuses a connection, a TLS context or a name's addresses another test left."""
+    kept.forget_connections()
+    addresses.forget_answers()
+    yield
+    kept.forget_connections()
+    addresses.forget_answers()
+
+
 @pytest.fixture
 def trust_test_certificate(monkeypatch: pytest.MonkeyPatch, certificate: tuple[Path, Path]) -> None:
     cert = str(certificate[0])
-    monkeypatch.setattr(http, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
+    monkeypatch.setattr(kept, "_new_tls_context", lambda: ssl.create_default_context(cafile=cert))
 
 
 def closed_port() -> int:
@@ -338,6 +349,112 @@ def test_https_self_signed_certificate_is_rejected_by_default(
     message = refusal(f"https://images.test:{tls_server.port}/image.jpg", policy())
     assert "TLS certificate of host images.test rejected" in message
     assert tls_server.requests == []
+
+
+# --- kept connections and answers -----------------------------------------------------------
+
+
+def test_images_from_one_host_share_one_kept_connection(
+    server: Running, dns: FakeDNS, connections: list[tuple[str, int]]
+) -> None:
+    dns["images.test"] = ["127.0.0.1"]
+    for _ in range(3):
+        assert fetch_image(f"http://images.test:{server.port}/image.jpg", policy()).data
+    assert connections == [("127.0.0.1", server.port)]
+    assert dns.lookups == {"images.test": 1}  # the answer is kept too
+    assert [seen.host for seen in server.requests] == [f"images.test:{server.port}"] * 3
+
+
+def test_another_hostname_on_the_same_address_gets_its_own_connection(
+    server: Running, dns: FakeDNS, connections: list[tuple[str, int]]
+) -> None:
+    dns["images.test"] = ["127.0.0.1"]
+    dns["other.test"] = ["127.0.0.1"]
+    for host in ("images.test", "other.test", "images.test", "other.test"):
+        fetch_image(f"http://{host}:{server.port}/image.jpg", policy())
+    assert connections == [("127.0.0.1", server.port)] * 2
+    assert [seen.host for seen in server.requests] == [
+        f"{host}:{server.port}" for host in ("images.test", "other.test") * 2
+    ]
+
+
+def test_a_kept_tls_connection_never_serves_another_hostname(
+    tls_server: Running, dns: FakeDNS, trust_test_certificate: None
+) -> None:
+    """The certificate names images.test only: were other.test's request sent on the kept
+    connection verified for images.test, it would succeed."""
+    dns["images.test"] = ["127.0.0.1"]
+    dns["other.test"] = ["127.0.0.1"]
+    for _ in range(2):
+        fetch_image(f"https://images.test:{tls_server.port}/image.jpg", policy())
+    assert tls_server.tls_server_names == ["images.test"]  # one handshake for both
+    message = refusal(f"https://other.test:{tls_server.port}/image.jpg", policy())
+    assert "TLS certificate of host other.test rejected" in message
+    assert [seen.host for seen in tls_server.requests] == [f"images.test:{tls_server.port}"] * 2
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_without_failing_the_fetch(
+    server: Running, connections: list[tuple[str, int]]
+) -> None:
+    fetch_image(f"{server.base_url}/image.jpg", policy())
+    image = fetch_image(f"{server.base_url}/hang-up-if-reused", policy())
+    assert image.data == IMAGE_BYTES
+    assert connections == [("127.0.0.1", server.port)] * 2
+    assert [seen.path for seen in server.requests] == [
+        "/image.jpg",
+        "/hang-up-if-reused",  # on the kept connection: no answer
+        "/hang-up-if-reused",  # once more, on a new one
+    ]
+
+
+def test_a_kept_connection_still_obeys_each_fetchs_deadline(server: Running) -> None:
+    fetch_image(f"{server.base_url}/image.jpg", policy(timeout=30.0))
+    started = time.monotonic()
+    with pytest.raises(FetchError, match="timed out after 1s"):
+        fetch_image(f"{server.base_url}/drip", policy(timeout=1.0, max_bytes=10_000))
+    assert time.monotonic() - started < 2.5
+
+
+def test_a_failed_fetch_does_not_leave_its_connection_for_the_next(
+    server: Running, connections: list[tuple[str, int]]
+) -> None:
+    assert "larger than" in refusal(f"{server.base_url}/big", policy())  # body left unread
+    assert fetch_image(f"{server.base_url}/image.jpg", policy()).data == IMAGE_BYTES
+    assert connections == [("127.0.0.1", server.port)] * 2
+
+
+def test_a_kept_answer_is_checked_again_under_each_fetchs_policy(
+    server: Running, dns: FakeDNS
+) -> None:
+    dns["images.test"] = ["127.0.0.1"]
+    fetch_image(f"http://images.test:{server.port}/image.jpg", policy())
+    message = refusal(
+        f"http://images.test:{server.port}/image.jpg", policy(allowed_private_networks=())
+    )
+    assert "images.test resolves to 127.0.0.1, a loopback address" in message
+    assert dns.lookups == {"images.test": 1}
+
+
+def test_an_answer_is_looked_up_again_once_it_is_older_than_its_lifetime(
+    server: Running, dns: FakeDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dns["images.test"] = ["127.0.0.1"]
+    monkeypatch.setattr(addresses, "ANSWER_SECONDS", 0.0)
+    for _ in range(2):
+        fetch_image(f"http://images.test:{server.port}/image.jpg", policy())
+    assert dns.lookups == {"images.test": 2}
+
+
+def test_each_fetch_thread_keeps_at_most_a_few_connections(
+    server: Running, dns: FakeDNS, connections: list[tuple[str, int]]
+) -> None:
+    hosts = [f"host{i}.test" for i in range(kept.KEPT_HOSTS + 1)]
+    for host in hosts:
+        dns[host] = ["127.0.0.1"]
+        fetch_image(f"http://{host}:{server.port}/image.jpg", policy())
+    fetch_image(f"http://{hosts[-1]}:{server.port}/image.jpg", policy())  # kept
+    fetch_image(f"http://{hosts[0]}:{server.port}/image.jpg", policy())  # closed: the oldest
+    assert len(connections) == kept.KEPT_HOSTS + 2
 
 
 # --- redirects -------------------------------------------------------------------------------

@@ -2,23 +2,24 @@
 every hop, and hold the whole fetch to one deadline and one size limit.
 
 We connect to exactly the address the guard checked (so DNS rebinding cannot swap it), while TLS
-still verifies the certificate against the URL's hostname.
+still verifies the certificate against the URL's hostname. Connections are kept alive for the next
+image from the same host and address (`connections`).
 """
 
 from __future__ import annotations
 
 import ssl
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
-import httpcore
 import httpx
 
-from contract.errors import FetchError, FetchTimeout, TransientError, reason, redacted, shown
+from contract.errors import FetchError, TransientError, reason, redacted, shown
+from worker.fetch import connections
 from worker.fetch.addresses import IPAddress, resolve_checked
+from worker.fetch.connections import ConnectionKey
+from worker.fetch.deadline import Deadline
 from worker.fetch.policy import FetchedImage, FetchPolicy, NotModified, Validators, too_large
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -30,113 +31,12 @@ class _Unreachable(FetchError):
     """Could not connect to one address; the host's other addresses are still worth trying."""
 
 
-class _Deadline:
-    """One monotonic deadline for a whole fetch, so redirects and slow bodies cannot extend it."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._expires = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        """Seconds left; raises once none are, so every caller stops at the same moment."""
-        left = self._expires - time.monotonic()
-        if left <= 0:
-            raise self.expired()
-        return left
-
-    def expired(self) -> FetchError:
-        return FetchTimeout(f"timed out after {self.seconds:g}s")
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    """A connection whose every read, write and TLS handshake waits at most until the fetch's
-    deadline: a server that drips its response headers a byte at a time (each read succeeding)
-    can no longer stretch a fetch past `LV_FETCH_TIMEOUT`."""
-
-    def __init__(self, inner: httpcore.NetworkStream, deadline: _Deadline) -> None:
-        self._inner = inner
-        self._deadline = deadline
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, _bounded(timeout, self._deadline))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, _bounded(timeout, self._deadline))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
-        inner = self._inner.start_tls(
-            ssl_context, server_hostname, _bounded(timeout, self._deadline)
-        )
-        return _DeadlineStream(inner, self._deadline)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _DeadlineBackend(httpcore.NetworkBackend):
-    """httpcore's own sockets, wrapped in `_DeadlineStream`."""
-
-    def __init__(self, deadline: _Deadline) -> None:
-        self._inner = httpcore.SyncBackend()
-        self._deadline = deadline
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        stream = self._inner.connect_tcp(
-            host, port, _bounded(timeout, self._deadline), local_address, socket_options
-        )
-        return _DeadlineStream(stream, self._deadline)
-
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.NetworkStream:
-        raise FetchError("unix sockets are never fetched")
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(min(seconds, self._deadline.remaining()))
-
-
-def _bounded(timeout: float | None, deadline: _Deadline) -> float:
-    """The operation's own timeout, cut to what is left of the fetch's deadline; a socket
-    timeout of a hair above zero, once nothing is left, times the operation out at once."""
-    try:
-        left = deadline.remaining()
-    except FetchError:
-        left = 1e-3
-    return left if timeout is None else min(timeout, left)
-
-
-def _transport(fetch: _Fetch) -> httpx.HTTPTransport:
-    """httpx's transport, on a connection pool whose sockets obey the fetch's deadline (httpx
-    takes no network backend, so its pool is replaced: the same constructor httpx calls)."""
-    transport = httpx.HTTPTransport(verify=fetch.tls, trust_env=False)
-    transport._pool = httpcore.ConnectionPool(
-        ssl_context=fetch.tls, network_backend=_DeadlineBackend(fetch.deadline)
-    )
-    return transport
-
-
 @dataclass(frozen=True)
 class _Fetch:
-    """One fetch's rules, its deadline, its TLS context, and the validators to send."""
+    """One fetch's rules, its deadline, and the validators to send."""
 
     policy: FetchPolicy
-    deadline: _Deadline
-    tls: ssl.SSLContext
+    deadline: Deadline
     validators: Validators | None
 
 
@@ -145,7 +45,7 @@ def fetch_http_url(
 ) -> FetchedImage | NotModified:
     """Fetch an `http(s)` image URL under `policy` (`FetchError` or `TransientError` otherwise);
     with `validators` the request is conditional and may answer `NotModified`."""
-    fetch = _Fetch(policy, _Deadline(policy.timeout), _tls_context(), validators)
+    fetch = _Fetch(policy, Deadline(policy.timeout), validators)
     return _fetch_http(_parse_http_url(url), fetch)
 
 
@@ -192,29 +92,40 @@ def _fetch_hop(url: httpx.URL, fetch: _Fetch) -> FetchedImage | NotModified | ht
 def _fetch_from(
     address: IPAddress, url: httpx.URL, fetch: _Fetch
 ) -> FetchedImage | NotModified | httpx.URL:
-    # A client per connection: httpx pools by (scheme, IP, port), and a pooled TLS connection
-    # verified for one hostname must never serve a redirect to another name on the same IP.
     host = url.raw_host.decode("ascii")
-    with (
-        _translated_http_errors(host, fetch.deadline),
-        httpx.Client(
-            transport=_transport(fetch),
-            trust_env=False,  # a proxy from the environment would connect to the name, not the IP
-            follow_redirects=False,
-            timeout=httpx.Timeout(fetch.deadline.remaining()),
-        ) as client,
-    ):
-        request = client.build_request(
-            "GET",
-            url.copy_with(host=str(address)),
-            headers=_request_headers(url, fetch),
-            extensions=_tls_extensions(url),
-        )
-        response = client.send(request, stream=True)
-        try:
-            return _handle_response(response, url, fetch)
-        finally:
-            response.close()
+    port = url.port or (443 if url.scheme == "https" else 80)
+    key = ConnectionKey(url.scheme, host, str(address), port)
+    try:
+        with _translated_http_errors(host, fetch.deadline):
+            response = _send(key, url.copy_with(host=str(address)), url, fetch)
+            try:
+                return _handle_response(response, url, fetch)
+            finally:
+                response.close()
+    except BaseException:
+        connections.drop(key)  # whatever went wrong, the next fetch starts a fresh connection
+        raise
+
+
+def _send(key: ConnectionKey, target: httpx.URL, url: httpx.URL, fetch: _Fetch) -> httpx.Response:
+    """Send the request on the kept connection for `key`; when a kept connection turns out to
+    have been closed by the server meanwhile (it may close an idle one at any moment), once more
+    on a fresh one: the same GET, so nothing is repeated that should not be."""
+    client = connections.client_for(key, fetch.deadline)
+    request = client.http.build_request(
+        "GET", target, headers=_request_headers(url, fetch), extensions=_tls_extensions(url)
+    )
+    try:
+        client.requests += 1
+        return client.http.send(request, stream=True)
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        stale = isinstance(exc, httpx.NetworkError) or _DISCONNECTED in str(exc)
+        if client.requests == 1 or not stale:
+            raise
+    connections.drop(key)
+    client = connections.client_for(key, fetch.deadline)
+    client.requests += 1
+    return client.http.send(request, stream=True)
 
 
 def _request_headers(url: httpx.URL, fetch: _Fetch) -> dict[str, str]:
@@ -249,11 +160,6 @@ def _tls_extensions(url: httpx.URL) -> dict[str, str]:
     if url.scheme != "https":
         return {}
     return {"sni_hostname": url.raw_host.decode("ascii")}
-
-
-def _tls_context() -> ssl.SSLContext:
-    """A fresh verifying context per fetch: httpcore mutates it (ALPN) on every connection."""
-    return httpx.create_ssl_context(trust_env=False)
 
 
 def _handle_response(
@@ -306,7 +212,7 @@ def _redirect_target(response: httpx.Response, url: httpx.URL) -> httpx.URL:
     return target.copy_with(fragment=None)
 
 
-def _read_body(response: httpx.Response, max_bytes: int, deadline: _Deadline) -> bytes:
+def _read_body(response: httpx.Response, max_bytes: int, deadline: Deadline) -> bytes:
     """Stream the body, stopping at max_bytes+1 or the deadline, whichever comes first."""
     declared = _content_length(response)
     if declared is not None and declared > max_bytes:
@@ -330,7 +236,7 @@ def _content_length(response: httpx.Response) -> int | None:
 
 
 @contextmanager
-def _translated_http_errors(host: str, deadline: _Deadline) -> Iterator[None]:
+def _translated_http_errors(host: str, deadline: Deadline) -> Iterator[None]:
     """Turn httpx's exceptions into one-line FetchError/TransientError naming the host."""
     try:
         yield
