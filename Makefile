@@ -49,6 +49,7 @@ demo: $(STAMP) ## the offline demo: a sample catalogue with planted mismatches, 
 bench: $(STAMP) ## throughput and run benchmarks with plots (results go to bench/results/)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.fetch_cost
 	$(BIN)/python -m bench.runs
 
 clean: ## remove the venv and caches

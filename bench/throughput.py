@@ -50,6 +50,7 @@ import psycopg
 import torch
 
 from bench.device_models import DEVICE_MODELS, device_checks, registry_text
+from bench.image_server import image_server
 from bench.machine import device_label
 from bench.noop_worker import NODE as NOOP_NODE
 from bench.peer import PeerListing, run_peer
@@ -71,6 +72,7 @@ RESULTS = Path(__file__).with_name("results")
 TOY = "lv-toy"
 NOOP_QUEUE = model_queue("bench-noop")
 DECODE_PROCESSES = 1  # LV_DECODE_PROCESSES of the extra single-message row
+LOOPBACK = "127.0.0.0/8"  # LV_ALLOWED_PRIVATE_NETWORKS of the worker that fetches over http
 IMAGE_SIZE = 256  # px, the JPEGs every pipeline, peer and simulated run reads
 # Simulated accelerators: registry id -> (SIMULATED name, batch_max_size).
 SIM_MODELS = {
@@ -292,12 +294,11 @@ def draw_listings(directory: Path, prefix: str, count: int, seed: int) -> list[P
     return listings
 
 
-def event(listing: PeerListing) -> dict[str, str]:
-    return {
-        "listing_id": listing.listing_id,
-        "title": listing.title,
-        "image_url": listing.image.as_uri(),
-    }
+def event(listing: PeerListing, image_base: str | None = None) -> dict[str, str]:
+    """The listing's event; its image by `file://`, or under `image_base` (an http server of
+    the images' directory)."""
+    url = listing.image.as_uri() if image_base is None else f"{image_base}/{listing.image.name}"
+    return {"listing_id": listing.listing_id, "title": listing.title, "image_url": url}
 
 
 class ResultListener:
@@ -394,12 +395,17 @@ def drained_at(client: Any, deadline: float) -> float:
 
 
 def timed_enqueue(
-    producer: Producer, listener: ResultListener, model_id: str, listings: Sequence[PeerListing]
+    producer: Producer,
+    listener: ResultListener,
+    model_id: str,
+    listings: Sequence[PeerListing],
+    image_base: str | None = None,
 ) -> dict[str, Any]:
     """Listings/s from the first enqueue to the last committed result, on a ready worker."""
     ids = [listing.listing_id for listing in listings]
     start = time.perf_counter()
-    report = producer.enqueue([event(listing) for listing in listings], model=model_id)
+    events = [event(listing, image_base) for listing in listings]
+    report = producer.enqueue(events, model=model_id)
     counts = producer.wait(report.job_ids, timeout=1800, poll_interval=0.2)
     listener.wait_for(ids, timeout=10)
     arrivals = sorted(listener.arrivals[i] for i in ids if i in listener.arrivals)
@@ -449,18 +455,19 @@ def measured_run(
     model_id: str,
     listings: Sequence[PeerListing],
     group: int | None = None,
+    image_base: str | None = None,
 ) -> dict[str, Any]:
     """`timed_enqueue` of all but the first 8 listings, which warm the worker up first (first
     connections, first batch shapes); with the model calls the measured listings made.
     `group`: jobs per message (LV_ENQUEUE_GROUP; 1: single-listing messages), else the
-    setting's default."""
+    setting's default; `image_base`: images over http (`event`)."""
     name = worker_name(model_id, None)
     if group is not None:
         settings = settings.model_copy(update={"enqueue_group": group})
     with Producer(settings) as producer:
-        timed_enqueue(producer, listener, model_id, listings[:8])
+        timed_enqueue(producer, listener, model_id, listings[:8], image_base)
         before = worker_stats(producer, name)
-        row = timed_enqueue(producer, listener, model_id, listings[8:])
+        row = timed_enqueue(producer, listener, model_id, listings[8:], image_base)
         after = worker_stats(producer, name)
     calls_before, calls_after = before.get("model_calls", {}), after.get("model_calls", {})
     calls = calls_after.get("image_calls", 0) - calls_before.get("image_calls", 0)
@@ -576,10 +583,19 @@ def run_pipeline(bench: Bench, result: dict[str, Any]) -> None:
     listings = bench.listings("pipe", plan.pipeline_listings + 8)
     trickled = bench.listings("trickle", plan.trickle_events + 1)
     singles = bench.listings("single", plan.pipeline_listings + 8)
-    with pipeline_worker(settings, TOY, "default"):
+    over_http = bench.listings("http", plan.pipeline_listings + 8)
+    with pipeline_worker(settings, TOY, "default", LV_ALLOWED_PRIVATE_NETWORKS=LOOPBACK):
         headline = measured_run(settings, bench.listener, TOY, listings)
         headline["batch_max_size"] = settings.batch_max_size
         print_pipeline(headline, f"default ({settings.batch_max_size})")
+        # The same over http, from a keep-alive server in its own process: how a catalogue's
+        # images arrive (reported beside the file:// headline, not judged).
+        with image_server(bench.images) as port:
+            base = f"http://localhost:{port}"
+            result["pipeline_http"] = measured_run(
+                settings, bench.listener, TOY, over_http, image_base=base
+            )
+        print_pipeline(result["pipeline_http"], "images over http")
         single = measured_run(settings, bench.listener, TOY, singles, group=1)
         single["batch_max_size"] = settings.batch_max_size
         print_pipeline(single, "one per message")
@@ -752,6 +768,8 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
             / noop["messages_per_s"],
             "trickle_p95_ms": result["trickle"]["p95_ms"],
         }
+        if "pipeline_http" in result:
+            values["pipeline_http_vs_file"] = result["pipeline_http"]["listings_per_s"] / headline
     for row in result.get("simulated", []):
         values[f"{row['model'].replace('-', '_')}_vs_model"] = row["ratio_to_model_only"]
         if row.get("steady_ratio_to_model_only"):  # reported beside it, never judged
@@ -798,6 +816,9 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"  {'peer (listings/s)':34} {result['peer']['listings_per_s']:>10}")
         headline = result["pipeline"]["listings_per_s"]
         print(f"  {'pipeline, default (listings/s)':34} {headline:>10}")
+        if "pipeline_http" in result:
+            over_http = result["pipeline_http"]["listings_per_s"]
+            print(f"  {'pipeline, images over http':34} {over_http:>10}")
         single = result["pipeline_single_messages"]["listings_per_s"]
         print(f"  {'pipeline, one per message':34} {single:>10}")
     for row in result.get("device_models", []):

@@ -91,6 +91,20 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.route_image_jpg(arg, query)
 
+    def route_hang_up(self, arg: str, query: dict[str, list[str]]) -> None:
+        """Read the request, close the connection, answer nothing."""
+        self.close_connection = True
+
+    def route_redirect_with_body(self, arg: str, query: dict[str, list[str]]) -> None:
+        """A redirect with a body (which the client leaves unread, so its connection ends)."""
+        self.reply(302, b"moved, see Location", Location=query["to"][0])
+
+    def route_image_and_more(self, arg: str, query: dict[str, list[str]]) -> None:
+        """The image, and in the same write a whole second response nobody asked for."""
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(IMAGE_BYTES)}\r\n\r\n".encode()
+        self.wfile.write(head + IMAGE_BYTES + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+        self.wfile.flush()
+
     def route_slow(self, arg: str, query: dict[str, list[str]]) -> None:
         """/slow/S answers a real JPEG after S seconds (sooner if the server stops)."""
         self.server.stop.wait(float(arg))

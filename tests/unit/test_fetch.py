@@ -7,6 +7,7 @@ so a guard that let a request through would fail loudly instead of reaching the 
 
 from __future__ import annotations
 
+import gc
 import io
 import ipaddress
 import os
@@ -448,13 +449,76 @@ def test_an_answer_is_looked_up_again_once_it_is_older_than_its_lifetime(
 def test_each_fetch_thread_keeps_at_most_a_few_connections(
     server: Running, dns: FakeDNS, connections: list[tuple[str, int]]
 ) -> None:
-    hosts = [f"host{i}.test" for i in range(kept.KEPT_HOSTS + 1)]
+    hosts = [f"host{i}.test" for i in range(kept.KEPT_PER_THREAD + 1)]
     for host in hosts:
         dns[host] = ["127.0.0.1"]
         fetch_image(f"http://{host}:{server.port}/image.jpg", policy())
+    assert kept.kept_count() == kept.KEPT_PER_THREAD
     fetch_image(f"http://{hosts[-1]}:{server.port}/image.jpg", policy())  # kept
     fetch_image(f"http://{hosts[0]}:{server.port}/image.jpg", policy())  # closed: the oldest
-    assert len(connections) == kept.KEPT_HOSTS + 2
+    assert len(connections) == kept.KEPT_PER_THREAD + 2
+
+
+def test_bytes_beyond_a_response_never_answer_the_next_fetch(
+    server: Running, connections: list[tuple[str, int]]
+) -> None:
+    """A server that sends more than its Content-Length: on a kept connection, the extra bytes
+    (here a whole response saying EVIL) would be read as the next request's answer."""
+    assert fetch_image(f"{server.base_url}/image-and-more", policy()).data == IMAGE_BYTES
+    assert fetch_image(f"{server.base_url}/image.jpg", policy()).data == IMAGE_BYTES
+    assert connections == [("127.0.0.1", server.port)] * 2
+
+
+def test_a_request_on_a_new_connection_is_sent_once_even_when_the_server_hangs_up(
+    server: Running,
+) -> None:
+    """Only a kept connection is tried twice: a server that breaks off on a new one is not
+    sent the request again (the job's own retry decides). A redirect whose body is left unread
+    ends its connection, so the next hop's is new too."""
+    for url in ("/hang-up", "/redirect-with-body?to=/hang-up"):
+        with pytest.raises(TransientError, match="broke"):
+            fetch_image(f"{server.base_url}{url}", policy())
+    seen = [seen.path for seen in server.requests]
+    assert seen == ["/hang-up", "/redirect-with-body", "/hang-up"]
+
+
+def test_connections_idle_too_long_are_closed_at_the_threads_next_fetch(
+    server: Running, dns: FakeDNS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dns["images.test"] = ["127.0.0.1"]
+    dns["other.test"] = ["127.0.0.1"]
+    fetch_image(f"http://images.test:{server.port}/image.jpg", policy())
+    assert kept.kept_count() == 1
+    monkeypatch.setattr(kept, "IDLE_SECONDS", 0.0)
+    fetch_image(f"http://other.test:{server.port}/image.jpg", policy())
+    assert kept.kept_count() == 1  # images.test's closed, other.test's kept
+
+
+def test_past_the_process_limit_a_fetchs_connection_is_closed_when_it_ends(
+    server: Running, connections: list[tuple[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kept, "KEPT_PER_PROCESS", 0)
+    for _ in range(2):
+        fetch_image(f"{server.base_url}/image.jpg", policy())
+    assert kept.kept_count() == 0
+    assert connections == [("127.0.0.1", server.port)] * 2
+
+
+def test_a_finished_threads_connections_are_closed(server: Running) -> None:
+    worker = threading.Thread(target=fetch_image, args=(f"{server.base_url}/image.jpg", policy()))
+    worker.start()
+    worker.join()
+    gc.collect()
+    assert kept.kept_count() == 0
+
+
+def test_a_host_none_of_whose_addresses_answers_is_looked_up_again(
+    server: Running, dns: FakeDNS
+) -> None:
+    dns["moved.test"] = lambda nth: ["127.0.0.2"] if nth == 1 else ["127.0.0.1"]  # 2: nothing
+    assert "cannot connect" in refusal(f"http://moved.test:{server.port}/image.jpg", policy())
+    assert fetch_image(f"http://moved.test:{server.port}/image.jpg", policy()).data
+    assert dns.lookups == {"moved.test": 2}
 
 
 # --- redirects -------------------------------------------------------------------------------

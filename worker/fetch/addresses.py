@@ -135,6 +135,13 @@ def _resolve(host: str, port: int, timeout: float | None) -> list[IPAddress]:
     return addresses
 
 
+def forget_answer(host: str, port: int) -> None:
+    """Drop the kept answer for one host: none of its addresses answered, and a fresh lookup
+    may name new ones (a host moved off a dead address is not refused for the answer's life)."""
+    with _answers_lock:
+        _answers.pop((host.lower(), port), None)
+
+
 def forget_answers() -> None:
     """Drop every kept answer (tests change what names resolve to)."""
     with _answers_lock:

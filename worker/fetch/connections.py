@@ -2,21 +2,27 @@
 
 A catalogue's images come from a few hosts, so each fetch thread keeps its last few connections
 open: the next image from the same host skips the TCP connect and the TLS handshake. Measured on
-loopback before this existed (bench/results/2026-12-02-fetch-cpu-x86-64.json): 42 ms of CPU per
-plain-http fetch, nearly all of it building a verifying TLS context (loading the CA bundle) that
-the fetch never used; it is now built once per process.
+loopback before this existed (bench/fetch_cost.py, docs/architecture.md "Fetching"): 46.7 ms of
+CPU per plain-http fetch, nearly all of it building a verifying TLS context (loading the CA
+bundle) that the fetch never used; it is now built once per process.
 
 A connection is keyed by the URL's scheme, hostname and port and the checked address it goes to:
 a TLS connection verified for one hostname never serves another name on the same address, and a
-name that now resolves elsewhere gets a connection to the new (checked) address. The clients are
-per thread, so no connection is shared between threads and no lock is needed.
+name that now resolves elsewhere gets a connection to the new (checked) address. A client is
+taken out of its thread's keeping for the length of one fetch and put back only when that fetch
+ended cleanly with nothing left unread on the connection; so no connection is shared between
+threads or fetches, and no lock guards them.
 """
 
 from __future__ import annotations
 
 import ssl
 import threading
+import time
+import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpcore
@@ -24,12 +30,14 @@ import httpx
 
 from worker.fetch.deadline import Deadline, DeadlineBackend, DeadlineSlot
 
-KEPT_HOSTS = 8  # connections one fetch thread keeps open, least recently used closed first
-IDLE_SECONDS = 15.0  # a connection idle longer than this is closed, never reused
+KEPT_PER_THREAD = 4  # connections one fetch thread keeps, least recently used closed first
+KEPT_PER_PROCESS = 256  # beyond this many, a fetch's connection is closed when it ends
+IDLE_SECONDS = 15.0  # a connection idle longer than this is closed at its thread's next fetch
 
 _lock = threading.Lock()
 _tls: ssl.SSLContext | None = None
 _generation = 0  # bumped by forget_connections: every thread's kept clients are then dropped
+_kept = 0  # clients kept (between fetches) in all threads
 _PLAIN = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # http's pools need one; it is never used
 
 
@@ -47,56 +55,90 @@ class KeptClient:
     """An httpx client holding at most one kept-alive connection for one `ConnectionKey`."""
 
     def __init__(self, key: ConnectionKey) -> None:
+        self.key = key
         self.slot = DeadlineSlot()
-        self.requests = 0  # sent on this client: after the first, the connection may be stale
-        tls = tls_context() if key.scheme == "https" else _PLAIN
-        transport = httpx.HTTPTransport(verify=tls, trust_env=False)
+        self.last_used = time.monotonic()
+        self._tls = tls_context() if key.scheme == "https" else _PLAIN
+        self.http = self._client()
+
+    def _client(self) -> httpx.Client:
+        transport = httpx.HTTPTransport(verify=self._tls, trust_env=False)
         # httpx takes no network backend, so its pool is replaced (the constructor httpx calls).
         transport._pool = httpcore.ConnectionPool(
-            ssl_context=tls,
+            ssl_context=self._tls,
             max_connections=1,
             keepalive_expiry=IDLE_SECONDS,
             network_backend=DeadlineBackend(self.slot),
         )
-        self.http = httpx.Client(
+        return httpx.Client(
             transport=transport,
             trust_env=False,  # a proxy from the environment would connect to the name, not the IP
             follow_redirects=False,
             timeout=None,  # the slot's deadline bounds every socket operation instead
         )
 
+    def holds_live_connection(self) -> bool:
+        """Whether the next request will go out on a connection kept from an earlier one (an
+        idle one the server has not visibly closed), not on a new one."""
+        return any(c.is_idle() and not c.has_expired() for c in self._pool().connections)
+
+    def left_clean(self) -> bool:
+        """Whether the connection holds no bytes beyond the responses read from it: a server that
+        sent more than its Content-Length would otherwise answer the next fetch with them. Where
+        httpcore's insides are not as expected, the connection counts as unclean (closed, never
+        reused: slower, never wrong)."""
+        for connection in self._pool().connections:
+            h11_state = getattr(getattr(connection, "_connection", None), "_h11_state", None)
+            trailing = getattr(h11_state, "trailing_data", None)
+            if not isinstance(trailing, tuple) or trailing[0]:
+                return False
+        return True
+
+    def renew(self) -> None:
+        """A new connection for the next request (the kept one turned out to be dead)."""
+        self.http.close()
+        self.http = self._client()
+
     def close(self) -> None:
         self.http.close()
 
+    def _pool(self) -> httpcore.ConnectionPool:
+        pool = self.http._transport._pool  # type: ignore[attr-defined]
+        assert isinstance(pool, httpcore.ConnectionPool)
+        return pool
 
-class _ThreadClients(threading.local):
+
+class _ThreadClients:
+    """One thread's kept clients; closed when the thread ends or the generation changes."""
+
     def __init__(self) -> None:
         self.generation = _generation
         self.clients: OrderedDict[ConnectionKey, KeptClient] = OrderedDict()
+        weakref.finalize(self, _close_all, self.clients)
 
 
-_local = _ThreadClients()
+_local = threading.local()
 
 
-def client_for(key: ConnectionKey, deadline: Deadline) -> KeptClient:
-    """This thread's client for `key` (made if none is kept), its slot holding `deadline`."""
+@contextmanager
+def kept_client(key: ConnectionKey, deadline: Deadline) -> Iterator[KeptClient]:
+    """This thread's client for `key` (a new one if none is kept), its slot holding `deadline`,
+    for one fetch; kept again afterwards only if the fetch raised nothing and the connection was
+    left clean."""
     clients = _thread_clients()
+    _close_idle(clients)
     client = clients.pop(key, None)
     if client is None:
         client = KeptClient(key)
-    clients[key] = client  # the most recently used is last
-    while len(clients) > KEPT_HOSTS:
-        _, oldest = clients.popitem(last=False)
-        oldest.close()
+    else:
+        _count(-1)
     client.slot.deadline = deadline
-    return client
-
-
-def drop(key: ConnectionKey) -> None:
-    """Close this thread's client for `key`: after any failure its connection is not trusted."""
-    client = _thread_clients().pop(key, None)
-    if client is not None:
-        client.close()
+    try:
+        yield client
+    except BaseException:
+        client.close()  # whatever went wrong, the next fetch starts a fresh connection
+        raise
+    _keep(clients, client)
 
 
 def tls_context() -> ssl.SSLContext:
@@ -114,9 +156,15 @@ def _new_tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context(trust_env=False)
 
 
+def kept_count() -> int:
+    """Clients kept between fetches in all threads (connections open, or about to be)."""
+    with _lock:
+        return _kept
+
+
 def forget_connections() -> None:
     """Drop the TLS context and every thread's kept connections (tests change what is trusted;
-    each thread closes its own clients at its next fetch)."""
+    each other thread closes its own clients at its next fetch)."""
     global _tls, _generation
     with _lock:
         _tls = None
@@ -124,10 +172,49 @@ def forget_connections() -> None:
     _thread_clients()
 
 
+def _keep(clients: OrderedDict[ConnectionKey, KeptClient], client: KeptClient) -> None:
+    if not client.left_clean() or kept_count() >= KEPT_PER_PROCESS:
+        client.close()
+        return
+    client.last_used = time.monotonic()
+    clients[client.key] = client  # the most recently used is last
+    _count(+1)
+    while len(clients) > KEPT_PER_THREAD:
+        _, oldest = clients.popitem(last=False)
+        oldest.close()
+        _count(-1)
+
+
+def _close_idle(clients: OrderedDict[ConnectionKey, KeptClient]) -> None:
+    """Close this thread's clients idle past IDLE_SECONDS: the server has most likely closed
+    its end, and the socket would otherwise wait in CLOSE-WAIT until the client is next used."""
+    now = time.monotonic()
+    while clients:
+        key, oldest = next(iter(clients.items()))
+        if now - oldest.last_used <= IDLE_SECONDS:
+            return
+        del clients[key]
+        oldest.close()
+        _count(-1)
+
+
+def _close_all(clients: OrderedDict[ConnectionKey, KeptClient]) -> None:
+    for client in clients.values():
+        client.close()
+    _count(-len(clients))
+    clients.clear()
+
+
+def _count(change: int) -> None:
+    global _kept
+    with _lock:
+        _kept += change
+
+
 def _thread_clients() -> OrderedDict[ConnectionKey, KeptClient]:
-    if _local.generation != _generation:
-        for client in _local.clients.values():
-            client.close()
-        _local.clients.clear()
-        _local.generation = _generation
-    return _local.clients
+    holder: _ThreadClients | None = getattr(_local, "holder", None)
+    if holder is None or holder.generation != _generation:
+        if holder is not None:
+            _close_all(holder.clients)
+        holder = _local.holder = _ThreadClients()
+    return holder.clients

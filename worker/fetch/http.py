@@ -17,7 +17,7 @@ import httpx
 
 from contract.errors import FetchError, TransientError, reason, redacted, shown
 from worker.fetch import connections
-from worker.fetch.addresses import IPAddress, resolve_checked
+from worker.fetch.addresses import IPAddress, forget_answer, resolve_checked
 from worker.fetch.connections import ConnectionKey
 from worker.fetch.deadline import Deadline
 from worker.fetch.policy import FetchedImage, FetchPolicy, NotModified, Validators, too_large
@@ -86,7 +86,11 @@ def _fetch_hop(url: httpx.URL, fetch: _Fetch) -> FetchedImage | NotModified | ht
             return _fetch_from(address, url, fetch)
         except _Unreachable:
             continue  # another of the host's checked addresses may answer
-    return _fetch_from(addresses[-1], url, fetch)
+    try:
+        return _fetch_from(addresses[-1], url, fetch)
+    except _Unreachable:
+        forget_answer(host, port)  # the next fetch looks the host up again
+        raise
 
 
 def _fetch_from(
@@ -95,36 +99,34 @@ def _fetch_from(
     host = url.raw_host.decode("ascii")
     port = url.port or (443 if url.scheme == "https" else 80)
     key = ConnectionKey(url.scheme, host, str(address), port)
-    try:
-        with _translated_http_errors(host, fetch.deadline):
-            response = _send(key, url.copy_with(host=str(address)), url, fetch)
-            try:
-                return _handle_response(response, url, fetch)
-            finally:
-                response.close()
-    except BaseException:
-        connections.drop(key)  # whatever went wrong, the next fetch starts a fresh connection
-        raise
+    with (
+        connections.kept_client(key, fetch.deadline) as client,
+        _translated_http_errors(host, fetch.deadline),
+    ):
+        response = _send(client, url.copy_with(host=str(address)), url, fetch)
+        try:
+            return _handle_response(response, url, fetch)
+        finally:
+            response.close()
 
 
-def _send(key: ConnectionKey, target: httpx.URL, url: httpx.URL, fetch: _Fetch) -> httpx.Response:
-    """Send the request on the kept connection for `key`; when a kept connection turns out to
-    have been closed by the server meanwhile (it may close an idle one at any moment), once more
-    on a fresh one: the same GET, so nothing is repeated that should not be."""
-    client = connections.client_for(key, fetch.deadline)
+def _send(
+    client: connections.KeptClient, target: httpx.URL, url: httpx.URL, fetch: _Fetch
+) -> httpx.Response:
+    """Send the request, and when it went out on a kept connection that turns out to be dead
+    (a server may close an idle connection at any moment, even as the request arrives), once
+    more on a new connection before any response: an image GET is safe to repeat, as every
+    HTTP client repeats it in this case."""
     request = client.http.build_request(
         "GET", target, headers=_request_headers(url, fetch), extensions=_tls_extensions(url)
     )
+    on_kept_connection = client.holds_live_connection()
     try:
-        client.requests += 1
         return client.http.send(request, stream=True)
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-        stale = isinstance(exc, httpx.NetworkError) or _DISCONNECTED in str(exc)
-        if client.requests == 1 or not stale:
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+        if not on_kept_connection:
             raise
-    connections.drop(key)
-    client = connections.client_for(key, fetch.deadline)
-    client.requests += 1
+    client.renew()
     return client.http.send(request, stream=True)
 
 
