@@ -115,23 +115,6 @@ def upsert_results(session: Session, outcomes: Sequence[ListingOutcome]) -> None
     )
 
 
-def restamp_results(session: Session, model_id: str) -> int:
-    """Give every row of `model_id` a new change_seq (at the switch of the active model), so a
-    poller that remembers the last value it saw reads the new model's rows as new ones.
-
-    It takes as long as the model has rows (about 20 µs a row measured here: a million rows in
-    20 s), so the session's statement limit (60 s) is lifted for the rest of the transaction: a
-    catalogue of several million rows would otherwise never switch. Result writers of every
-    model wait for it meanwhile (the change_seq lock); one that waits past its lock limit (20 s)
-    is retried."""
-    session.execute(text("SET LOCAL statement_timeout = 0"))
-    updated = session.execute(
-        text("UPDATE results SET change_seq = change_seq WHERE model_id = :model_id"),
-        {"model_id": model_id},
-    )
-    return int(getattr(updated, "rowcount", 0))
-
-
 def poll_results(
     session: Session, *, since: int = 0, limit: int = 1000, model_id: str | None = None
 ) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ trouble is still there at its last try (`last_try`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 
@@ -24,7 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from contract.errors import one_line
-from db import embedding_index, registered_models, runs
+from db import embedding_index, registered_models, restamp, runs
 from db.engine import make_sessions
 from db.runs import CompletedRun
 
@@ -74,7 +75,21 @@ def complete_run(
             log.info("run %s: its HNSW index is being built by another process", run_id)
             return None
     with sessions.begin() as session:
-        return runs.complete_if_done(session, run_id)
+        completed = runs.complete_if_done(session, run_id)
+    if completed is None or completed.kind != "reindex":
+        return completed
+    return dataclasses.replace(completed, restamped=finish_restamp(engine))
+
+
+def finish_restamp(engine: Engine) -> int:
+    """Give the active model's rows their new change_seq after a switch (`db.restamp`); the
+    rows restamped. Trouble is logged, not raised: the switch has happened, and beat's watch
+    goes on from the last batch within a minute."""
+    try:
+        return restamp.restamp_pending(engine)
+    except SQLAlchemyError as error:
+        log.warning("restamp after the switch paused (beat's watch goes on): %s", one_line(error))
+        return 0
 
 
 def passing(error: SQLAlchemyError) -> bool:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.registered_models import switch_active_model
-from db.results import restamp_results
+from db.restamp import mark_for_restamp
 from db.schema import Listing, Result, Run, RunChunk
 
 RunKind = Literal["rescore", "reindex"]
@@ -434,7 +434,8 @@ def fail_run(session: Session, run_id: uuid.UUID, error: str) -> None:
 
 def complete_if_done(session: Session, run_id: uuid.UUID) -> CompletedRun | None:
     """Mark the run succeeded once it is produced and no chunk is open; a reindex then switches
-    the active model, in this same transaction, and its rows get new change_seq values."""
+    the active model, in this same transaction, and marks its rows for new change_seq values
+    (given after the commit, in batches: `db.restamp`)."""
     row = session.execute(
         update(Run)
         .where(Run.run_id == run_id, *_done(run_id))
@@ -447,8 +448,8 @@ def complete_if_done(session: Session, run_id: uuid.UUID) -> CompletedRun | None
     if kind != "reindex":
         return CompletedRun(run_id, as_kind(kind), model_id)
     replaced = switch_active_model(session, model_id)
-    restamped = restamp_results(session, model_id)
-    return CompletedRun(run_id, as_kind(kind), model_id, replaced, restamped)
+    mark_for_restamp(session)
+    return CompletedRun(run_id, as_kind(kind), model_id, replaced)
 
 
 def cancel_run(session: Session, run_id: uuid.UUID) -> Run | None:

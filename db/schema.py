@@ -69,6 +69,10 @@ class ActiveModel(Base):
     chosen_by: Mapped[str] = mapped_column(Text)
     previous_model_id: Mapped[str | None] = mapped_column(Text, ForeignKey("models.model_id"))
     switched_at: Mapped[datetime] = _now()
+    # A switch's restamp, done in batches after it (db.restamp): the last change_seq before the
+    # switch, and how far the batches have come; both NULL when none is pending.
+    restamp_through: Mapped[int | None] = mapped_column(BigInteger)
+    restamped_after: Mapped[int | None] = mapped_column(BigInteger)
     __table_args__ = (
         CheckConstraint("singleton", name="active_model_one_row"),
         CheckConstraint("chosen_by IN ('setting', 'reindex')", name="active_model_chosen_by"),

@@ -29,6 +29,7 @@ from contract.settings import Settings, crontab_fields, schedule_seconds
 from db import embedding_index, runs
 from db.milvus import MirrorMismatch, MirrorUnavailable, open_store
 from db.mirror import catch_up_all
+from db.run_completion import finish_restamp
 from db.runs import RunConflict
 from producer.enqueue import Producer
 from producer.runs import RunProducer
@@ -126,7 +127,11 @@ def make_beat_app(resolved: Settings) -> Celery:
                         completed.append(str(run.run_id))
                 except Exception as error:
                     log.warning("run %s not completed: %s", run.run_id, one_line(error))
-        return {"produced": resumed, "completed": completed}
+            # A switch's restamp its process did not finish (it died, or lost the database).
+            restamped = finish_restamp(producer.engine)
+            if restamped:
+                log.warning("went on with the restamp after a switch: %d rows", restamped)
+        return {"produced": resumed, "completed": completed, "restamped": restamped}
 
     return app
 

@@ -17,8 +17,8 @@ from db import registered_models, runs
 from db.embedding_index import set_aside_empty_index
 from db.milvus import ACTIVE_ALIAS, MirrorMismatch, MirrorUnavailable, open_store
 from db.mirror import sync_alias
-from db.results import restamp_results
-from db.run_completion import complete_run
+from db.restamp import mark_for_restamp
+from db.run_completion import complete_run, finish_restamp
 from db.runs import CompletedRun, NewChunk, NewRun, RunConflict, RunKind, RunScope
 from db.schema import Run
 from producer.enqueue import Producer
@@ -200,7 +200,8 @@ class RunProducer:
                 raise RunError("a reindex run is in progress: cancel it before rolling back")
             replaced, restored = row.model_id, row.previous_model_id
             registered_models.switch_active_model(session, restored)
-            restamp_results(session, restored)
+            mark_for_restamp(session)
+        finish_restamp(self.producer.engine)
         alias = self.sync_mirror_alias()
         catch_up = None
         try:
