@@ -9,15 +9,18 @@ switch only records where the restamp must go (`mark_for_restamp`: the last valu
 before it, read with the change_seq lock held, so no writer is in flight) and the rows get their
 new values `BATCH_ROWS` at a time, each batch a transaction of its own (`restamp_pending`):
 writers wait at most one batch. Until it finishes, the view already shows the new model's rows
-and the poller receives them batch by batch, oldest first. A row a live writer updates meanwhile
-gets its new value from that write and leaves the range. Progress is on `active_model`, so
+and the poller receives them batch by batch, oldest first: its own copy of the catalogue mixes
+the two models for that long (about 20 s a million listings here). A row a live writer updates
+meanwhile gets its new value from that write and leaves the range. Progress is on `active_model`, so
 whoever comes next (the completing worker, the producer of a rollback, beat's watch every
 minute, after a crash) goes on from the last batch.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session
@@ -37,6 +40,7 @@ class PendingRestamp:
     model_id: str
     through: int
     after: int
+    switched_at: datetime
 
 
 def mark_for_restamp(session: Session) -> None:
@@ -54,18 +58,26 @@ def mark_for_restamp(session: Session) -> None:
 
 def pending_restamp(session: Session, *, lock: bool = False) -> PendingRestamp | None:
     """The restamp still to do, if any (`lock`: hold the row, so two processes take turns)."""
-    query = select(ActiveModel.model_id, ActiveModel.restamp_through, ActiveModel.restamped_after)
+    query = select(
+        ActiveModel.model_id,
+        ActiveModel.restamp_through,
+        ActiveModel.restamped_after,
+        ActiveModel.switched_at,
+    )
     row = session.execute(query.with_for_update() if lock else query).first()
     if row is None or row.restamp_through is None:
         return None
-    return PendingRestamp(row.model_id, row.restamp_through, row.restamped_after or 0)
+    return PendingRestamp(
+        row.model_id, row.restamp_through, row.restamped_after or 0, row.switched_at
+    )
 
 
 def restamp_batch(session: Session, rows: int = BATCH_ROWS) -> int | None:
     """Restamp the next `rows` rows of the pending restamp in the caller's transaction; the
-    rows restamped (0 once none is left: the restamp is then marked done), None if none was
+    rows taken (0 once none is left: the restamp is then marked done), None if none was
     pending. Takes the change_seq lock first, as every result writer does, so the batch sees
-    every committed write and commits in change_seq order."""
+    every committed write and commits in change_seq order. (A row deleted meanwhile counts;
+    it needs no new value.)"""
     pending = pending_restamp(session, lock=True)
     if pending is None:
         return None
@@ -76,11 +88,10 @@ def restamp_batch(session: Session, rows: int = BATCH_ROWS) -> int | None:
             " SELECT listing_id, model_id, change_seq FROM results"
             " WHERE model_id = :model_id AND change_seq > :after AND change_seq <= :through"
             " ORDER BY change_seq LIMIT :rows"
-            "), restamped AS ("
+            "), restamped AS ("  # PostgreSQL runs it to completion though nothing reads it
             " UPDATE results r SET change_seq = r.change_seq FROM batch b"
             " WHERE r.listing_id = b.listing_id AND r.model_id = b.model_id"
-            " RETURNING b.change_seq AS was"
-            ") SELECT count(*), max(was) FROM restamped"
+            ") SELECT count(*), max(change_seq) FROM batch"
         ),
         {
             "model_id": pending.model_id,
@@ -97,13 +108,16 @@ def restamp_batch(session: Session, rows: int = BATCH_ROWS) -> int | None:
     return count
 
 
-def restamp_pending(engine: Engine, rows: int = BATCH_ROWS) -> int:
-    """Finish the pending restamp, a transaction a batch; the rows restamped (0: none pending)."""
+def restamp_pending(engine: Engine, rows: int = BATCH_ROWS, *, seconds: float | None = None) -> int:
+    """Go on with the pending restamp, a transaction a batch, to its end or for about
+    `seconds`; the rows restamped (0: none pending)."""
     sessions = make_sessions(engine)
+    stop = None if seconds is None else time.monotonic() + seconds
     total = 0
-    while True:
+    while stop is None or time.monotonic() < stop:
         with sessions.begin() as session:
             done = restamp_batch(session, rows)
         if not done:
-            return total
+            break
         total += done
+    return total

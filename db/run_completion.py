@@ -17,7 +17,6 @@ trouble is still there at its last try (`last_try`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import uuid
 
@@ -45,10 +44,11 @@ def complete_run(
     engine: Engine, run_id: uuid.UUID, index_memory: str | None = None, *, last_try: bool = False
 ) -> CompletedRun | None:
     """Mark the run succeeded if its work is done (for a reindex, once its model's index is
-    built, and then switch models); None if it is not done, another process completes it, or
-    the index build failed (the run is then `failed`, or left for beat's watch when the
-    trouble passes). `last_try`: beat's watch has tried often enough, so passing trouble fails
-    the run too (a build that crashes the server every time must not go on doing so)."""
+    built, and then switch models; the caller then runs `finish_restamp`); None if it is not
+    done, another process completes it, or the index build failed (the run is then `failed`,
+    or left for beat's watch when the trouble passes). `last_try`: beat's watch has tried
+    often enough, so passing trouble fails the run too (a build that crashes the server every
+    time must not go on doing so)."""
     sessions = make_sessions(engine)
     with sessions.begin() as session:
         run = runs.done_run(session, run_id)
@@ -75,18 +75,16 @@ def complete_run(
             log.info("run %s: its HNSW index is being built by another process", run_id)
             return None
     with sessions.begin() as session:
-        completed = runs.complete_if_done(session, run_id)
-    if completed is None or completed.kind != "reindex":
-        return completed
-    return dataclasses.replace(completed, restamped=finish_restamp(engine))
+        return runs.complete_if_done(session, run_id)
 
 
-def finish_restamp(engine: Engine) -> int:
-    """Give the active model's rows their new change_seq after a switch (`db.restamp`); the
-    rows restamped. Trouble is logged, not raised: the switch has happened, and beat's watch
-    goes on from the last batch within a minute."""
+def finish_restamp(engine: Engine, seconds: float | None = None) -> int:
+    """After a switch (and once the Milvus alias follows it), give the active model's rows
+    their new change_seq (`db.restamp`), to the end or for about `seconds`; the rows
+    restamped. Trouble is logged, not raised: the switch has happened, and beat's watch goes
+    on from the last batch within a minute."""
     try:
-        return restamp.restamp_pending(engine)
+        return restamp.restamp_pending(engine, seconds=seconds)
     except SQLAlchemyError as error:
         log.warning("restamp after the switch paused (beat's watch goes on): %s", one_line(error))
         return 0

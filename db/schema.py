@@ -202,6 +202,8 @@ class Result(Base):
     __table_args__ = (
         CheckConstraint("status IN ('ok', 'failed')", name="results_status"),
         Index("results_change_seq", "change_seq", unique=True),
+        # One model's rows in change_seq order: a restamp's batches, model_results' pollers.
+        Index("results_model_change_seq", "model_id", "change_seq"),
     )
 
 

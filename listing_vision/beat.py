@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 WATCH_EVERY = 60.0  # seconds
 STALLED_PRODUCTION = timedelta(minutes=2)
 COMPLETION_TRIES = 5  # a left-open run's completions tried before passing trouble fails it
+WATCH_RESTAMP_SECONDS = 40.0  # of a pending restamp per watch; the next watch goes on
 
 
 @dataclass
@@ -127,8 +128,9 @@ def make_beat_app(resolved: Settings) -> Celery:
                         completed.append(str(run.run_id))
                 except Exception as error:
                     log.warning("run %s not completed: %s", run.run_id, one_line(error))
-            # A switch's restamp its process did not finish (it died, or lost the database).
-            restamped = finish_restamp(producer.engine)
+            # A switch's restamp its process did not finish (it died, or lost the database):
+            # at most WATCH_RESTAMP_SECONDS a watch, so the next one is not held up.
+            restamped = finish_restamp(producer.engine, WATCH_RESTAMP_SECONDS)
             if restamped:
                 log.warning("went on with the restamp after a switch: %d rows", restamped)
         return {"produced": resumed, "completed": completed, "restamped": restamped}

@@ -77,6 +77,7 @@ def _check_database(
     from db.health import database_now, work_by_model
     from db.migrate import is_current
     from db.registered_models import active_model_id
+    from db.restamp import pending_restamp
 
     engine = make_engine(settings.require_database_url(), pool_size=1)
     try:
@@ -90,6 +91,7 @@ def _check_database(
         with make_sessions(engine)() as session:
             now = database_now(session)
             work = work_by_model(session)
+            restamp = pending_restamp(session)
     except Exception as error:
         health.checks.setdefault("database", "unreachable")
         health.problems.append(f"database: {one_line(error, 200)}")
@@ -98,6 +100,13 @@ def _check_database(
         engine.dispose()
     alive = set(workers.values())
     health.checks["active_model"] = active
+    health.checks["restamp"] = "none" if restamp is None else f"pending ({restamp.model_id})"
+    if restamp is not None and now - restamp.switched_at >= stall:
+        health.problems.append(
+            f"restamp: rows of {restamp.model_id} still await their new change_seq "
+            f"{(now - restamp.switched_at).total_seconds() / 60:.0f} min after the switch "
+            "(beat's watch goes on with it every minute: is beat running?)"
+        )
     if scope.model is None and scope.host is not None:
         return  # a process on this host answers: all a probe of beat asks
     held = scope.model or active

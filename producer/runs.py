@@ -6,6 +6,7 @@ halfway is continued from its recorded cursor (`resume`, or beat's watch).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
@@ -164,6 +165,8 @@ class RunProducer:
         )
         if completed is not None and completed.kind == "reindex":
             self.sync_mirror_alias()
+            restamped = finish_restamp(self.producer.engine)
+            completed = dataclasses.replace(completed, restamped=restamped)
         return completed
 
     def cancel(self, run_id: uuid.UUID) -> Run:
@@ -201,8 +204,8 @@ class RunProducer:
             replaced, restored = row.model_id, row.previous_model_id
             registered_models.switch_active_model(session, restored)
             mark_for_restamp(session)
-        finish_restamp(self.producer.engine)
         alias = self.sync_mirror_alias()
+        finish_restamp(self.producer.engine)
         catch_up = None
         try:
             catch_up = self.start_rescore(restored, scope="stale")

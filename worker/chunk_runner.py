@@ -29,7 +29,7 @@ from db.engine import make_sessions
 from db.listing_state import StoredListing, load_listings
 from db.records import ListingOutcome, ResultRecord
 from db.results import write_listing_outcomes
-from db.run_completion import complete_run
+from db.run_completion import complete_run, finish_restamp
 from db.runs import ClaimedChunk, NewChunk
 from worker.chunk_analysis import ChunkAnalysis, ChunkAnalyzer
 from worker.mirror import NO_MIRROR, MirrorHook
@@ -203,12 +203,12 @@ class ChunkRunner:
         if completed.kind == "reindex":
             self.mirror.switched()
             log.warning(
-                "reindex run %s: the active model is now %s (was %s); %d rows restamped",
+                "reindex run %s: the active model is now %s (was %s); restamping its rows",
                 run_id,
                 completed.model_id,
                 completed.replaced_model_id,
-                completed.restamped,
             )
+            log.info("run %s: %d rows restamped", run_id, finish_restamp(self.engine))
 
 
 class _Stopwatch:

@@ -6,19 +6,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from alembic import command
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from contract.broker import WATCH_RUNS_TASK
+from contract.broker import WATCH_RUNS_TASK, make_celery
 from contract.registry import ModelSpec
 from contract.settings import load_settings
-from db import registered_models
+from db import migrate, registered_models
 from db.engine import make_sessions
 from db.restamp import mark_for_restamp, pending_restamp, restamp_batch, restamp_pending
 from listing_vision.beat import make_beat_app
+from listing_vision.health import check_health
 from tests.integration.conftest import OwnServers, Stack, own_servers
 
 
@@ -147,10 +150,10 @@ def test_a_result_writer_gets_through_between_batches(engine: Engine) -> None:
     """A writer of another model's result during the restamp commits while the restamp is still
     going (in one transaction, it waited for the whole of it)."""
     sessions = make_sessions(engine)
-    _results(sessions, "rs-wait", 12_000)
+    _results(sessions, "rs-wait", 12_000)  # 120 batches
     _results(sessions, "rs-writer", 1)
     through = _switch(sessions, "rs-wait")
-    restamp = threading.Thread(target=restamp_pending, args=(engine, 500))
+    restamp = threading.Thread(target=restamp_pending, args=(engine, 100))
     restamp.start()
     try:
         deadline = time.monotonic() + 30
@@ -192,3 +195,40 @@ def test_beats_watch_finishes_a_restamp_its_process_left(
     assert watch() == {"produced": [], "completed": [], "restamped": 700}
     assert min(_seqs(sessions, "rs-orphan")) > through
     assert watch()["restamped"] == 0
+
+
+def test_health_names_a_restamp_left_pending_too_long(
+    own: OwnServers, engine: Engine, tmp_path: Path
+) -> None:
+    sessions = make_sessions(engine)
+    _results(sessions, "rs-health", 10)
+    _switch(sessions, "rs-health")
+    settings = load_settings(home=str(tmp_path)).with_servers(own.database_url, own.broker_url)
+    app = make_celery(settings)
+    fresh = check_health(settings, app, timedelta(hours=1))
+    assert fresh.checks["restamp"] == "pending (rs-health)"
+    assert not [problem for problem in fresh.problems if problem.startswith("restamp")]
+    late = check_health(settings, app, timedelta(0))
+    assert [
+        problem for problem in late.problems if problem.startswith("restamp: rows of rs-health")
+    ]
+    restamp_pending(engine)
+    assert check_health(settings, app, timedelta(0)).checks["restamp"] == "none"
+
+
+def test_a_downgrade_finishes_a_pending_restamp_first(engine: Engine) -> None:
+    """The code before migration 0007 knows nothing of a pending restamp (last in this module:
+    it migrates the database down and back up)."""
+    sessions = make_sessions(engine)
+    _results(sessions, "rs-down", 50)
+    through = _switch(sessions, "rs-down")
+    with sessions.begin() as session:
+        assert restamp_batch(session, rows=20) == 20
+    with engine.begin() as connection:
+        config = migrate._config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0006")
+    try:
+        assert min(_seqs(sessions, "rs-down")) > through
+    finally:
+        migrate.upgrade(engine)
