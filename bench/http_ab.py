@@ -27,18 +27,29 @@ from bench.throughput import (
     RESULTS,
     TOY,
     Bench,
-    ResultListener,
+    bench_stack,
     measured_run,
     pipeline_worker,
     print_pipeline,
 )
 from contract.registry import load_registry
-from contract.settings import load_settings
-from db.engine import make_engine
-from db.migrate import upgrade
-from listing_vision.embedded import EmbeddedServers
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_one(bench: Bench, variant: str, tree: Path, round_: int, count: int) -> dict[str, Any]:
+    """`count` listings over http through a worker whose code comes from `tree`."""
+    listings = bench.listings(f"ab-{variant}{round_}", count + 8)
+    env = {"PYTHONPATH": str(tree), "LV_ALLOWED_PRIVATE_NETWORKS": "127.0.0.0/8"}
+    with (
+        pipeline_worker(bench.settings, TOY, f"ab-{variant}-{round_}", **env),
+        image_server(bench.images) as port,
+    ):
+        base = f"http://localhost:{port}"
+        row = measured_run(bench.settings, bench.listener, TOY, listings, image_base=base)
+    row.update(variant=variant, tree=str(tree), round=round_)
+    print_pipeline(row, f"{variant} round {round_}")
+    return row
 
 
 def main() -> None:
@@ -46,49 +57,21 @@ def main() -> None:
     parser.add_argument("--old-tree", type=Path, required=True)
     parser.add_argument("--listings", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         models_file = scratch / "models.toml"
         models_file.write_text(REGISTRY)
-        home = scratch / "home"
-        with EmbeddedServers(home) as urls:
-            settings = load_settings(
-                home=str(home), models_file=str(models_file), file_roots=str(scratch / "images")
-            ).with_servers(urls.database_url, urls.broker_url)
-            engine = make_engine(settings.require_database_url())
-            upgrade(engine)
-            engine.dispose()
-            listener = ResultListener(settings.require_database_url())
-            bench = Bench(settings, load_registry(models_file), listener, scratch / "images", FULL)
-            try:
-                for round_ in range(args.rounds):
-                    for variant, tree in (("old", args.old_tree), ("new", REPO)):
-                        listings = bench.listings(f"ab-{variant}{round_}", args.listings + 8)
-                        env = {
-                            "PYTHONPATH": str(tree),
-                            "LV_ALLOWED_PRIVATE_NETWORKS": "127.0.0.0/8",
-                        }
-                        with (
-                            pipeline_worker(settings, TOY, f"ab-{variant}-{round_}", **env),
-                            image_server(bench.images) as port,
-                        ):
-                            row = measured_run(
-                                settings,
-                                listener,
-                                TOY,
-                                listings,
-                                image_base=f"http://localhost:{port}",
-                            )
-                        row.update(variant=variant, tree=str(tree), round=round_)
-                        print_pipeline(row, f"{variant} round {round_}")
-                        rows.append(row)
-            finally:
-                listener.close()
+        with bench_stack(scratch, models_file, load_registry(models_file), FULL) as bench:
+            for round_ in range(args.rounds):
+                for variant, tree in (("old", args.old_tree), ("new", REPO)):
+                    rows.append(run_one(bench, variant, tree, round_, args.listings))
     today, device = date.today().isoformat(), device_label()
     result = {"date": today, "device": device, "runs": rows}
-    out = RESULTS / f"{today}-http-ab-{device.replace('_', '-')}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{today}-http-ab-{device.replace('_', '-')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -575,6 +575,26 @@ class Bench:
         return draw_listings(self.images, f"{tag}-{self.seed}", count, self.seed)
 
 
+@contextlib.contextmanager
+def bench_stack(
+    scratch: Path, models_file: Path, registry: Registry, plan: Plan
+) -> Iterator[Bench]:
+    """Embedded PostgreSQL (migrated) and Valkey under `scratch`, and the Bench on them."""
+    home = scratch / "home"
+    with EmbeddedServers(home) as urls:
+        settings = load_settings(
+            home=str(home), models_file=str(models_file), file_roots=str(scratch / "images")
+        ).with_servers(urls.database_url, urls.broker_url)
+        engine = make_engine(settings.require_database_url())
+        upgrade(engine)
+        engine.dispose()
+        listener = ResultListener(settings.require_database_url())
+        try:
+            yield Bench(settings, registry, listener, scratch / "images", plan)
+        finally:
+            listener.close()
+
+
 def run_pipeline(bench: Bench, result: dict[str, Any]) -> None:
     """The headline pipeline run at default settings; right after it, while its worker idles,
     the peer over the same files (so both meet the same load on a shared box) and the trickle;
@@ -894,28 +914,16 @@ def main() -> None:
                 for m in plan.model_ids
                 for row in bench_model(registry, m, batches, plan.model_seconds)
             ]
-        home = scratch / "home"
-        with EmbeddedServers(home) as urls:
-            settings = load_settings(
-                home=str(home), models_file=str(models_file), file_roots=str(scratch / "images")
-            ).with_servers(urls.database_url, urls.broker_url)
-            engine = make_engine(settings.require_database_url())
-            upgrade(engine)
-            engine.dispose()
-            listener = ResultListener(settings.require_database_url())
-            try:
-                bench = Bench(settings, registry, listener, scratch / "images", plan)
-                if not args.device_only:
-                    run_baselines_and_pipelines(bench, result)
-                if device_ids:
-                    print("real models on the device:", flush=True)
-                    result["device_models"] = run_device_models(bench, device_ids, save_partial)
-                if profile:
-                    print("profile (py-spy on the worker):", flush=True)
-                    flame = args.out / f"{stem}-worker-flame.svg"
-                    result["profile"] = run_profile(bench, flame)
-            finally:
-                listener.close()
+        with bench_stack(scratch, models_file, registry, plan) as bench:
+            if not args.device_only:
+                run_baselines_and_pipelines(bench, result)
+            if device_ids:
+                print("real models on the device:", flush=True)
+                result["device_models"] = run_device_models(bench, device_ids, save_partial)
+            if profile:
+                print("profile (py-spy on the worker):", flush=True)
+                flame = args.out / f"{stem}-worker-flame.svg"
+                result["profile"] = run_profile(bench, flame)
     # Other work on the machine slows some measurements more than others: this says how busy
     # it was (1-minute load average against the cores), to judge a surprising ratio by.
     result["load_average_1m"] = {"start": load_at_start, "end": os.getloadavg()[0]}
