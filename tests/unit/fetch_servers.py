@@ -105,6 +105,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(head + IMAGE_BYTES + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
         self.wfile.flush()
 
+    def route_image_then_stray(self, arg: str, query: dict[str, list[str]]) -> None:
+        """The image; 50 ms later, on the same connection, a whole response nobody asked for."""
+        self.route_image_jpg(arg, query)
+        self.wfile.flush()
+        self.server.stop.wait(0.05)
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL")
+        self.wfile.flush()
+
     def route_slow(self, arg: str, query: dict[str, list[str]]) -> None:
         """/slow/S answers a real JPEG after S seconds (sooner if the server stops)."""
         self.server.stop.wait(float(arg))

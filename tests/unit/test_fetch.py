@@ -465,8 +465,23 @@ def test_bytes_beyond_a_response_never_answer_the_next_fetch(
     """A server that sends more than its Content-Length: on a kept connection, the extra bytes
     (here a whole response saying EVIL) would be read as the next request's answer."""
     assert fetch_image(f"{server.base_url}/image-and-more", policy()).data == IMAGE_BYTES
-    assert fetch_image(f"{server.base_url}/image.jpg", policy()).data == IMAGE_BYTES
-    assert connections == [("127.0.0.1", server.port)] * 2
+    for _ in range(2):
+        assert fetch_image(f"{server.base_url}/image.jpg", policy()).data == IMAGE_BYTES
+    assert connections == [("127.0.0.1", server.port)] * 3  # the host's are no longer kept
+
+
+def test_bytes_sent_unasked_on_an_idle_connection_are_never_an_answer(
+    server: Running, connections: list[tuple[str, int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stray bytes that arrive while the connection idles are found before it is reused: the
+    next fetch gets a new connection, and the host's connections are no longer kept."""
+    assert fetch_image(f"{server.base_url}/image-then-stray", policy()).data == IMAGE_BYTES
+    time.sleep(0.3)  # the stray response arrives while the connection idles
+    for _ in range(2):
+        assert fetch_image(f"{server.base_url}/image.jpg", policy()).data == IMAGE_BYTES
+    assert connections == [("127.0.0.1", server.port)] * 3  # none kept after the stray
+    assert kept.kept_count() == 0
+    assert "sent bytes nobody asked for" in caplog.text
 
 
 def test_a_request_on_a_new_connection_is_sent_once_even_when_the_server_hangs_up(
@@ -492,6 +507,30 @@ def test_connections_idle_too_long_are_closed_at_the_threads_next_fetch(
     monkeypatch.setattr(kept, "IDLE_SECONDS", 0.0)
     fetch_image(f"http://other.test:{server.port}/image.jpg", policy())
     assert kept.kept_count() == 1  # images.test's closed, other.test's kept
+
+
+def test_the_sweeper_closes_idle_connections_of_a_thread_that_stopped_fetching(
+    server: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched, release = threading.Event(), threading.Event()
+
+    def fetch_then_idle() -> None:
+        fetch_image(f"{server.base_url}/image.jpg", policy())
+        fetched.set()
+        release.wait(10)  # alive, and fetching nothing more
+
+    idler = threading.Thread(target=fetch_then_idle)
+    idler.start()
+    try:
+        assert fetched.wait(10)
+        kept.sweep_idle()
+        assert kept.kept_count() == 1  # not idle long enough yet
+        monkeypatch.setattr(kept, "IDLE_SECONDS", 0.0)
+        kept.sweep_idle()
+        assert kept.kept_count() == 0
+    finally:
+        release.set()
+        idler.join(10)
 
 
 def test_past_the_process_limit_a_fetchs_connection_is_closed_when_it_ends(

@@ -16,6 +16,7 @@ threads or fetches, and no lock guards them.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 import time
@@ -30,14 +31,19 @@ import httpx
 
 from worker.fetch.deadline import Deadline, DeadlineBackend, DeadlineSlot
 
+log = logging.getLogger(__name__)
+
 KEPT_PER_THREAD = 4  # connections one fetch thread keeps, least recently used closed first
 KEPT_PER_PROCESS = 256  # beyond this many, a fetch's connection is closed when it ends
-IDLE_SECONDS = 15.0  # a connection idle longer than this is closed at its thread's next fetch
+IDLE_SECONDS = 15.0  # a connection idle longer than this is closed (by the sweeper, or at its
+# thread's next fetch, whichever comes first)
+DISTRUST_SECONDS = 600.0  # no connection is kept this long for a server that sent bytes unasked
 
 _lock = threading.Lock()
 _tls: ssl.SSLContext | None = None
 _generation = 0  # bumped by forget_connections: every thread's kept clients are then dropped
 _kept = 0  # clients kept (between fetches) in all threads
+_distrusted: dict[ConnectionKey, float] = {}  # key -> until (monotonic); under _lock
 _PLAIN = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # http's pools need one; it is never used
 
 
@@ -94,6 +100,23 @@ class KeptClient:
                 return False
         return True
 
+    def sent_unasked(self) -> bool:
+        """Whether the server sent bytes on the idle kept connection since its last response
+        (read and dropped here: the connection is closed either way). A server's close of an
+        idle connection reads as nothing; anything else would be read as the next fetch's
+        answer."""
+        for connection in self._pool().connections:
+            stream = getattr(getattr(connection, "_connection", None), "_network_stream", None)
+            if stream is None or not connection.is_idle():
+                continue
+            if not stream.get_extra_info("is_readable"):
+                continue
+            try:
+                return bool(stream.read(1, 0.001))
+            except Exception:  # reset, a partial TLS record, a timeout: no answer anyway
+                return False
+        return False
+
     def renew(self) -> None:
         """A new connection for the next request (the kept one turned out to be dead)."""
         self.http.close()
@@ -109,15 +132,19 @@ class KeptClient:
 
 
 class _ThreadClients:
-    """One thread's kept clients; closed when the thread ends or the generation changes."""
+    """One thread's kept clients; closed when the thread ends or the generation changes, and
+    swept of idle ones from the sweeper's thread (hence the lock: only ever held briefly)."""
 
     def __init__(self) -> None:
         self.generation = _generation
         self.clients: OrderedDict[ConnectionKey, KeptClient] = OrderedDict()
+        self.lock = threading.Lock()
         weakref.finalize(self, _close_all, self.clients)
 
 
 _local = threading.local()
+_holders: weakref.WeakSet[_ThreadClients] = weakref.WeakSet()  # under _lock
+_sweeper: threading.Thread | None = None
 
 
 @contextmanager
@@ -125,20 +152,55 @@ def kept_client(key: ConnectionKey, deadline: Deadline) -> Iterator[KeptClient]:
     """This thread's client for `key` (a new one if none is kept), its slot holding `deadline`,
     for one fetch; kept again afterwards only if the fetch raised nothing and the connection was
     left clean."""
-    clients = _thread_clients()
-    _close_idle(clients)
-    client = clients.pop(key, None)
+    holder = _thread_holder()
+    with holder.lock:
+        _close_idle(holder.clients)
+        client = holder.clients.pop(key, None)
+    if client is not None:
+        _count(-1)
+        if client.sent_unasked():
+            client.close()
+            client = None
+            _distrust(key)
     if client is None:
         client = KeptClient(key)
-    else:
-        _count(-1)
+        _start_sweeper()
     client.slot.deadline = deadline
     try:
         yield client
     except BaseException:
         client.close()  # whatever went wrong, the next fetch starts a fresh connection
         raise
-    _keep(clients, client)
+    with holder.lock:
+        _keep(holder.clients, client)
+
+
+def sweep_idle() -> None:
+    """Close every thread's connections idle past IDLE_SECONDS: a worker that stops fetching
+    would otherwise hold them (in CLOSE-WAIT once servers close their end) until it fetches."""
+    with _lock:
+        holders = list(_holders)
+    for holder in holders:
+        with holder.lock:
+            _close_idle(holder.clients)
+
+
+def _start_sweeper() -> None:
+    global _sweeper
+    with _lock:
+        if _sweeper is not None and _sweeper.is_alive():
+            return
+        _sweeper = threading.Thread(target=_sweep_forever, name="fetch-sweeper", daemon=True)
+        _sweeper.start()
+
+
+def _sweep_forever() -> None:
+    while True:
+        time.sleep(IDLE_SECONDS)
+        try:
+            sweep_idle()
+        except Exception:  # a sweep must never end the sweeping
+            log.exception("closing idle image connections failed")
 
 
 def tls_context() -> ssl.SSLContext:
@@ -169,11 +231,15 @@ def forget_connections() -> None:
     with _lock:
         _tls = None
         _generation += 1
-    _thread_clients()
+        _distrusted.clear()
+    _thread_holder()
 
 
 def _keep(clients: OrderedDict[ConnectionKey, KeptClient], client: KeptClient) -> None:
-    if not client.left_clean() or kept_count() >= KEPT_PER_PROCESS:
+    clean = client.left_clean()
+    if not clean:
+        _distrust(client.key)
+    if not clean or kept_count() >= KEPT_PER_PROCESS or distrusted(client.key):
         client.close()
         return
     client.last_used = time.monotonic()
@@ -183,6 +249,35 @@ def _keep(clients: OrderedDict[ConnectionKey, KeptClient], client: KeptClient) -
         _, oldest = clients.popitem(last=False)
         oldest.close()
         _count(-1)
+
+
+def distrusted(key: ConnectionKey) -> bool:
+    """Whether connections for `key` are not kept (its server sent bytes nobody asked for)."""
+    with _lock:
+        until = _distrusted.get(key)
+        if until is not None and until <= time.monotonic():
+            del _distrusted[key]
+            until = None
+    return until is not None
+
+
+def _distrust(key: ConnectionKey) -> None:
+    """HTTP/1.1 has no way to tell an answer from stray bytes sent before it: a server that sent
+    some once gets a new connection per fetch for a while. Any fetch whose answer arrived on that
+    connection between the stray bytes' sending and their detection may hold them instead."""
+    with _lock:
+        first = key not in _distrusted
+        _distrusted[key] = time.monotonic() + DISTRUST_SECONDS
+    if first:
+        log.warning(
+            "host %s (%s port %d) sent bytes nobody asked for on a kept connection: its "
+            "connections are not kept for %.0f min (the image fetched on it just before may be "
+            "another's)",
+            key.hostname,
+            key.address,
+            key.port,
+            DISTRUST_SECONDS / 60,
+        )
 
 
 def _close_idle(clients: OrderedDict[ConnectionKey, KeptClient]) -> None:
@@ -211,10 +306,13 @@ def _count(change: int) -> None:
         _kept += change
 
 
-def _thread_clients() -> OrderedDict[ConnectionKey, KeptClient]:
+def _thread_holder() -> _ThreadClients:
     holder: _ThreadClients | None = getattr(_local, "holder", None)
     if holder is None or holder.generation != _generation:
         if holder is not None:
-            _close_all(holder.clients)
+            with holder.lock:
+                _close_all(holder.clients)
         holder = _local.holder = _ThreadClients()
-    return holder.clients
+        with _lock:
+            _holders.add(holder)
+    return holder

@@ -174,7 +174,7 @@ def _handle_response(
     if status == 304 and fetch.validators is not None:
         return NotModified(str(url))
     if status in _RETRYABLE_STATUSES:
-        raise TransientError(f"HTTP {status} from host {host} (will retry)")
+        raise TransientError(f"HTTP {status} from host {host}")
     if not 200 <= status < 300:
         raise FetchError(f"HTTP {status} from host {host}")
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
