@@ -11,7 +11,8 @@ a TLS connection verified for one hostname never serves another name on the same
 name that now resolves elsewhere gets a connection to the new (checked) address. A client is
 taken out of its thread's keeping for the length of one fetch and put back only when that fetch
 ended cleanly with nothing left unread on the connection; so no connection is shared between
-threads or fetches, and no lock guards them.
+threads or fetches. A sweeper thread closes connections left idle (each thread's keeping has a
+lock for that, held only to take, put back or sweep a client).
 """
 
 from __future__ import annotations
