@@ -48,11 +48,9 @@ def mark_for_restamp(session: Session) -> None:
     so far is to be restamped (a switch replaces any restamp still pending: the model it was for
     no longer shows)."""
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHANGE_SEQ_LOCK})
-    through = session.scalar(
-        text(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM listing_results_change_seq"
-        )
-    )
+    # last_value even before the first nextval (is_called false, as after a restore's setval):
+    # one too high is harmless, 0 would leave every row unrestamped.
+    through = session.scalar(text("SELECT last_value FROM listing_results_change_seq"))
     session.execute(update(ActiveModel).values(restamp_through=through, restamped_after=0))
 
 
