@@ -78,7 +78,7 @@ def _fetch_http(url: httpx.URL, fetch: _Fetch) -> FetchedImage | NotModified:
 def _fetch_hop(url: httpx.URL, fetch: _Fetch) -> FetchedImage | NotModified | httpx.URL:
     """One request: the image, or the checked URL of the next hop."""
     host = url.raw_host.decode("ascii")
-    port = url.port or (443 if url.scheme == "https" else 80)
+    port = _port(url)
     allowed = fetch.policy.allowed_private_networks
     addresses = resolve_checked(host, port, allowed, fetch.deadline.remaining())
     for address in addresses[:-1]:
@@ -93,11 +93,15 @@ def _fetch_hop(url: httpx.URL, fetch: _Fetch) -> FetchedImage | NotModified | ht
         raise
 
 
+def _port(url: httpx.URL) -> int:
+    return url.port or (443 if url.scheme == "https" else 80)
+
+
 def _fetch_from(
     address: IPAddress, url: httpx.URL, fetch: _Fetch
 ) -> FetchedImage | NotModified | httpx.URL:
     host = url.raw_host.decode("ascii")
-    port = url.port or (443 if url.scheme == "https" else 80)
+    port = _port(url)
     key = ConnectionKey(url.scheme, host, str(address), port)
     with (
         connections.kept_client(key, fetch.deadline) as client,
