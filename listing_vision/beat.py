@@ -89,7 +89,9 @@ def make_beat_app(resolved: Settings) -> Celery:
         },
     }
 
-    @app.task(name=RESCORE_TASK)
+    # Not shared: Celery hands a shared task to every app made afterwards, and a second beat app
+    # in one process (tests) would then run the first one's closure, over the first settings.
+    @app.task(name=RESCORE_TASK, shared=False)
     def rescore_catalogue() -> dict[str, Any]:
         with Producer(resolved) as producer:
             try:
@@ -104,7 +106,7 @@ def make_beat_app(resolved: Settings) -> Celery:
 
     tries = CompletionTries()
 
-    @app.task(name=WATCH_RUNS_TASK)
+    @app.task(name=WATCH_RUNS_TASK, shared=False)
     def watch_runs() -> dict[str, Any]:
         resumed, completed = [], []
         with Producer(resolved) as producer:
