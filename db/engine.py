@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine
+import select
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 # No statement, lock wait or idle transaction may hold a connection (or the change_seq lock)
@@ -35,7 +39,8 @@ def make_engine(
     `single_statements`: for hot paths whose every use is one self-contained statement (a
     worker's shared claims and cache lookups). Autocommit and no pre-ping: one round trip per
     use instead of five (ping, BEGIN, statement, COMMIT). A connection the server dropped fails
-    its statement (the caller retries) and the pool replaces it."""
+    its statement (the caller retries) and the pool replaces it; one the server ended while it
+    sat in the pool (a restart) is replaced before use (`_ended_while_idle`)."""
     engine = create_engine(
         sqlalchemy_url(url),
         pool_pre_ping=not single_statements,
@@ -60,7 +65,28 @@ def make_engine(
     # Bulk inserts (a chunk's results, images, embeddings) as multi-row statements of up to
     # 1,000 rows rather than one statement per row: fewer round trips and trigger calls.
     engine.dialect.use_insertmanyvalues_wo_returning = True
+    event.listen(engine, "checkout", _replace_if_ended)
     return engine
+
+
+def _replace_if_ended(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Hand out no pooled connection the server has visibly ended: raising DisconnectionError
+    here makes the pool discard it and take another (SQLAlchemy's PoolEvents.checkout)."""
+    if _ended_while_idle(dbapi_connection):
+        raise DisconnectionError("the server ended this pooled connection while it was idle")
+
+
+def _ended_while_idle(dbapi_connection: Any) -> bool:
+    """Whether an idle connection's socket has something to read. Between statements the server
+    sends nothing unasked except its goodbye (a restart's or `pg_terminate_backend`'s FATAL, then
+    the close); so this catches every connection a restart ended, without pre-ping's round trip
+    (about 0.1 ms per use). A rare asynchronous notice also reads as ended: that connection is
+    replaced, needlessly but harmlessly."""
+    try:
+        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+    except Exception:  # no socket (closed already): the pool should replace it
+        return True
+    return bool(readable)
 
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:
