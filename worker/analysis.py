@@ -13,12 +13,8 @@ from contract.errors import TransientError
 from db.embeddings import CachedImage
 from db.records import ListingImageRecord, ListingRecord, ResultRecord
 from worker.fetch import FetchPolicy
-from worker.images import (
-    FailedImage,
-    PreparedImage,
-    fetch_images,
-    prepare_images,
-)
+from worker.image_fetch import FailedImage, fetch_images
+from worker.images import PreparedImage, prepare_images
 from worker.inference import EmbedRequest, EmbedResult, InferenceService, Ticket
 from worker.scorer import ListingScorer, UsableImages, failed_result
 
@@ -67,7 +63,9 @@ class ListingAnalyzer:
         self, listing: ListingRecord, ticket: Ticket, deadline: float | None
     ) -> ListingAnalysis:
         started = time.monotonic()
-        fetched = fetch_images(listing.image_urls, self.policy, self.executor, deadline)
+        fetched = fetch_images(
+            listing.image_urls, self.policy, self.executor, deadline, self.service.pool_fetch
+        )
         cached = self.lookup_cached([f.sha256 for f in fetched if not isinstance(f, FailedImage)])
         got = time.monotonic()
         info = self.service.backend.info

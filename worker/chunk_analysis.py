@@ -26,14 +26,8 @@ from db.listing_state import StoredImage, StoredListing
 from db.records import ListingImageRecord, ListingOutcome, ListingRecord, ResultRecord
 from worker.analysis import LookupCached, image_records, model_wait
 from worker.fetch import FetchPolicy, Validators
-from worker.images import (
-    FailedImage,
-    Fetched,
-    ImageRequest,
-    PreparedImage,
-    fetch_each,
-    prepare_images,
-)
+from worker.image_fetch import FailedImage, Fetched, ImageRequest, fetch_each
+from worker.images import PreparedImage, prepare_images
 from worker.inference import EmbedRequest, InferenceService, Ticket
 from worker.quality import ImageQuality
 from worker.scorer import ListingScorer, Scored, Similarity, UsableImages, failed_result
@@ -169,7 +163,9 @@ class ChunkAnalyzer:
                 owners.append(state.listing.listing_id)
                 requests.append(request)
         began = time.monotonic()
-        results = fetch_each(requests, self.policy, self.executor, deadline)
+        results = fetch_each(
+            requests, self.policy, self.executor, deadline, self.service.pool_fetch
+        )
         by_listing: dict[str, list[Fetched]] = {s.listing.listing_id: [] for s in states}
         for owner, result in zip(owners, results, strict=True):
             if isinstance(result, Exception):

@@ -1,7 +1,7 @@
-"""What a decode process runs (`LV_DECODE_PROCESSES`): one image's bytes to its facts, its
-blur and brightness, and the tensor input path's uint8 pixels. It needs Pillow, numpy and plain
-records, no torch; the worker's threads run the same functions when there is no pool, so both
-give the same numbers."""
+"""What a decode process runs (`LV_DECODE_PROCESSES`): an image fetched, and its bytes turned
+into its facts, its blur and brightness, and the tensor input path's uint8 pixels. It needs
+Pillow, numpy, the fetch code and plain records, no torch; the worker's threads run the same
+functions when there is no pool, so both give the same numbers."""
 
 from __future__ import annotations
 
@@ -9,15 +9,19 @@ import contextlib
 import ctypes
 import os
 import signal
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
-from contract.errors import ListingError, one_line
+from contract.errors import ListingError, TransientError, one_line
 from db.records import ImageFacts
 from worker.decode import decode_image
+from worker.fetch import FetchPolicy
+from worker.image_fetch import Fetched, FetchedBytes, ImageRequest, fetch_one, map_items
 from worker.quality import measure_quality
 
 
@@ -30,6 +34,17 @@ class DecodedForModel:
 
 
 _PR_SET_PDEATHSIG = 1
+# A pool process fetches a task's images at once (they wait on the network, not the CPU), and
+# decodes two at a time: more would hold more pixels, not finish sooner under one GIL.
+_FETCH_THREADS = 16
+_DECODE_SLOTS = threading.BoundedSemaphore(2)
+_JPEG_START = b"\xff\xd8\xff"
+_fetchers: ThreadPoolExecutor | None = None
+_fetchers_lock = threading.Lock()
+
+# What decodes one image: (bytes, sha256, max_pixels, draft_size, side); the tests swap in one
+# that crashes on cue.
+DecodeWork = Callable[[bytes, str, int, int, int], DecodedForModel | str]
 
 
 def start(parent: int) -> None:
@@ -59,7 +74,7 @@ def input_pixels(image: Image.Image, side: int) -> np.ndarray:
 
 
 def decode_each(
-    work: Callable[[bytes, str, int, int, int], DecodedForModel | str],
+    work: DecodeWork,
     images: list[tuple[bytes, str]],
     max_pixels: int,
     draft_size: int,
@@ -68,6 +83,65 @@ def decode_each(
     """A pool task: several images (`work` on each, with its SHA-256), so a task's hand-off is
     paid per chunk."""
     return [work(data, sha256, max_pixels, draft_size, side) for data, sha256 in images]
+
+
+def decode_one(
+    work: DecodeWork, image: tuple[bytes, str], max_pixels: int, draft_size: int, side: int
+) -> DecodedForModel | str:
+    """One image alone (in a private process, after its chunk broke the pool)."""
+    return work(image[0], image[1], max_pixels, draft_size, side)
+
+
+def fetch_and_decode_each(
+    work: DecodeWork,
+    requests: list[ImageRequest],
+    policy: FetchPolicy,
+    deadline: float | None,
+    max_pixels: int,
+    draft_size: int,
+    side: int,
+    keep_jpegs: bool,
+) -> list[Fetched | TransientError]:
+    """A pool task: several images fetched at once, each then decoded here (`work`), so
+    neither the fetch's Python (http, TLS, the address guard) nor the decode's runs under the
+    worker's GIL. `keep_jpegs`: JPEGs come back encoded, for the model's device to decode."""
+
+    def one(request: ImageRequest) -> Fetched | TransientError:
+        return fetch_and_decode_one(
+            work, request, policy, deadline, max_pixels, draft_size, side, keep_jpegs
+        )
+
+    return map_items(one, requests, _fetch_threads())
+
+
+def fetch_and_decode_one(
+    work: DecodeWork,
+    request: ImageRequest,
+    policy: FetchPolicy,
+    deadline: float | None,
+    max_pixels: int,
+    draft_size: int,
+    side: int,
+    keep_jpegs: bool,
+) -> Fetched | TransientError:
+    """One image fetched and, unless it is a JPEG left for the device, decoded: its bytes stay
+    here, its pixels (or why it cannot be used) go back. It is decoded even when the model has
+    embedded its content already (the worker looks that up after the fetch): the CPU is the
+    pool's, and one hand-off instead of two."""
+    got = fetch_one(request, policy, deadline)
+    if not isinstance(got, FetchedBytes) or (keep_jpegs and got.data.startswith(_JPEG_START)):
+        return got
+    with _DECODE_SLOTS:
+        decoded = work(got.data, got.sha256, max_pixels, draft_size, side)
+    return replace(got, data=b"", decoded=decoded)
+
+
+def _fetch_threads() -> ThreadPoolExecutor:
+    global _fetchers
+    with _fetchers_lock:
+        if _fetchers is None:
+            _fetchers = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="fetch")
+        return _fetchers
 
 
 def decode_and_measure(

@@ -1,13 +1,13 @@
-"""Decode in a pool of processes (`LV_DECODE_PROCESSES`), so that the Python around Pillow's
-decoder (the blur measure's numpy, the pixel layout, the buffers) runs beside the worker's GIL
-instead of under it.
+"""Fetch and decode in a pool of processes (`LV_DECODE_PROCESSES`), so that the Python around
+Pillow's decoder (the blur measure's numpy, the pixel layout, the buffers) and around the fetch
+(httpx, TLS, the address guard) runs beside the worker's GIL instead of under it.
 
 Measured on the development machine (docs/architecture.md): one image's fetch-to-pixels path
 took the same time per image in one thread as in two, because all but the decoder itself holds
-the GIL. A pool process receives the image's bytes and returns its facts and uint8 pixels
-(`worker.decode_child`, the functions the threads run when there is no pool), for the tensor
-input path only: its pixels are plain arrays, while the PIL path's are each model's own
-transform.
+the GIL. A pool process receives the image's request (or, for an image the worker fetched, its
+bytes) and returns its facts and uint8 pixels (`worker.decode_child`, the functions the threads
+run when there is no pool), for the tensor input path only: its pixels are plain arrays, while
+the PIL path's are each model's own transform.
 
 A process that dies (a decoder crash on a hostile file, the kernel's OOM killer) or hangs
 (killed after `timeout`) breaks the pool for every chunk in it at that moment: the pool is
@@ -25,15 +25,27 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-
-import torch
+from functools import partial
+from typing import Any, TypeVar
 
 from contract.errors import TransientError, one_line
-from worker.decode_child import DecodedForModel, decode_each, decode_for_model, ready, start
-from worker.images import FailedImage, FetchedBytes, PreparedImage
+from worker.decode_child import (
+    DecodedForModel,
+    DecodeWork,
+    decode_each,
+    decode_for_model,
+    decode_one,
+    fetch_and_decode_each,
+    fetch_and_decode_one,
+    ready,
+    start,
+)
+from worker.fetch import FetchPolicy
+from worker.image_fetch import FailedImage, Fetched, FetchedBytes, ImageRequest
+from worker.images import PreparedImage, prepared_from
 
 log = logging.getLogger(__name__)
 # A spawned process imports the decoder's modules before its first task: on a loaded host that
@@ -41,14 +53,14 @@ log = logging.getLogger(__name__)
 _START_TIMEOUT = 60.0
 CHUNK = 16  # images per task at most: bounds the pixels held in one message, and a timeout
 
-# What a pool process runs on (bytes, sha256, max_pixels, draft_size, side); a parameter for
-# the tests, which swap in one that crashes on cue.
-DecodeWork = Callable[[bytes, str, int, int, int], DecodedForModel | str]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class DecodePool:
-    """`prepare_many(images)` from any thread: each image decoded in a pool process, as a
-    `PreparedImage` with uint8 (3, H, W) pixels, or a `FailedImage` with its reason."""
+    """From any thread: `prepare_many(images)` decodes fetched images in the pool's processes,
+    `fetch_many(requests, ...)` fetches and decodes them there; each image as a
+    `PreparedImage` (uint8 (3, H, W) pixels) or a `FailedImage` with its reason."""
 
     def __init__(
         self,
@@ -59,13 +71,15 @@ class DecodePool:
         side: int,
         timeout: float = 120.0,
         work: DecodeWork = decode_for_model,
+        keep_jpegs: bool = False,
     ) -> None:
         self.processes = max(1, processes)
         self._args = (max_pixels, draft_size, side)
         self._timeout = timeout
         self._work = work
+        self._keep_jpegs = keep_jpegs  # fetched JPEGs come back encoded, for the device
         # Spawned, not forked: the worker has threads (and maybe CUDA) a fork would copy
-        # half-way; the children import Pillow and numpy only.
+        # half-way; the children import Pillow, numpy and the fetch code only.
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._alone = threading.BoundedSemaphore(self.processes)  # private pools at once
@@ -74,28 +88,69 @@ class DecodePool:
         self.replaced = 0  # pools replaced after a process died (for tests and the log)
 
     def prepare_many(self, images: Sequence[FetchedBytes]) -> list[PreparedImage | FailedImage]:
-        """A group's images in a few tasks (up to `CHUNK` images each): a task's own cost (its
-        hand-off, a wake-up of the pool's result thread) is paid per chunk, not per image."""
-        if not images:
+        """A group's fetched images decoded in a few tasks (up to `CHUNK` images each): a
+        task's own cost (its hand-off, a wake-up of the pool's result thread) is paid per
+        chunk, not per image."""
+        got = self._in_chunks(
+            partial(decode_each, self._work),
+            partial(decode_one, self._work),
+            [(image.data, image.sha256) for image in images],
+            self._args,
+            self._timeout,
+            "decoding",
+        )
+        return [_outcome(image, one) for image, one in zip(images, got, strict=True)]
+
+    def fetch_many(
+        self, requests: Sequence[ImageRequest], policy: FetchPolicy, deadline: float | None
+    ) -> list[Fetched | TransientError]:
+        """A group's images fetched and decoded in the pool (`worker.image_fetch.fetch_each`'s
+        `elsewhere`), in the order asked: each fetched with its pixels (or why it cannot be
+        used), unchanged, failed, or transiently failed."""
+        each: Callable[..., Sequence[Fetched | TransientError]]
+        each = partial(fetch_and_decode_each, self._work)
+        one: Callable[..., Fetched | TransientError] = partial(fetch_and_decode_one, self._work)
+        got = self._in_chunks(
+            each,
+            one,
+            list(requests),
+            (policy, deadline, *self._args, self._keep_jpegs),
+            policy.timeout + self._timeout,  # the fetch is bounded by its own timeout
+            "fetching and decoding",
+        )
+        return [
+            FailedImage(request.position, request.url, item) if isinstance(item, str) else item
+            for request, item in zip(requests, got, strict=True)
+        ]
+
+    def _in_chunks(
+        self,
+        each: Callable[..., Sequence[R]],
+        one: Callable[..., R],
+        items: Sequence[T],
+        args: tuple[Any, ...],
+        timeout: float,
+        doing: str,
+    ) -> list[R | str]:
+        """`each(chunk, *args)` over chunks of `items` in the shared pool; a chunk that broke
+        (or hung) it is run again item by item (`one(item, *args)`) in private processes. A
+        string is an item's reason for failing."""
+        if not items:
             return []
-        size = min(CHUNK, -(-len(images) // self.processes))
-        chunks = [list(images[start : start + size]) for start in range(0, len(images), size)]
+        size = min(CHUNK, -(-len(items) // self.processes))
+        chunks = [list(items[start : start + size]) for start in range(0, len(items), size)]
         pool = self._pool
         try:
-            futures = [
-                pool.submit(decode_each, self._work, [_task(image) for image in chunk], *self._args)
-                for chunk in chunks
-            ]
+            futures = [pool.submit(each, chunk, *args) for chunk in chunks]
         except BrokenProcessPool:  # broken by another group's image, not yet replaced
             self._replace(pool)
-            again = self._one_by_one(images)
-            return [_outcome(image, one) for image, one in zip(images, again, strict=True)]
+            return self._one_by_one(one, items, args, timeout, doing)
         except RuntimeError as error:  # shut down: the worker is stopping
             raise _stopping() from error
-        got: list[DecodedForModel | str] = []
+        got: list[R | str] = []
         for chunk, future in zip(chunks, futures, strict=True):
             try:
-                got.extend(future.result(timeout=self._timeout))
+                got.extend(future.result(timeout=timeout))
                 continue
             except CancelledError as error:  # queued when the pool was closed
                 raise _stopping() from error
@@ -105,31 +160,38 @@ class DecodePool:
                 _kill(pool)
                 self._replace(pool)
             except Exception as error:  # e.g. no memory to send the chunk's pixels back
-                log.warning("a decode task failed (%s); decoding its images one by one", error)
-            got.extend(self._one_by_one(chunk))
-        return [_outcome(image, one) for image, one in zip(images, got, strict=True)]
+                log.warning("a decode task failed (%s); running its images one by one", error)
+            got.extend(self._one_by_one(one, chunk, args, timeout, doing))
+        return got
 
-    def _one_by_one(self, images: Sequence[FetchedBytes]) -> list[DecodedForModel | str]:
-        """Images of a chunk that broke (or hung) the shared pool, decoded one at a time in a
+    def _one_by_one(
+        self,
+        one: Callable[..., R],
+        items: Sequence[T],
+        args: tuple[Any, ...],
+        timeout: float,
+        doing: str,
+    ) -> list[R | str]:
+        """Items of a chunk that broke (or hung) the shared pool, run one at a time in a
         process of their own, so the shared pool is broken once per bad image and the image
         that kills (or hangs) a process alone is the one that fails."""
-        out: list[DecodedForModel | str] = []
+        out: list[R | str] = []
         with self._alone:
             private: ProcessPoolExecutor | None = None
             try:
-                for image in images:
+                for item in items:
                     if self._closed:
                         raise _stopping()
                     if private is None:
                         private = self._new_pool(1)
                     try:
-                        out.append(self._run(private, image))
+                        out.append(private.submit(one, item, *args).result(timeout=timeout))
                     except BrokenProcessPool:
                         out.append("the decoder process died on this image")
                         private.shutdown(wait=False, cancel_futures=True)
                         private = None
                     except FutureTimeout:
-                        out.append(self._too_slow())
+                        out.append(f"{doing} took longer than {timeout:.0f} s")
                         _kill(private)
                         private.shutdown(wait=False, cancel_futures=True)
                         private = None
@@ -140,20 +202,11 @@ class DecodePool:
                     private.shutdown(wait=False, cancel_futures=True)
         return out
 
-    def _too_slow(self) -> str:
-        return f"decoding took longer than {self._timeout:.0f} s"
-
     def close(self) -> None:
         """Stop the processes; a decode still asked for after this is a transient error."""
         with self._lock:
             self._closed = True
             self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _run(self, pool: ProcessPoolExecutor, image: FetchedBytes) -> DecodedForModel | str:
-        future: Future[DecodedForModel | str] = pool.submit(
-            self._work, image.data, image.sha256, *self._args
-        )
-        return future.result(timeout=self._timeout)
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
@@ -197,12 +250,7 @@ def _stopping() -> TransientError:
     return TransientError("the worker is stopping: its decode processes are gone")
 
 
-def _task(image: FetchedBytes) -> tuple[bytes, str]:
-    return image.data, image.sha256
-
-
 def _outcome(image: FetchedBytes, got: DecodedForModel | str) -> PreparedImage | FailedImage:
     if isinstance(got, str):
         return FailedImage(image.position, image.url, got)
-    pixels = torch.from_numpy(got.pixels).permute(2, 0, 1)
-    return PreparedImage(image.position, image.url, got.facts, pixels, None, image.validators)
+    return prepared_from(image, got)

@@ -20,7 +20,8 @@ from worker.batching import DynamicBatcher, clear_frames
 from worker.decode_child import input_pixels
 from worker.decode_pool import DecodePool
 from worker.device_quality import measure_quality_batch
-from worker.images import FailedImage, FetchedBytes, PreparedImage
+from worker.image_fetch import FailedImage, FetchedBytes, FetchMany
+from worker.images import PreparedImage
 from worker.prepare_stream import PrepareStream
 from worker.quality import ImageQuality
 from worker.tensor_input import (
@@ -122,6 +123,7 @@ class InferenceService:
                 max_pixels=max_pixels,
                 draft_size=max(backend.info.image_size, 256),
                 side=max(self.input_spec.output_size),
+                keep_jpegs=self.decodes_on_device,
             )
         self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
             self._run_batch,
@@ -217,6 +219,12 @@ class InferenceService:
         """Where a job's images are decoded when not in its own thread: the pool of decode
         processes (`LV_DECODE_PROCESSES`, tensor input path only), else None."""
         return self.decode_pool.prepare_many if self.decode_pool is not None else None
+
+    @property
+    def pool_fetch(self) -> FetchMany | None:
+        """Where a job's images are fetched and decoded when not in its own threads: the pool
+        of decode processes (`LV_DECODE_PROCESSES`), else None."""
+        return self.decode_pool.fetch_many if self.decode_pool is not None else None
 
     def encoded(self, data: bytes) -> EncodedJpeg | None:
         """`data` left encoded for the batch to decode on the device (`LV_DECODE`), or None:

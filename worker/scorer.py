@@ -15,7 +15,7 @@ from contract.thresholds import ThresholdSource
 from db.records import ListingRecord, ResultRecord
 from worker.backends.base import ModelInfo
 from worker.categories import CategoryIndex
-from worker.images import FailedImage
+from worker.image_fetch import FailedImage
 from worker.scoring import image_text_similarity
 
 _MAX_ERROR = 500

@@ -21,7 +21,8 @@ from contract.registry import ModelSpec
 from contract.settings import Settings
 from worker.backends import create_backend
 from worker.backends.base import ModelBackend
-from worker.images import FailedImage, PreparedImage, fetch_images, prepare_images
+from worker.image_fetch import FailedImage, fetch_images
+from worker.images import PreparedImage, prepare_images
 from worker.runtime import fetch_policy
 
 

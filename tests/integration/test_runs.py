@@ -229,16 +229,23 @@ def test_rescoring_an_unchanged_catalogue_calls_no_encoder_and_rewrites_nothing(
     assert set(_each_listing_once(catalogue, run_id).values()) == {1}
 
 
-def test_refetch_re_embeds_only_the_image_whose_content_changed(catalogue: Catalogue) -> None:
+@pytest.mark.parametrize(
+    ("decode_processes", "colour"), [("0", "magenta"), ("2", "orange")], ids=["threads", "pool"]
+)
+def test_refetch_re_embeds_only_the_image_whose_content_changed(
+    catalogue: Catalogue, decode_processes: str, colour: str
+) -> None:
     """`rescore --refetch` revalidates every image with a conditional request: the one whose
-    file changed is fetched and embedded again, and only its listing's row is rewritten."""
+    file changed is fetched and embedded again, and only its listing's row is rewritten. The
+    same with the fetches (conditional, over http) in a pool of decode processes."""
     changed = catalogue.root / "r-001.jpg"
-    with catalogue.worker(), catalogue.producer() as producer:
+    env = {"LV_DECODE_PROCESSES": decode_processes, "LV_INPUT_PATH": "tensor"}
+    with catalogue.worker(**env), catalogue.producer() as producer:
         runs = RunProducer(producer)
         catalogue.wait_run(runs.start_rescore(scope="all"))  # settles what earlier tests left
         seq = catalogue.query("SELECT max(change_seq) AS seq FROM results")[0]["seq"]
         before = _stats(producer, "tiny")
-        images.save(images.product_image("magenta", "triangle", (90, 70)), changed)
+        images.save(images.product_image(colour, "triangle", (90, 70)), changed)
         later = time.time() + 5  # a newer Last-Modified, whatever the clock's resolution
         os.utime(changed, (later, later))
         run = catalogue.wait_run(runs.start_rescore(scope="all", refetch=True))

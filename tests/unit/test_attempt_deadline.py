@@ -14,7 +14,7 @@ from contract.errors import TransientError
 from contract.settings import load_settings
 from tests.unit.fetch_servers import Running, serve
 from tests.unit.test_fetch import policy
-from worker.images import FailedImage, ImageRequest, fetch_each
+from worker.image_fetch import FailedImage, ImageRequest, fetch_each
 from worker.runtime import retry_ceiling
 
 

@@ -14,7 +14,7 @@ from contract.thresholds import Thresholds
 from db.records import ListingRecord
 from tests.unit.test_scoring import FakeEmbedder, info
 from worker.categories import CategoryIndex
-from worker.images import FailedImage
+from worker.image_fetch import FailedImage
 from worker.scorer import ListingScorer, UsableImages
 
 LISTING = ListingRecord("l-1", "a lamp", None, None, [f"http://x/{i}.jpg" for i in range(6)])
