@@ -1,13 +1,18 @@
-"""Alternating runs of the lv-toy pipeline over loopback http: an older tree's worker against
-this one's, the same embedded servers and image server (the 2026-12-02 kept-connections A/B).
+"""Alternating runs of the pipeline over loopback http: an older tree's worker against this
+one's, the same embedded servers and image server.
 
     git archive 0ea0315 | tar -x -C /tmp/old
     cp db/migrations/versions/0007_*.py /tmp/old/db/migrations/versions/   # one schema for both
     cd /tmp && PYTHONPATH=$REPO python -m bench.http_ab --old-tree /tmp/old [--listings 500]
 
+The 2026-12-02 A/Bs: kept connections (old tree 0ea0315, the defaults, lv-toy), and fetching in
+the decode processes (old tree 0b57406, `--decode-processes 1 --threads-too --models lv-toy
+sim-vit-b32 --tag pool-fetch`; `--threads-too` adds this tree with the fetch and decode in the
+worker's threads, LV_DECODE_PROCESSES=0).
+
 The worker's code comes from PYTHONPATH (ahead of the editable install), so the run is started
 outside the repository (a `python -m` child puts its working directory first on the path).
-Writes `<date>-http-ab-<device>.json` under bench/results.
+Writes `<date>-<tag>-<device>.json` under bench/results (tag: http-ab).
 """
 
 from __future__ import annotations
@@ -37,18 +42,20 @@ from contract.registry import load_registry
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_one(bench: Bench, variant: str, tree: Path, round_: int, count: int) -> dict[str, Any]:
+def run_one(
+    bench: Bench, model: str, variant: str, tree: Path, round_: int, count: int, **env: str
+) -> dict[str, Any]:
     """`count` listings over http through a worker whose code comes from `tree`."""
-    listings = bench.listings(f"ab-{variant}{round_}", count + 8)
-    env = {"PYTHONPATH": str(tree), "LV_ALLOWED_PRIVATE_NETWORKS": "127.0.0.0/8"}
+    listings = bench.listings(f"ab-{model}-{variant}{round_}", count + 8)
+    env = {"PYTHONPATH": str(tree), "LV_ALLOWED_PRIVATE_NETWORKS": "127.0.0.0/8", **env}
     with (
-        pipeline_worker(bench.settings, TOY, f"ab-{variant}-{round_}", **env),
+        pipeline_worker(bench.settings, model, f"ab-{variant}-{round_}", **env),
         image_server(bench.images) as port,
     ):
         base = f"http://localhost:{port}"
-        row = measured_run(bench.settings, bench.listener, TOY, listings, image_base=base)
-    row.update(variant=variant, tree=str(tree), round=round_)
-    print_pipeline(row, f"{variant} round {round_}")
+        row = measured_run(bench.settings, bench.listener, model, listings, image_base=base)
+    row.update(model=model, variant=variant, tree=str(tree), round=round_, env=env)
+    print_pipeline(row, f"{model} {variant} round {round_}")
     return row
 
 
@@ -57,8 +64,22 @@ def main() -> None:
     parser.add_argument("--old-tree", type=Path, required=True)
     parser.add_argument("--listings", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=[TOY], help="registry ids (bench's)")
+    parser.add_argument(
+        "--decode-processes", help="LV_DECODE_PROCESSES for both trees (with LV_INPUT_PATH=tensor)"
+    )
+    parser.add_argument(
+        "--threads-too", action="store_true", help="and this tree with LV_DECODE_PROCESSES=0"
+    )
+    parser.add_argument("--tag", default="http-ab", help="the JSON's name: <date>-<tag>-<device>")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
+    env: dict[str, str] = {}
+    if args.decode_processes is not None:
+        env = {"LV_DECODE_PROCESSES": args.decode_processes, "LV_INPUT_PATH": "tensor"}
+    variants = [("old", args.old_tree, env), ("new", REPO, env)]
+    if args.threads_too:
+        variants.append(("new-threads", REPO, {**env, "LV_DECODE_PROCESSES": "0"}))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -66,12 +87,14 @@ def main() -> None:
         models_file.write_text(REGISTRY)
         with bench_stack(scratch, models_file, load_registry(models_file), FULL) as bench:
             for round_ in range(args.rounds):
-                for variant, tree in (("old", args.old_tree), ("new", REPO)):
-                    rows.append(run_one(bench, variant, tree, round_, args.listings))
+                for model in args.models:
+                    for variant, tree, extra in variants:
+                        row = run_one(bench, model, variant, tree, round_, args.listings, **extra)
+                        rows.append(row)
     today, device = date.today().isoformat(), device_label()
     result = {"date": today, "device": device, "runs": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{today}-http-ab-{device.replace('_', '-')}.json"
+    out = args.out / f"{today}-{args.tag}-{device.replace('_', '-')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

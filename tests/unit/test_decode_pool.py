@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,10 +54,12 @@ def pool() -> Iterator[DecodePool]:
     made.close()
 
 
-def prepared(blobs: list[bytes], pool: DecodePool | None) -> list[PreparedImage | FailedImage]:
+def prepare_all(
+    items: Sequence[Fetched], pool: DecodePool | None
+) -> list[PreparedImage | FailedImage]:
     with ThreadPoolExecutor(4) as executor:
         return prepare_images(
-            fetched(blobs),
+            items,
             {},
             preprocess=thread_pixels,
             max_pixels=MAX_PIXELS,
@@ -65,6 +67,10 @@ def prepared(blobs: list[bytes], pool: DecodePool | None) -> list[PreparedImage 
             executor=executor,
             decode=pool.prepare_many if pool is not None else None,
         )
+
+
+def prepared(blobs: list[bytes], pool: DecodePool | None) -> list[PreparedImage | FailedImage]:
+    return prepare_all(fetched(blobs), pool)
 
 
 def test_a_pool_gives_what_the_thread_gives(pool: DecodePool, tmp_path: Path) -> None:
@@ -232,19 +238,6 @@ def _policy(root: Path, timeout: float = 10.0) -> FetchPolicy:
     )
 
 
-def _prepare(fetched: list[Fetched], pool: DecodePool | None) -> list[PreparedImage | FailedImage]:
-    with ThreadPoolExecutor(4) as executor:
-        return prepare_images(
-            fetched,
-            {},
-            preprocess=thread_pixels,
-            max_pixels=MAX_PIXELS,
-            draft_size=DRAFT,
-            executor=executor,
-            decode=pool.prepare_many if pool is not None else None,
-        )
-
-
 def test_fetched_in_the_pool_gives_what_the_threads_give(pool: DecodePool, tmp_path: Path) -> None:
     """Files and http, good and bad, a server's 503 and a missing file: the pool's processes
     fetch and decode them to exactly what the worker's threads give, failures word for word,
@@ -271,7 +264,7 @@ def test_fetched_in_the_pool_gives_what_the_threads_give(pool: DecodePool, tmp_p
     for item in pooled:  # the bytes stayed in the pool process, the pixels came back
         if isinstance(item, FetchedBytes):
             assert item.data == b"" and item.decoded is not None
-    got, want = _prepare(pooled, None), _prepare(threaded, None)
+    got, want = prepare_all(pooled, None), prepare_all(threaded, None)
     assert len(got) == len(want) == len(urls) - 1
     for one, other in zip(got, want, strict=True):
         assert type(one) is type(other)
