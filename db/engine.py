@@ -83,10 +83,12 @@ def _ended_while_idle(dbapi_connection: Any) -> bool:
     (about 0.1 ms per use). A rare asynchronous notice also reads as ended: that connection is
     replaced, needlessly but harmlessly."""
     try:
-        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
+        descriptor = dbapi_connection.fileno()
     except Exception:  # no socket (closed already): the pool should replace it
         return True
-    return bool(readable)
+    poller = select.poll()  # not select.select, which refuses descriptors from 1024 up
+    poller.register(descriptor, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:

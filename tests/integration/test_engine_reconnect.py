@@ -49,3 +49,33 @@ def test_a_connection_ended_while_idle_is_replaced_at_checkout(
         assert _backend(engine) == second  # the new connection is kept, not replaced each time
     finally:
         engine.dispose()
+
+
+def test_a_live_connection_on_a_high_descriptor_is_kept(stack: Stack) -> None:
+    """A busy worker holds many sockets (kept image connections, pipes, a device's files), so
+    its database connections can get descriptors from 1024 up, which `select.select` refuses:
+    the check must still see them as alive, not replace them at every checkout."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files ({hard}) is below 1,200")
+    if soft != resource.RLIM_INFINITY and soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    filler = []
+    try:
+        while not filler or filler[-1] < 1030:  # the next descriptors are above 1024
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        engine = make_engine(stack.database_url, pool_size=1, single_statements=True)
+        try:
+            with engine.connect() as connection:
+                assert connection.connection.dbapi_connection.fileno() > 1024  # type: ignore[union-attr]
+            first = _backend(engine)
+            assert _backend(engine) == first  # kept, not replaced
+        finally:
+            engine.dispose()
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
