@@ -639,15 +639,30 @@ def run_pipeline(bench: Bench, result: dict[str, Any]) -> None:
         print_pipeline(row, f"max batch {size}")
         sweep.append(row)
     result["pipeline_batch_sweep"] = sorted(sweep, key=lambda r: r["batch_max_size"])
-    # One message per listing again with a decode process beside the worker (reported, not
-    # judged: the judged rows run at the defaults).
-    with pipeline_worker(settings, TOY, "pool", LV_DECODE_PROCESSES=str(DECODE_PROCESSES)):
+    # One message per listing again with a decode process beside the worker, and the images
+    # over http with it fetching them (reported, not judged: the judged rows run at the
+    # defaults).
+    processes = str(DECODE_PROCESSES)
+    with pipeline_worker(
+        settings, TOY, "pool", LV_DECODE_PROCESSES=processes, LV_ALLOWED_PRIVATE_NETWORKS=LOOPBACK
+    ):
         pooled = measured_run(
             settings, bench.listener, TOY, bench.listings("pool", len(singles)), group=1
         )
-    pooled["decode_processes"] = DECODE_PROCESSES
-    print_pipeline(pooled, f"{DECODE_PROCESSES} decode proc.")
+        pooled["decode_processes"] = DECODE_PROCESSES
+        print_pipeline(pooled, f"{DECODE_PROCESSES} decode proc.")
+        with image_server(bench.images) as port:
+            pooled_http = measured_run(
+                settings,
+                bench.listener,
+                TOY,
+                bench.listings("pool-http", len(over_http)),
+                image_base=f"http://localhost:{port}",
+            )
+        pooled_http["decode_processes"] = DECODE_PROCESSES
+        print_pipeline(pooled_http, f"over http, {DECODE_PROCESSES} decode proc.")
     result["pipeline_single_messages_decode_processes"] = pooled
+    result["pipeline_http_decode_processes"] = pooled_http
 
 
 def run_profile(bench: Bench, out: Path) -> dict[str, Any]:
@@ -788,8 +803,9 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
             / noop["messages_per_s"],
             "trickle_p95_ms": result["trickle"]["p95_ms"],
         }
-        if "pipeline_http" in result:
-            values["pipeline_http_vs_file"] = result["pipeline_http"]["listings_per_s"] / headline
+        for name in ("pipeline_http", "pipeline_http_decode_processes"):
+            if name in result:
+                values[f"{name}_vs_file"] = result[name]["listings_per_s"] / headline
     for row in result.get("simulated", []):
         values[f"{row['model'].replace('-', '_')}_vs_model"] = row["ratio_to_model_only"]
         if row.get("steady_ratio_to_model_only"):  # reported beside it, never judged
