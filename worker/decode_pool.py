@@ -24,10 +24,12 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -42,6 +44,7 @@ from worker.decode_child import (
     fetch_and_decode_one,
     ready,
     start,
+    timed,
 )
 from worker.fetch import FetchPolicy
 from worker.image_fetch import FailedImage, Fetched, FetchedBytes, ImageRequest
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 # took longer than a short decode timeout, which is about decoding, not starting.
 _START_TIMEOUT = 60.0
 CHUNK = 16  # images per task at most: bounds the pixels held in one message, and a timeout
+_STUCK_CHECK_SECONDS = 5.0  # how often a wait looks for a process stuck past the timeout
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -150,17 +154,18 @@ class DecodePool:
         got: list[R | str] = []
         for chunk, future in zip(chunks, futures, strict=True):
             try:
-                got.extend(future.result(timeout=timeout))
+                done = pool.result(future, timeout)
+                got.extend(done)
                 continue
             except CancelledError as error:  # queued when the pool was closed
                 raise _stopping() from error
             except BrokenProcessPool:  # a process died, perhaps of an image in this chunk
                 self._replace(pool)
             except FutureTimeout:  # a process is stuck, perhaps on an image in this chunk
-                _kill(pool)
+                pool.kill()
                 self._replace(pool)
             except Exception as error:  # e.g. no memory to send the chunk's pixels back
-                log.warning("a decode task failed (%s); running its images one by one", error)
+                log.warning("a pool task failed (%s); running its images one by one", error)
             got.extend(self._one_by_one(one, chunk, args, timeout, doing))
         return got
 
@@ -177,7 +182,7 @@ class DecodePool:
         that kills (or hangs) a process alone is the one that fails."""
         out: list[R | str] = []
         with self._alone:
-            private: ProcessPoolExecutor | None = None
+            private: _Pool | None = None
             try:
                 for item in items:
                     if self._closed:
@@ -185,30 +190,30 @@ class DecodePool:
                     if private is None:
                         private = self._new_pool(1)
                     try:
-                        out.append(private.submit(one, item, *args).result(timeout=timeout))
+                        out.append(private.result(private.submit(one, item, *args), timeout))
                     except BrokenProcessPool:
                         out.append("the decoder process died on this image")
-                        private.shutdown(wait=False, cancel_futures=True)
+                        private.shutdown()
                         private = None
                     except FutureTimeout:
                         out.append(f"{doing} took longer than {timeout:.0f} s")
-                        _kill(private)
-                        private.shutdown(wait=False, cancel_futures=True)
+                        private.kill()
+                        private.shutdown()
                         private = None
                     except Exception as error:  # its result could not come back
                         out.append(f"could not prepare image: {one_line(error)}")
             finally:
                 if private is not None:
-                    private.shutdown(wait=False, cancel_futures=True)
+                    private.shutdown()
         return out
 
     def close(self) -> None:
         """Stop the processes; a decode still asked for after this is a transient error."""
         with self._lock:
             self._closed = True
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
+    def _replace(self, broken: _Pool) -> None:
         with self._lock:
             if self._closed:
                 raise _stopping()
@@ -216,34 +221,66 @@ class DecodePool:
                 log.warning("a decode process died or hung; starting a new pool")
                 self._pool = self._new_pool(self.processes)
                 self.replaced += 1
-        broken.shutdown(wait=False, cancel_futures=True)
+        broken.shutdown()
 
-    def _new_pool(self, processes: int) -> ProcessPoolExecutor:
+    def _new_pool(self, processes: int) -> _Pool:
         """A pool whose processes have all started (each is spawned for a task that finds no
         idle one): the first images do not wait for them."""
-        pool = ProcessPoolExecutor(
+        began = self._context.Array("d", processes, lock=False)
+        slots = self._context.Value("i", 0)
+        executor = ProcessPoolExecutor(
             max_workers=processes,
             mp_context=self._context,
             initializer=start,
-            initargs=(os.getpid(),),
+            initargs=(os.getpid(), began, slots),
         )
+        pool = _Pool(executor, began)
         try:
-            for started in [pool.submit(ready) for _ in range(processes)]:
+            for started in [executor.submit(ready) for _ in range(processes)]:
                 started.result(timeout=max(self._timeout, _START_TIMEOUT))
         except (OSError, BrokenProcessPool, FutureTimeout) as error:  # no memory to start one
-            _kill(pool)
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.kill()
+            pool.shutdown()
             raise TransientError(f"cannot start a decode process: {error}") from error
         return pool
 
 
-def _kill(pool: ProcessPoolExecutor) -> None:
-    """End a pool's processes now, a stuck one too (`shutdown` would wait for its task; Python
-    3.14 has `terminate_workers`, 3.11 only this attribute)."""
-    processes = getattr(pool, "_processes", None) or {}
-    for process in list(processes.values()):
-        with contextlib.suppress(Exception):
-            process.kill()
+@dataclass(frozen=True)
+class _Pool:
+    """A process pool and when each of its processes began its current task (`timed`)."""
+
+    executor: ProcessPoolExecutor
+    began: Any  # a shared array of doubles, one per process: monotonic seconds, 0 when idle
+
+    def submit(self, task: Callable[..., R], *args: Any) -> Future[R]:
+        return self.executor.submit(timed, task, *args)
+
+    def result(self, future: Future[R], timeout: float) -> R:
+        """The task's result. FutureTimeout only once one of the pool's processes has been on
+        one task longer than `timeout`: a task that waits behind others (a slow host's
+        fetches, many groups at once) is not stuck, and killing the pool for it would fail
+        healthy work."""
+        while True:
+            try:
+                return future.result(timeout=min(timeout, _STUCK_CHECK_SECONDS))
+            except FutureTimeout:
+                if self.stuck(timeout):
+                    raise
+
+    def stuck(self, timeout: float) -> bool:
+        now = time.monotonic()
+        return any(0 < began < now - timeout for began in self.began[:])
+
+    def kill(self) -> None:
+        """End the processes now, a stuck one too (`shutdown` would wait for its task; Python
+        3.14 has `terminate_workers`, 3.11 only this attribute)."""
+        processes = getattr(self.executor, "_processes", None) or {}
+        for process in list(processes.values()):
+            with contextlib.suppress(Exception):
+                process.kill()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _stopping() -> TransientError:

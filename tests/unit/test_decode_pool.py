@@ -334,3 +334,30 @@ def test_a_fetch_in_the_pool_keeps_the_attempts_deadline(pool: DecodePool, tmp_p
     assert isinstance(late, TransientError) and "LV_TASK_TIME_LIMIT" in str(late)
     assert isinstance(cut, TransientError) and "LV_TASK_TIME_LIMIT" in str(cut)
     assert took < 4
+
+
+def test_waiting_behind_other_tasks_is_not_being_stuck() -> None:
+    """Three groups, one slow image each (1 s), on one process with a 1.5 s timeout: the third
+    waits 2 s for the process but runs 1 s, so nothing is killed and every image decodes (the
+    wait used to count, and a healthy task's pool was killed)."""
+    busy = DecodePool(
+        1, max_pixels=MAX_PIXELS, draft_size=DRAFT, side=SIDE, timeout=1.5, work=crash_on_cue
+    )
+    answers: list[object] = []
+
+    def group() -> None:
+        answers.extend(busy.prepare_many(fetched([SLOW])))
+
+    try:
+        threads = [threading.Thread(target=group) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert busy.replaced == 0
+    finally:
+        busy.close()
+    assert len(answers) == 3
+    for answer in answers:  # decoded, and refused as what it is: not an image
+        assert isinstance(answer, FailedImage), answer
+        assert "longer than" not in answer.error and "died" not in answer.error, answer
