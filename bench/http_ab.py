@@ -6,9 +6,9 @@ one's, the same embedded servers and image server.
     cd /tmp && PYTHONPATH=$REPO python -m bench.http_ab --old-tree /tmp/old [--listings 500]
 
 The 2026-12-02 A/Bs: kept connections (old tree 0ea0315, the defaults, lv-toy), and fetching in
-the decode processes (old tree 0b57406, `--decode-processes 1 --threads-too --models lv-toy
-sim-vit-b32 --tag pool-fetch`; `--threads-too` adds this tree with the fetch and decode in the
-worker's threads, LV_DECODE_PROCESSES=0).
+the decode processes (old tree 0b57406, `--decode-processes 1 --pool-fetches --threads-too
+--models lv-toy sim-vit-b32 --listings 1000 --rounds 3 --tag pool-fetch`; `--threads-too` adds
+this tree with the fetch and decode in the worker's threads, LV_DECODE_PROCESSES=0).
 
 The worker's code comes from PYTHONPATH (ahead of the editable install), so the run is started
 outside the repository (a `python -m` child puts its working directory first on the path).
@@ -69,6 +69,9 @@ def main() -> None:
         "--decode-processes", help="LV_DECODE_PROCESSES for both trees (with LV_INPUT_PATH=tensor)"
     )
     parser.add_argument(
+        "--pool-fetches", action="store_true", help="LV_POOL_FETCHES=true (an old tree ignores it)"
+    )
+    parser.add_argument(
         "--threads-too", action="store_true", help="and this tree with LV_DECODE_PROCESSES=0"
     )
     parser.add_argument("--tag", default="http-ab", help="the JSON's name: <date>-<tag>-<device>")
@@ -77,6 +80,8 @@ def main() -> None:
     env: dict[str, str] = {}
     if args.decode_processes is not None:
         env = {"LV_DECODE_PROCESSES": args.decode_processes, "LV_INPUT_PATH": "tensor"}
+    if args.pool_fetches:
+        env["LV_POOL_FETCHES"] = "true"
     variants = [("old", args.old_tree, env), ("new", REPO, env)]
     if args.threads_too:
         variants.append(("new-threads", REPO, {**env, "LV_DECODE_PROCESSES": "0"}))

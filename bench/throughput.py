@@ -640,27 +640,35 @@ def run_pipeline(bench: Bench, result: dict[str, Any]) -> None:
         sweep.append(row)
     result["pipeline_batch_sweep"] = sorted(sweep, key=lambda r: r["batch_max_size"])
     # One message per listing again with a decode process beside the worker, and the images
-    # over http with it fetching them (reported, not judged: the judged rows run at the
+    # over http with it fetching them too (reported, not judged: the judged rows run at the
     # defaults).
     processes = str(DECODE_PROCESSES)
-    with pipeline_worker(
-        settings, TOY, "pool", LV_DECODE_PROCESSES=processes, LV_ALLOWED_PRIVATE_NETWORKS=LOOPBACK
-    ):
+    with pipeline_worker(settings, TOY, "pool", LV_DECODE_PROCESSES=processes):
         pooled = measured_run(
             settings, bench.listener, TOY, bench.listings("pool", len(singles)), group=1
         )
-        pooled["decode_processes"] = DECODE_PROCESSES
-        print_pipeline(pooled, f"{DECODE_PROCESSES} decode proc.")
-        with image_server(bench.images) as port:
-            pooled_http = measured_run(
-                settings,
-                bench.listener,
-                TOY,
-                bench.listings("pool-http", len(over_http)),
-                image_base=f"http://localhost:{port}",
-            )
-        pooled_http["decode_processes"] = DECODE_PROCESSES
-        print_pipeline(pooled_http, f"over http, {DECODE_PROCESSES} decode proc.")
+    pooled["decode_processes"] = DECODE_PROCESSES
+    print_pipeline(pooled, f"{DECODE_PROCESSES} decode proc.")
+    with (
+        pipeline_worker(
+            settings,
+            TOY,
+            "pool-http",
+            LV_DECODE_PROCESSES=processes,
+            LV_POOL_FETCHES="true",
+            LV_ALLOWED_PRIVATE_NETWORKS=LOOPBACK,
+        ),
+        image_server(bench.images) as port,
+    ):
+        pooled_http = measured_run(
+            settings,
+            bench.listener,
+            TOY,
+            bench.listings("pool-http", len(over_http)),
+            image_base=f"http://localhost:{port}",
+        )
+    pooled_http.update(decode_processes=DECODE_PROCESSES, pool_fetches=True)
+    print_pipeline(pooled_http, f"over http, {DECODE_PROCESSES} fetch+decode proc.")
     result["pipeline_single_messages_decode_processes"] = pooled
     result["pipeline_http_decode_processes"] = pooled_http
 

@@ -97,6 +97,7 @@ class InferenceService:
         max_pixels: int = 40_000_000,
         observe: Callable[[str, int], None] | None = None,
         decode_processes: int = 0,
+        pool_fetches: bool = False,
     ) -> None:
         self.backend = backend
         self._observe = observe  # (tower, items) per model call, for metrics
@@ -117,6 +118,9 @@ class InferenceService:
                 decode_processes,
                 backend.spec.model_id,
             )
+        if pool_fetches and (decode_processes == 0 or self.input_spec is None):
+            log.warning("LV_POOL_FETCHES is ignored: there is no pool of decode processes")
+        self._pool_fetches = pool_fetches
         if decode_processes > 0 and self.input_spec is not None:
             self.decode_pool = DecodePool(
                 decode_processes,
@@ -223,8 +227,10 @@ class InferenceService:
     @property
     def pool_fetch(self) -> FetchMany | None:
         """Where a job's images are fetched and decoded when not in its own threads: the pool
-        of decode processes (`LV_DECODE_PROCESSES`), else None."""
-        return self.decode_pool.fetch_many if self.decode_pool is not None else None
+        of decode processes with `LV_POOL_FETCHES`, else None."""
+        if self.decode_pool is None or not self._pool_fetches:
+            return None
+        return self.decode_pool.fetch_many
 
     def encoded(self, data: bytes) -> EncodedJpeg | None:
         """`data` left encoded for the batch to decode on the device (`LV_DECODE`), or None:

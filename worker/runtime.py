@@ -149,6 +149,7 @@ def start_runtime(
         max_pixels=settings.max_image_pixels,
         observe=metrics.model_call if metrics is not None else None,
         decode_processes=settings.decode_processes,
+        pool_fetches=settings.pool_fetches,
     )
     thresholds = RecordedThresholds(sessions, spec.model_id, spec.threshold)
     scorer = make_scorer(settings, spec, service, thresholds)

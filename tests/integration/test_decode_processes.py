@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 MODEL = "tiny-batch"  # its own queue; the session's worker serves "tiny" the same weights
 
 
+@pytest.mark.parametrize("pool_fetches", ["false", "true"], ids=["decodes", "fetches-too"])
 def test_a_pool_of_decode_processes_stores_what_the_threads_store(
+    pool_fetches: str,
     stack: Stack,
     worker: WorkerProcess,
     worker_env: dict[str, str],
@@ -27,21 +29,28 @@ def test_a_pool_of_decode_processes_stores_what_the_threads_store(
     image_root: Path,
     tmp_path: Path,
 ) -> None:
+    # Each case its own listings and image contents: nothing cached by the other case.
+    tag, wider = ("poolf", 10) if pool_fetches == "true" else ("pool", 0)
     urls = []
     for i, (colour, shape) in enumerate(
         [("red", "circle"), ("blue", "square"), ("gold", "triangle")]
     ):
-        path = image_root / f"pool-{i}.jpg"
-        images.save(images.product_image(colour, shape, (90 + i, 70)), path)
+        path = image_root / f"{tag}-{i}.jpg"
+        images.save(images.product_image(colour, shape, (90 + i + wider, 70)), path)
         urls.append(path.as_uri())
-    png = images.save(images.product_image("teal", "square"), image_root / "pool.png", "PNG")
-    urls.append(png.as_uri())
-    urls.append(images.truncated_jpeg(image_root / "pool-cut.jpg").as_uri())
+    teal = images.product_image("teal", "square", (96 + wider, 80))
+    urls.append(images.save(teal, image_root / f"{tag}.png", "PNG").as_uri())
+    urls.append(images.truncated_jpeg(image_root / f"{tag}-cut.jpg").as_uri())
     events = [
-        {"listing_id": f"pool-{i}", "title": f"listing {i}", "image_url": url}
+        {"listing_id": f"{tag}-{i}", "title": f"listing {i}", "image_url": url}
         for i, url in enumerate(urls)
     ]
-    env = {**worker_env, "LV_DECODE_PROCESSES": "2", "LV_INPUT_PATH": "tensor"}
+    env = {
+        **worker_env,
+        "LV_DECODE_PROCESSES": "2",
+        "LV_POOL_FETCHES": pool_fetches,
+        "LV_INPUT_PATH": "tensor",
+    }
     pooled = start_worker(stack, env, tmp_path / "worker.log", model=MODEL)
     try:
         children = psutil.Process(pooled.process.pid).children()
@@ -57,7 +66,8 @@ def test_a_pool_of_decode_processes_stores_what_the_threads_store(
     rows = query(
         stack,
         "SELECT model_id, listing_id, status, error, similarity FROM results "
-        "WHERE listing_id LIKE 'pool-%' ORDER BY listing_id",
+        "WHERE listing_id LIKE :tag ORDER BY listing_id",
+        tag=f"{tag}-%",
     )
     pool_rows = {r["listing_id"]: r for r in rows if r["model_id"] == MODEL}
     thread_rows = {r["listing_id"]: r for r in rows if r["model_id"] == "tiny"}
@@ -67,12 +77,14 @@ def test_a_pool_of_decode_processes_stores_what_the_threads_store(
         assert (got["status"], got["error"]) == (want["status"], want["error"])
         if want["similarity"] is not None:
             assert got["similarity"] == pytest.approx(want["similarity"], abs=1e-5)
-    assert pool_rows["pool-4"]["status"] == "failed" and "truncated" in pool_rows["pool-4"]["error"]
+    cut = pool_rows[f"{tag}-4"]
+    assert cut["status"] == "failed" and "truncated" in cut["error"]
     # The pool's blur and brightness (the first to store each image) are the thread's numbers.
     facts = query(
         stack,
         "SELECT i.blur, i.brightness, li.listing_id FROM listing_images li "
-        "JOIN images i USING (sha256) WHERE li.listing_id LIKE 'pool-%'",
+        "JOIN images i USING (sha256) WHERE li.listing_id LIKE :tag",
+        tag=f"{tag}-%",
     )
     assert len(facts) == 4
     for row in facts:

@@ -239,7 +239,11 @@ def test_refetch_re_embeds_only_the_image_whose_content_changed(
     file changed is fetched and embedded again, and only its listing's row is rewritten. The
     same with the fetches (conditional, over http) in a pool of decode processes."""
     changed = catalogue.root / "r-001.jpg"
-    env = {"LV_DECODE_PROCESSES": decode_processes, "LV_INPUT_PATH": "tensor"}
+    env = {
+        "LV_DECODE_PROCESSES": decode_processes,
+        "LV_POOL_FETCHES": "true",
+        "LV_INPUT_PATH": "tensor",
+    }
     with catalogue.worker(**env), catalogue.producer() as producer:
         runs = RunProducer(producer)
         catalogue.wait_run(runs.start_rescore(scope="all"))  # settles what earlier tests left
