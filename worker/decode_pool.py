@@ -1,6 +1,7 @@
-"""Fetch and decode in a pool of processes (`LV_DECODE_PROCESSES`), so that the Python around
-Pillow's decoder (the blur measure's numpy, the pixel layout, the buffers) and around the fetch
-(httpx, TLS, the address guard) runs beside the worker's GIL instead of under it.
+"""Decode, and with `LV_POOL_FETCHES` fetch, in a pool of processes (`LV_DECODE_PROCESSES`), so
+that the Python around Pillow's decoder (the blur measure's numpy, the pixel layout, the
+buffers) and around the fetch (httpx, TLS, the address guard) runs beside the worker's GIL
+instead of under it.
 
 Measured on the development machine (docs/architecture.md): one image's fetch-to-pixels path
 took the same time per image in one thread as in two, because all but the decoder itself holds
@@ -208,9 +209,13 @@ class DecodePool:
         return out
 
     def close(self) -> None:
-        """Stop the processes; a decode still asked for after this is a transient error."""
+        """Stop the processes, a task still running too (the worker has stopped waiting for
+        its group; left running, a fetch or a stuck decode would hold up the worker's exit,
+        which waits for the pool's tasks): what was asked and is not done, or is asked after
+        this, gets a transient error (its jobs are retried)."""
         with self._lock:
             self._closed = True
+            self._pool.kill()  # first: shutdown forgets the processes
             self._pool.shutdown()
 
     def _replace(self, broken: _Pool) -> None:

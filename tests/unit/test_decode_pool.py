@@ -361,3 +361,33 @@ def test_waiting_behind_other_tasks_is_not_being_stuck() -> None:
     for answer in answers:  # decoded, and refused as what it is: not an image
         assert isinstance(answer, FailedImage), answer
         assert "longer than" not in answer.error and "died" not in answer.error, answer
+
+
+def test_closing_ends_a_running_task_and_its_group_is_retried() -> None:
+    """The worker stops: a task still running (a stuck decode here, a slow host's fetch in
+    life) must not hold up its exit, and its group gets a transient error (retried)."""
+    closing = DecodePool(
+        1, max_pixels=MAX_PIXELS, draft_size=DRAFT, side=SIDE, timeout=60.0, work=crash_on_cue
+    )
+    answers: list[object] = []
+
+    def group() -> None:
+        try:
+            answers.append(closing.prepare_many(fetched([HANG])))
+        except BaseException as error:
+            answers.append(error)
+
+    first = {c.pid for c in _children()}
+    thread = threading.Thread(target=group)
+    thread.start()
+    time.sleep(1.0)  # the hanging task has started
+    closing.close()
+    thread.join(timeout=15)
+
+    assert not thread.is_alive(), "the group still waits for its stuck task"
+    (answer,) = answers
+    assert isinstance(answer, TransientError) and "stopping" in str(answer)
+    deadline = time.monotonic() + 10
+    while first & {c.pid for c in _children() if c.is_alive()} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not first & {c.pid for c in _children() if c.is_alive()}
