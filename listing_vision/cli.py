@@ -25,6 +25,7 @@ from listing_vision.command_context import (
 )
 from listing_vision.embedded import EmbeddedError
 from listing_vision.servers import connected
+from producer.enqueue import DatabaseUnavailable
 from producer.runs import RunError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -34,6 +35,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     RunConflict,
     RunNotFound,
     RunError,
+    DatabaseUnavailable,
 )
 
 

@@ -6,6 +6,7 @@ call no longer waits a second and more for one commit before anything starts."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import Counter
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from contract.broker import make_celery, send_analysis
+from contract.errors import one_line
 from contract.registry import ModelSpec, configured_spec, get_spec, load_registry
 from contract.settings import Settings
 from db import jobs, listings, registered_models, runs
@@ -27,6 +30,14 @@ from producer.events import ListingEvent, Refusal, parse_event
 
 Progress = Callable[[Counter[str]], None]
 RECORD_SLICE = 512  # listings recorded, committed and sent together within one call
+
+
+log = logging.getLogger(__name__)
+OUTAGE_LIMIT = 60.0  # seconds `wait` rides out a database that does not answer
+
+
+class DatabaseUnavailable(RuntimeError):
+    """Waiting for jobs stopped: the database has not answered for too long."""
 
 
 @dataclass
@@ -151,11 +162,30 @@ class Producer:
         on_progress: Progress | None = None,
         poll_interval: float = 0.5,
     ) -> Counter[str]:
-        """Block until every job is finished (or `timeout` passes); returns the state counts."""
+        """Block until every job is finished (or `timeout` passes); returns the state counts.
+        A database that stops answering (a restart, a failover) is waited out for up to
+        `OUTAGE_LIMIT` seconds, then `DatabaseUnavailable`: the jobs go on without us."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        down_since: float | None = None
         while True:
-            with self.sessions() as session:
-                counts = jobs.status_counts(session, job_ids)
+            try:
+                with self.sessions() as session:
+                    counts = jobs.status_counts(session, job_ids)
+            except OperationalError as error:
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = now
+                    log.warning("the database does not answer; waiting: %s", one_line(error))
+                out_of_time = deadline is not None and now > deadline
+                if now - down_since > OUTAGE_LIMIT or out_of_time:
+                    raise DatabaseUnavailable(
+                        f"the database did not answer for {now - down_since:.0f} s while "
+                        f"waiting for the jobs (they go on; `listing-vision results` shows "
+                        f"them later): {one_line(error)}"
+                    ) from None
+                time.sleep(max(poll_interval, 1.0))
+                continue
+            down_since = None
             if on_progress:
                 on_progress(counts)
             finished = sum(counts[state] for state in TERMINAL_JOB_STATES)

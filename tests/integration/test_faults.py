@@ -142,3 +142,68 @@ def test_two_hundred_listings_all_end_after_a_kill_and_a_new_worker(
         stop_worker(replacement)
     assert counts["succeeded"] == 200, (counts, replacement.log()[-3000:])
     assert_each_job_ended_once(stack, report.job_ids, prefix)
+
+
+def test_waiting_for_jobs_rides_out_a_database_restart(
+    stack: Stack, producer: Any, image_root: Path
+) -> None:
+    """`enqueue --wait` polls the jobs: PostgreSQL restarted under it is waited out, not a
+    traceback (a hostile run saw `OperationalError` from `Producer.wait`)."""
+    import threading
+
+    from sqlalchemy import text
+
+    prefix = f"wait-{uuid.uuid4().hex[:6]}"
+    # Queued for a model no worker serves now: the test finishes them itself, once the server
+    # is back, and drops their messages.
+    report = producer.enqueue(catalogue(image_root, prefix, 3), model=MODEL)
+    finished = threading.Event()
+
+    def restart_then_finish() -> None:
+        time.sleep(0.5)  # the wait is polling
+        with postgres_stopped(stack):
+            time.sleep(2)
+        with stack.engine.begin() as connection:
+            connection.execute(
+                text("UPDATE jobs SET status = 'succeeded' WHERE job_id = ANY(:ids)"),
+                {"ids": list(report.job_ids)},
+            )
+        finished.set()
+
+    thread = threading.Thread(target=restart_then_finish)
+    thread.start()
+    try:
+        counts = producer.wait(report.job_ids, timeout=90, poll_interval=0.2)
+    finally:
+        thread.join(90)
+        redis.Redis.from_url(stack.broker_url).delete(model_queue(MODEL))
+    assert finished.is_set()
+    assert counts["succeeded"] == 3
+
+
+def test_a_database_down_too_long_ends_the_wait_with_a_clear_error(
+    stack: Stack, producer: Any, image_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from producer import enqueue
+
+    monkeypatch.setattr(enqueue, "OUTAGE_LIMIT", 1.0)
+    report = producer.enqueue(catalogue(image_root, f"down-{uuid.uuid4().hex[:6]}", 1), model=MODEL)
+    stopped, done = threading.Event(), threading.Event()
+
+    def outage() -> None:
+        with postgres_stopped(stack):
+            stopped.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    try:
+        assert stopped.wait(60)
+        with pytest.raises(enqueue.DatabaseUnavailable, match="did not answer for"):
+            producer.wait(report.job_ids, timeout=60, poll_interval=0.2)
+    finally:
+        done.set()
+        thread.join(90)
+        redis.Redis.from_url(stack.broker_url).delete(model_queue(MODEL))
