@@ -44,6 +44,7 @@ _JPEG_START = b"\xff\xd8\xff"
 _fetchers: ThreadPoolExecutor | None = None
 _fetchers_lock = threading.Lock()
 _began: Any = None  # the pool's shared array of task start times (monotonic; 0: idle)
+_tasks: Any = None  # the pool's shared array of the tasks begun then
 _slot = -1  # this process's place in it
 R = TypeVar("R")
 
@@ -52,28 +53,30 @@ R = TypeVar("R")
 DecodeWork = Callable[[bytes, str, int, int, int], DecodedForModel | str]
 
 
-def start(parent: int, began: Any = None, slots: Any = None) -> None:
+def start(parent: int, began: Any = None, tasks: Any = None, slots: Any = None) -> None:
     """A pool process's initializer: it dies with the worker (Linux: the kernel sends SIGKILL
     when the worker ends, even by `os._exit` or SIGKILL, which skip every clean-up), and
-    Ctrl-C is the worker's to handle, not its. `began` (a shared array of doubles) and `slots`
-    (a shared counter): where it records when its current task began (`timed`)."""
-    global _began, _slot
+    Ctrl-C is the worker's to handle, not its. `began`, `tasks` (shared arrays) and `slots`
+    (a shared counter): where it records which task it runs since when (`timed`)."""
+    global _began, _tasks, _slot
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the worker ended before the line above took effect
         os._exit(0)
-    if began is not None and slots is not None:
+    if began is not None and tasks is not None and slots is not None:
         with slots.get_lock():
             _slot, slots.value = slots.value, slots.value + 1
-        _began = began
+        _began, _tasks = began, tasks
 
 
-def timed(task: Callable[..., R], *args: Any) -> R:
-    """Run one pool task with its start recorded where the worker reads it: a task that waits
-    for a busy process is not stuck, one that has run longer than the timeout is."""
-    if _began is None or not 0 <= _slot < len(_began):
+def timed(task_id: int, task: Callable[..., R], *args: Any) -> R:
+    """Run one pool task with its id and start recorded where the worker reads them: a task
+    that waits for a busy process is not stuck, one that has run longer than the timeout is;
+    and when a process dies, the tasks that never started are not suspects."""
+    if _began is None or _tasks is None or not 0 <= _slot < len(_began):
         return task(*args)
+    _tasks[_slot] = task_id
     _began[_slot] = time.monotonic()
     try:
         return task(*args)

@@ -21,6 +21,7 @@ processes die with the worker, however it ends (Linux: the parent-death signal).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -91,6 +92,8 @@ class DecodePool:
         self._closed = False
         self._pool = self._new_pool(self.processes)
         self.replaced = 0  # pools replaced after a process died (for tests and the log)
+        self.run_alone = 0  # items run one at a time in a private process (for tests)
+        self._task_ids = itertools.count(1)
 
     def prepare_many(self, images: Sequence[FetchedBytes]) -> list[PreparedImage | FailedImage]:
         """A group's fetched images decoded in a few tasks (up to `CHUNK` images each): a
@@ -145,15 +148,18 @@ class DecodePool:
         size = min(CHUNK, -(-len(items) // self.processes))
         chunks = [list(items[start : start + size]) for start in range(0, len(items), size)]
         pool = self._pool
+        ids = [next(self._task_ids) for _ in chunks]
         try:
-            futures = [pool.submit(each, chunk, *args) for chunk in chunks]
-        except BrokenProcessPool:  # broken by another group's image, not yet replaced
+            futures = [
+                pool.submit(i, each, chunk, *args) for i, chunk in zip(ids, chunks, strict=True)
+            ]
+        except BrokenProcessPool:  # broken by another group's image: ours never started
             self._replace(pool)
-            return self._one_by_one(one, items, args, timeout, doing)
+            return self._in_chunks(each, one, items, args, timeout, doing)
         except RuntimeError as error:  # shut down: the worker is stopping
             raise _stopping() from error
         got: list[R | str] = []
-        for chunk, future in zip(chunks, futures, strict=True):
+        for task_id, chunk, future in zip(ids, chunks, futures, strict=True):
             try:
                 done = pool.result(future, timeout)
                 got.extend(done)
@@ -167,7 +173,12 @@ class DecodePool:
                 self._replace(pool)
             except Exception as error:  # e.g. no memory to send the chunk's pixels back
                 log.warning("a pool task failed (%s); running its images one by one", error)
-            got.extend(self._one_by_one(one, chunk, args, timeout, doing))
+                got.extend(self._one_by_one(one, chunk, args, timeout, doing))
+                continue
+            if pool.started(task_id):  # it may hold the image that broke the pool
+                got.extend(self._one_by_one(one, chunk, args, timeout, doing))
+            else:  # it never reached a process: innocent, into the new pool whole
+                got.extend(self._in_chunks(each, one, chunk, args, timeout, doing))
         return got
 
     def _one_by_one(
@@ -191,7 +202,9 @@ class DecodePool:
                     if private is None:
                         private = self._new_pool(1)
                     try:
-                        out.append(private.result(private.submit(one, item, *args), timeout))
+                        self.run_alone += 1
+                        future = private.submit(next(self._task_ids), one, item, *args)
+                        out.append(private.result(future, timeout))
                     except BrokenProcessPool:
                         out.append("the decoder process died on this image")
                         private.shutdown()
@@ -232,14 +245,15 @@ class DecodePool:
         """A pool whose processes have all started (each is spawned for a task that finds no
         idle one): the first images do not wait for them."""
         began = self._context.Array("d", processes, lock=False)
+        tasks = self._context.Array("q", processes, lock=False)
         slots = self._context.Value("i", 0)
         executor = ProcessPoolExecutor(
             max_workers=processes,
             mp_context=self._context,
             initializer=start,
-            initargs=(os.getpid(), began, slots),
+            initargs=(os.getpid(), began, tasks, slots),
         )
-        pool = _Pool(executor, began)
+        pool = _Pool(executor, began, tasks)
         try:
             for started in [executor.submit(ready) for _ in range(processes)]:
                 started.result(timeout=max(self._timeout, _START_TIMEOUT))
@@ -252,13 +266,22 @@ class DecodePool:
 
 @dataclass(frozen=True)
 class _Pool:
-    """A process pool and when each of its processes began its current task (`timed`)."""
+    """A process pool, and which task each of its processes runs since when (`timed`)."""
 
     executor: ProcessPoolExecutor
     began: Any  # a shared array of doubles, one per process: monotonic seconds, 0 when idle
+    tasks: Any  # a shared array of task ids, one per process: what it began then
 
-    def submit(self, task: Callable[..., R], *args: Any) -> Future[R]:
-        return self.executor.submit(timed, task, *args)
+    def submit(self, task_id: int, task: Callable[..., R], *args: Any) -> Future[R]:
+        return self.executor.submit(timed, task_id, task, *args)
+
+    def started(self, task_id: int) -> bool:
+        """Whether a process was running this task (and still was when the pool broke: a
+        process's entries stay as they were when it died)."""
+        return any(
+            began > 0 and task == task_id
+            for began, task in zip(self.began[:], self.tasks[:], strict=True)
+        )
 
     def result(self, future: Future[R], timeout: float) -> R:
         """The task's result. FutureTimeout only once one of the pool's processes has been on

@@ -24,7 +24,7 @@ from tests.images import png_claiming_size, truncated_jpeg
 from tests.unit.fetch_servers import serve
 from tests.unit.test_tensor_input import encode, sample_blobs, textured
 from worker.decode_child import DecodedForModel, decode_for_model
-from worker.decode_pool import DecodePool
+from worker.decode_pool import CHUNK, DecodePool
 from worker.fetch import FetchPolicy
 from worker.image_fetch import FailedImage, Fetched, FetchedBytes, ImageRequest, fetch_each
 from worker.images import PreparedImage, prepare_images
@@ -391,3 +391,20 @@ def test_closing_ends_a_running_task_and_its_group_is_retried() -> None:
     while first & {c.pid for c in _children() if c.is_alive()} and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not first & {c.pid for c in _children() if c.is_alive()}
+
+
+def test_after_a_crash_only_the_chunks_that_had_started_run_one_by_one() -> None:
+    """One process, five chunks of 16: the first holds an image that kills its process. The
+    chunks that never reached a process are innocent: they go to the new pool whole, and only
+    the first chunk's images are run one at a time in private processes."""
+    single = DecodePool(1, max_pixels=MAX_PIXELS, draft_size=DRAFT, side=SIDE, work=crash_on_cue)
+    try:
+        good = [encode(textured(24, 16, seed=i), "JPEG") for i in range(79)]
+        results = prepared([KILLER, *good], single)
+    finally:
+        single.close()
+
+    assert isinstance(results[0], FailedImage) and "died" in results[0].error
+    assert all(isinstance(r, PreparedImage) for r in results[1:])
+    assert single.replaced == 1
+    assert single.run_alone == CHUNK  # the killer's chunk, not all 80 images
