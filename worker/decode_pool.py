@@ -11,9 +11,10 @@ run when there is no pool), for the tensor input path only: its pixels are plain
 the PIL path's are each model's own transform.
 
 A process that dies (a decoder crash on a hostile file, the kernel's OOM killer) or hangs
-(killed after `timeout`) breaks the pool for every chunk in it at that moment: the pool is
-replaced, and each broken chunk's images are decoded again one at a time in a process of their
-own, so the shared pool breaks once per bad image and only the image that kills (or hangs) a
+(killed once it has run one task past `timeout`) breaks the pool for every chunk in it at that
+moment: the pool is replaced, chunks that never reached a process go to the new one whole, and
+each chunk a process had begun is run again one image at a time in a process of its own, so
+the shared pool breaks once per bad image and only the image that kills (or hangs) a
 process alone fails ("the decoder process died on this image"); the worker lives on. The pool's
 processes die with the worker, however it ends (Linux: the parent-death signal).
 """
