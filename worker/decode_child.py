@@ -119,23 +119,14 @@ def decode_one(
 
 
 def fetch_and_decode_each(
-    work: DecodeWork,
-    requests: list[ImageRequest],
-    policy: FetchPolicy,
-    deadline: float | None,
-    max_pixels: int,
-    draft_size: int,
-    side: int,
-    keep_jpegs: bool,
+    work: DecodeWork, requests: list[ImageRequest], *args: Any
 ) -> list[Fetched | TransientError]:
-    """A pool task: several images fetched at once, each then decoded here (`work`), so
-    neither the fetch's Python (http, TLS, the address guard) nor the decode's runs under the
-    worker's GIL. `keep_jpegs`: JPEGs come back encoded, for the model's device to decode."""
+    """A pool task: several images fetched at once, each then decoded here (`work`;
+    `fetch_and_decode_one` with `args`), so neither the fetch's Python (http, TLS, the address
+    guard) nor the decode's runs under the worker's GIL."""
 
     def one(request: ImageRequest) -> Fetched | TransientError:
-        return fetch_and_decode_one(
-            work, request, policy, deadline, max_pixels, draft_size, side, keep_jpegs
-        )
+        return fetch_and_decode_one(work, request, *args)
 
     return map_items(one, requests, _fetch_threads())
 

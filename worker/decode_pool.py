@@ -34,7 +34,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from contract.errors import TransientError, one_line
 from worker.decode_child import (
@@ -60,8 +60,19 @@ _START_TIMEOUT = 60.0
 CHUNK = 16  # images per task at most: bounds the pixels held in one message, and a timeout
 _STUCK_CHECK_SECONDS = 5.0  # how often a wait looks for a process stuck past the timeout
 
-T = TypeVar("T")
 R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class _Work(Generic[R]):
+    """What a call runs in the pool: `each(chunk, *args)` per task, `one(item, *args)` for an
+    item run alone; `timeout` for one task; `doing` names it in a failure."""
+
+    each: Callable[..., Sequence[R]]
+    one: Callable[..., R]
+    args: tuple[Any, ...]
+    timeout: float
+    doing: str
 
 
 class DecodePool:
@@ -100,14 +111,14 @@ class DecodePool:
         """A group's fetched images decoded in a few tasks (up to `CHUNK` images each): a
         task's own cost (its hand-off, a wake-up of the pool's result thread) is paid per
         chunk, not per image."""
-        got = self._in_chunks(
+        work: _Work[DecodedForModel | str] = _Work(
             partial(decode_each, self._work),
             partial(decode_one, self._work),
-            [(image.data, image.sha256) for image in images],
             self._args,
             self._timeout,
             "decoding",
         )
+        got = self._in_chunks(work, [(image.data, image.sha256) for image in images])
         return [_outcome(image, one) for image, one in zip(images, got, strict=True)]
 
     def fetch_many(
@@ -116,34 +127,23 @@ class DecodePool:
         """A group's images fetched and decoded in the pool (`worker.image_fetch.fetch_each`'s
         `elsewhere`), in the order asked: each fetched with its pixels (or why it cannot be
         used), unchanged, failed, or transiently failed."""
-        each: Callable[..., Sequence[Fetched | TransientError]]
-        each = partial(fetch_and_decode_each, self._work)
-        one: Callable[..., Fetched | TransientError] = partial(fetch_and_decode_one, self._work)
-        got = self._in_chunks(
-            each,
-            one,
-            list(requests),
+        work: _Work[Fetched | TransientError] = _Work(
+            partial(fetch_and_decode_each, self._work),
+            partial(fetch_and_decode_one, self._work),
             (policy, deadline, *self._args, self._keep_jpegs),
             policy.timeout + self._timeout,  # the fetch is bounded by its own timeout
             "fetching and decoding",
         )
+        got = self._in_chunks(work, list(requests))
         return [
             FailedImage(request.position, request.url, item) if isinstance(item, str) else item
             for request, item in zip(requests, got, strict=True)
         ]
 
-    def _in_chunks(
-        self,
-        each: Callable[..., Sequence[R]],
-        one: Callable[..., R],
-        items: Sequence[T],
-        args: tuple[Any, ...],
-        timeout: float,
-        doing: str,
-    ) -> list[R | str]:
-        """`each(chunk, *args)` over chunks of `items` in the shared pool; a chunk that broke
-        (or hung) it is run again item by item (`one(item, *args)`) in private processes. A
-        string is an item's reason for failing."""
+    def _in_chunks(self, work: _Work[R], items: Sequence[Any]) -> list[R | str]:
+        """`work.each(chunk, *work.args)` over chunks of `items` in the shared pool; a chunk
+        that broke (or hung) it is run again item by item (`work.one(item, *work.args)`) in
+        private processes. A string is an item's reason for failing."""
         if not items:
             return []
         size = min(CHUNK, -(-len(items) // self.processes))
@@ -152,17 +152,18 @@ class DecodePool:
         ids = [next(self._task_ids) for _ in chunks]
         try:
             futures = [
-                pool.submit(i, each, chunk, *args) for i, chunk in zip(ids, chunks, strict=True)
+                pool.submit(i, work.each, chunk, *work.args)
+                for i, chunk in zip(ids, chunks, strict=True)
             ]
         except BrokenProcessPool:  # broken by another group's image: ours never started
             self._replace(pool)
-            return self._in_chunks(each, one, items, args, timeout, doing)
+            return self._in_chunks(work, items)
         except RuntimeError as error:  # shut down: the worker is stopping
             raise _stopping() from error
         got: list[R | str] = []
         for task_id, chunk, future in zip(ids, chunks, futures, strict=True):
             try:
-                done = pool.result(future, timeout)
+                done = pool.result(future, work.timeout)
                 got.extend(done)
                 continue
             except CancelledError as error:  # queued when the pool was closed
@@ -174,22 +175,17 @@ class DecodePool:
                 self._replace(pool)
             except Exception as error:  # e.g. no memory to send the chunk's pixels back
                 log.warning("a pool task failed (%s); running its images one by one", error)
-                got.extend(self._one_by_one(one, chunk, args, timeout, doing))
+                alone = self._one_by_one(work, chunk)
+                got.extend(alone)
                 continue
             if pool.started(task_id):  # it may hold the image that broke the pool
-                got.extend(self._one_by_one(one, chunk, args, timeout, doing))
+                again = self._one_by_one(work, chunk)
             else:  # it never reached a process: innocent, into the new pool whole
-                got.extend(self._in_chunks(each, one, chunk, args, timeout, doing))
+                again = self._in_chunks(work, chunk)
+            got.extend(again)
         return got
 
-    def _one_by_one(
-        self,
-        one: Callable[..., R],
-        items: Sequence[T],
-        args: tuple[Any, ...],
-        timeout: float,
-        doing: str,
-    ) -> list[R | str]:
+    def _one_by_one(self, work: _Work[R], items: Sequence[Any]) -> list[R | str]:
         """Items of a chunk that broke (or hung) the shared pool, run one at a time in a
         process of their own, so the shared pool is broken once per bad image and the image
         that kills (or hangs) a process alone is the one that fails."""
@@ -204,14 +200,14 @@ class DecodePool:
                         private = self._new_pool(1)
                     try:
                         self.run_alone += 1
-                        future = private.submit(next(self._task_ids), one, item, *args)
-                        out.append(private.result(future, timeout))
+                        future = private.submit(next(self._task_ids), work.one, item, *work.args)
+                        out.append(private.result(future, work.timeout))
                     except BrokenProcessPool:
                         out.append("the decoder process died on this image")
                         private.shutdown()
                         private = None
                     except FutureTimeout:
-                        out.append(f"{doing} took longer than {timeout:.0f} s")
+                        out.append(f"{work.doing} took longer than {work.timeout:.0f} s")
                         private.kill()
                         private.shutdown()
                         private = None
