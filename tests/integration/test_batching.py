@@ -79,7 +79,9 @@ def test_64_single_listing_messages_are_served_in_few_model_calls(
     assert rows["b-17"]["status"] == "failed" and "truncated" in rows["b-17"]["error"]
     assert all(r["status"] == "ok" for k, r in rows.items() if k != "b-17")
     sizes = query(
-        stack, "SELECT batch_size FROM jobs WHERE model_id = 'tiny-batch' AND status = 'succeeded'"
+        stack,
+        "SELECT batch_size FROM jobs WHERE job_id = ANY(:ids) AND status = 'succeeded'",
+        ids=list(report.job_ids),
     )
     assert max(s["batch_size"] for s in sizes) > 1
 
