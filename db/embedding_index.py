@@ -20,6 +20,7 @@ its settings reach the pool.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from db.locks import lock_held, try_session_lock
@@ -173,6 +175,10 @@ def _builder(engine: Engine, model_id: str) -> Iterator[Connection | None]:
                 connection if taken and try_session_lock(connection, index_name(model_id)) else None
             )
         finally:
+            # Released now: closing the connection releases them only once its backend has
+            # exited, which a build started right after could find still holding them.
+            with contextlib.suppress(SQLAlchemyError):
+                connection.execute(text("SELECT pg_advisory_unlock_all()"))
             connection.invalidate()
 
 

@@ -150,18 +150,16 @@ class DecodePool:
         chunks = [list(items[start : start + size]) for start in range(0, len(items), size)]
         pool = self._pool
         ids = [next(self._task_ids) for _ in chunks]
-        try:
-            futures = [
-                pool.submit(i, work.each, chunk, *work.args)
-                for i, chunk in zip(ids, chunks, strict=True)
-            ]
-        except BrokenProcessPool:  # broken by another group's image: ours never started
-            self._replace(pool)
-            return self._in_chunks(work, items)
-        except RuntimeError as error:  # shut down: the worker is stopping
-            raise _stopping() from error
+        futures: list[Future[Sequence[R]]] = []
+        for task_id, chunk in zip(ids, chunks, strict=True):
+            try:
+                futures.append(pool.submit(task_id, work.each, chunk, *work.args))
+            except BrokenProcessPool:  # broken meanwhile, perhaps by a chunk just submitted
+                break
+            except RuntimeError as error:  # shut down: the worker is stopping
+                raise _stopping() from error
         got: list[R | str] = []
-        for task_id, chunk, future in zip(ids, chunks, futures, strict=True):
+        for task_id, chunk, future in zip(ids, chunks, futures, strict=False):
             try:
                 done = pool.result(future, work.timeout)
                 got.extend(done)
@@ -183,6 +181,12 @@ class DecodePool:
             else:  # it never reached a process: innocent, into the new pool whole
                 again = self._in_chunks(work, chunk)
             got.extend(again)
+        if len(futures) < len(chunks):  # never submitted: innocent, into the new pool whole
+            self._replace(pool)
+            rest = self._in_chunks(
+                work, [item for chunk in chunks[len(futures) :] for item in chunk]
+            )
+            got.extend(rest)
         return got
 
     def _one_by_one(self, work: _Work[R], items: Sequence[Any]) -> list[R | str]:
