@@ -20,11 +20,10 @@ its settings reach the pool.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Literal
 
 from sqlalchemy import Connection, Engine, text
@@ -177,7 +176,7 @@ def _builder(engine: Engine, model_id: str) -> Iterator[Connection | None]:
         finally:
             # Released now: closing the connection releases them only once its backend has
             # exited, which a build started right after could find still holding them.
-            with contextlib.suppress(SQLAlchemyError):
+            with suppress(SQLAlchemyError):
                 connection.execute(text("SELECT pg_advisory_unlock_all()"))
             connection.invalidate()
 

@@ -119,7 +119,7 @@ class DecodePool:
             "decoding",
         )
         got = self._in_chunks(work, [(image.data, image.sha256) for image in images])
-        return [_outcome(image, one) for image, one in zip(images, got, strict=True)]
+        return [prepared_from(image, one) for image, one in zip(images, got, strict=True)]
 
     def fetch_many(
         self, requests: Sequence[ImageRequest], policy: FetchPolicy, deadline: float | None
@@ -314,9 +314,3 @@ class _Pool:
 
 def _stopping() -> TransientError:
     return TransientError("the worker is stopping: its decode processes are gone")
-
-
-def _outcome(image: FetchedBytes, got: DecodedForModel | str) -> PreparedImage | FailedImage:
-    if isinstance(got, str):
-        return FailedImage(image.position, image.url, got)
-    return prepared_from(image, got)

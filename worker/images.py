@@ -71,9 +71,7 @@ def prepare_images(
             )
         if isinstance(image, Unchanged):  # asked conditionally only for a cached content
             return FailedImage(image.position, image.url, "content unknown to this model")
-        if isinstance(image.decoded, str):  # by the decode process that fetched it
-            return FailedImage(image.position, image.url, image.decoded)
-        if image.decoded is not None:
+        if image.decoded is not None:  # by the decode process that fetched it
             return prepared_from(image, image.decoded)
         try:
             jpeg = encode(image.data) if encode is not None else None
@@ -97,8 +95,13 @@ def prepare_images(
     return [next(done) if isinstance(item, FetchedBytes) else item for item in first]
 
 
-def prepared_from(image: FetchedBytes, decoded: DecodedForModel) -> PreparedImage:
-    """An image a decode process decoded, as the tensor input path takes it."""
+def prepared_from(
+    image: FetchedBytes, decoded: DecodedForModel | str
+) -> PreparedImage | FailedImage:
+    """An image a decode process decoded, as the tensor input path takes it, or failed with
+    the reason the process gave."""
+    if isinstance(decoded, str):
+        return FailedImage(image.position, image.url, decoded)
     pixels = torch.from_numpy(decoded.pixels).permute(2, 0, 1)
     return PreparedImage(image.position, image.url, decoded.facts, pixels, None, image.validators)
 
