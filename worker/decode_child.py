@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -23,7 +22,7 @@ from contract.errors import ListingError, TransientError, one_line
 from db.records import ImageFacts
 from worker.decode import decode_image
 from worker.fetch import FetchPolicy
-from worker.image_fetch import Fetched, FetchedBytes, ImageRequest, fetch_one, map_items
+from worker.image_fetch import Fetched, FetchedBytes, ImageRequest, fetch_one
 from worker.quality import measure_quality
 
 
@@ -36,13 +35,10 @@ class DecodedForModel:
 
 
 _PR_SET_PDEATHSIG = 1
-# A pool process fetches a task's images at once (they wait on the network, not the CPU), and
-# decodes two at a time: more would hold more pixels, not finish sooner under one GIL.
-_FETCH_THREADS = 16
+# A fetch process (`worker.fetch_child`) decodes two images at a time: more would hold more
+# pixels, not finish sooner under one GIL.
 _DECODE_SLOTS = threading.BoundedSemaphore(2)
 _JPEG_START = b"\xff\xd8\xff"
-_fetchers: ThreadPoolExecutor | None = None
-_fetchers_lock = threading.Lock()
 _began: Any = None  # the pool's shared array of task start times (monotonic; 0: idle)
 _tasks: Any = None  # the pool's shared array of the tasks begun then
 _slot = -1  # this process's place in it
@@ -118,19 +114,6 @@ def decode_one(
     return work(image[0], image[1], max_pixels, draft_size, side)
 
 
-def fetch_and_decode_each(
-    work: DecodeWork, requests: list[ImageRequest], *args: Any
-) -> list[Fetched | TransientError]:
-    """A pool task: several images fetched at once, each then decoded here (`work`;
-    `fetch_and_decode_one` with `args`), so neither the fetch's Python (http, TLS, the address
-    guard) nor the decode's runs under the worker's GIL."""
-
-    def one(request: ImageRequest) -> Fetched | TransientError:
-        return fetch_and_decode_one(work, request, *args)
-
-    return map_items(one, requests, _fetch_threads())
-
-
 def fetch_and_decode_one(
     work: DecodeWork,
     request: ImageRequest,
@@ -151,14 +134,6 @@ def fetch_and_decode_one(
     with _DECODE_SLOTS:
         decoded = work(got.data, got.sha256, max_pixels, draft_size, side)
     return replace(got, data=b"", decoded=decoded)
-
-
-def _fetch_threads() -> ThreadPoolExecutor:
-    global _fetchers
-    with _fetchers_lock:
-        if _fetchers is None:
-            _fetchers = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="fetch")
-        return _fetchers
 
 
 def decode_and_measure(

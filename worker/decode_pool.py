@@ -1,14 +1,13 @@
-"""Decode, and with `LV_POOL_FETCHES` fetch, in a pool of processes (`LV_DECODE_PROCESSES`), so
-that the Python around Pillow's decoder (the blur measure's numpy, the pixel layout, the
-buffers) and around the fetch (httpx, TLS, the address guard) runs beside the worker's GIL
-instead of under it.
+"""Decode in a pool of processes (`LV_DECODE_PROCESSES`), so that the Python around Pillow's
+decoder (the blur measure's numpy, the pixel layout, the buffers) runs beside the worker's GIL
+instead of under it (`worker.fetch_processes` fetches there too, with `LV_POOL_FETCHES`).
 
 Measured on the development machine (docs/architecture.md): one image's fetch-to-pixels path
 took the same time per image in one thread as in two, because all but the decoder itself holds
-the GIL. A pool process receives the image's request (or, for an image the worker fetched, its
-bytes) and returns its facts and uint8 pixels (`worker.decode_child`, the functions the threads
-run when there is no pool), for the tensor input path only: its pixels are plain arrays, while
-the PIL path's are each model's own transform.
+the GIL. A pool process receives an image's bytes and returns its facts and uint8 pixels
+(`worker.decode_child`, the functions the threads run when there is no pool), for the tensor
+input path only: its pixels are plain arrays, while the PIL path's are each model's own
+transform.
 
 A process that dies (a decoder crash on a hostile file, the kernel's OOM killer) or hangs
 (killed once it has run one task past `timeout`) breaks the pool for every chunk in it at that
@@ -43,14 +42,11 @@ from worker.decode_child import (
     decode_each,
     decode_for_model,
     decode_one,
-    fetch_and_decode_each,
-    fetch_and_decode_one,
     ready,
     start,
     timed,
 )
-from worker.fetch import FetchPolicy
-from worker.image_fetch import FailedImage, Fetched, FetchedBytes, ImageRequest
+from worker.image_fetch import FailedImage, FetchedBytes
 from worker.images import PreparedImage, prepared_from
 
 log = logging.getLogger(__name__)
@@ -77,8 +73,7 @@ class _Work(Generic[R]):
 
 class DecodePool:
     """From any thread: `prepare_many(images)` decodes fetched images in the pool's processes,
-    `fetch_many(requests, ...)` fetches and decodes them there; each image as a
-    `PreparedImage` (uint8 (3, H, W) pixels) or a `FailedImage` with its reason."""
+    each as a `PreparedImage` (uint8 (3, H, W) pixels) or a `FailedImage` with its reason."""
 
     def __init__(
         self,
@@ -89,15 +84,13 @@ class DecodePool:
         side: int,
         timeout: float = 120.0,
         work: DecodeWork = decode_for_model,
-        keep_jpegs: bool = False,
     ) -> None:
         self.processes = max(1, processes)
         self._args = (max_pixels, draft_size, side)
         self._timeout = timeout
         self._work = work
-        self._keep_jpegs = keep_jpegs  # fetched JPEGs come back encoded, for the device
         # Spawned, not forked: the worker has threads (and maybe CUDA) a fork would copy
-        # half-way; the children import Pillow, numpy and the fetch code only.
+        # half-way; the children import Pillow and numpy only.
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._alone = threading.BoundedSemaphore(self.processes)  # private pools at once
@@ -120,25 +113,6 @@ class DecodePool:
         )
         got = self._in_chunks(work, [(image.data, image.sha256) for image in images])
         return [prepared_from(image, one) for image, one in zip(images, got, strict=True)]
-
-    def fetch_many(
-        self, requests: Sequence[ImageRequest], policy: FetchPolicy, deadline: float | None
-    ) -> list[Fetched | TransientError]:
-        """A group's images fetched and decoded in the pool (`worker.image_fetch.fetch_each`'s
-        `elsewhere`), in the order asked: each fetched with its pixels (or why it cannot be
-        used), unchanged, failed, or transiently failed."""
-        work: _Work[Fetched | TransientError] = _Work(
-            partial(fetch_and_decode_each, self._work),
-            partial(fetch_and_decode_one, self._work),
-            (policy, deadline, *self._args, self._keep_jpegs),
-            policy.timeout + self._timeout,  # the fetch is bounded by its own timeout
-            "fetching and decoding",
-        )
-        got = self._in_chunks(work, list(requests))
-        return [
-            FailedImage(request.position, request.url, item) if isinstance(item, str) else item
-            for request, item in zip(requests, got, strict=True)
-        ]
 
     def _in_chunks(self, work: _Work[R], items: Sequence[Any]) -> list[R | str]:
         """`work.each(chunk, *work.args)` over chunks of `items` in the shared pool; a chunk

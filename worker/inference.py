@@ -20,6 +20,7 @@ from worker.batching import DynamicBatcher, clear_frames
 from worker.decode_child import input_pixels
 from worker.decode_pool import DecodePool
 from worker.device_quality import measure_quality_batch
+from worker.fetch_processes import FetchProcesses
 from worker.image_fetch import FailedImage, FetchedBytes, FetchMany
 from worker.images import PreparedImage
 from worker.prepare_stream import PrepareStream
@@ -120,15 +121,20 @@ class InferenceService:
             )
         if pool_fetches and (decode_processes == 0 or self.input_spec is None):
             log.warning("LV_POOL_FETCHES is ignored: there is no pool of decode processes")
-        self._pool_fetches = pool_fetches
+        self.fetch_processes: FetchProcesses | None = None
         if decode_processes > 0 and self.input_spec is not None:
+            draft, side = max(backend.info.image_size, 256), max(self.input_spec.output_size)
             self.decode_pool = DecodePool(
-                decode_processes,
-                max_pixels=max_pixels,
-                draft_size=max(backend.info.image_size, 256),
-                side=max(self.input_spec.output_size),
-                keep_jpegs=self.decodes_on_device,
+                decode_processes, max_pixels=max_pixels, draft_size=draft, side=side
             )
+            if pool_fetches:
+                self.fetch_processes = FetchProcesses(
+                    decode_processes,
+                    max_pixels=max_pixels,
+                    draft_size=draft,
+                    side=side,
+                    keep_jpegs=self.decodes_on_device,
+                )
         self.batcher: DynamicBatcher[EmbedRequest, EmbedResult] = DynamicBatcher(
             self._run_batch,
             max_size=max_size,
@@ -201,8 +207,10 @@ class InferenceService:
         return self.embed(EmbedRequest(texts=tuple(texts)), timeout).text_embeddings
 
     def close(self) -> None:
-        """Stop the batcher thread after the batches already queued, and the decode pool."""
+        """Stop the batcher thread after the batches already queued, and the processes."""
         self.batcher.close()
+        if self.fetch_processes is not None:
+            self.fetch_processes.close()
         if self.decode_pool is not None:
             self.decode_pool.close()
 
@@ -226,11 +234,9 @@ class InferenceService:
 
     @property
     def pool_fetch(self) -> FetchMany | None:
-        """Where a job's images are fetched and decoded when not in its own threads: the pool
-        of decode processes with `LV_POOL_FETCHES`, else None."""
-        if self.decode_pool is None or not self._pool_fetches:
-            return None
-        return self.decode_pool.fetch_many
+        """Where a job's images are fetched and decoded when not in its own threads: the fetch
+        processes of `LV_POOL_FETCHES`, else None."""
+        return self.fetch_processes.fetch_many if self.fetch_processes is not None else None
 
     def encoded(self, data: bytes) -> EncodedJpeg | None:
         """`data` left encoded for the batch to decode on the device (`LV_DECODE`), or None:

@@ -5,7 +5,6 @@ only the image that killed it; the pool is replaced and keeps serving."""
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import subprocess
 import sys
 import threading
@@ -21,12 +20,10 @@ import torch
 from contract.errors import TransientError
 from tests.decode_cues import HANG, KILLER, SLOW, crash_on_cue
 from tests.images import png_claiming_size, truncated_jpeg
-from tests.unit.fetch_servers import serve
 from tests.unit.test_tensor_input import encode, sample_blobs, textured
 from worker.decode_child import DecodedForModel, decode_for_model
 from worker.decode_pool import CHUNK, DecodePool
-from worker.fetch import FetchPolicy
-from worker.image_fetch import FailedImage, Fetched, FetchedBytes, ImageRequest, fetch_each
+from worker.image_fetch import FailedImage, Fetched, FetchedBytes
 from worker.images import PreparedImage, prepare_images
 
 MAX_PIXELS = 40_000_000
@@ -224,116 +221,6 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-# --- fetched in the pool (the worker's path with LV_DECODE_PROCESSES) ------------------------
-
-
-def _policy(root: Path, timeout: float = 10.0) -> FetchPolicy:
-    return FetchPolicy(
-        max_bytes=10_000_000,
-        timeout=timeout,
-        allowed_private_networks=(ipaddress.ip_network("127.0.0.0/8"),),
-        file_roots=(root,),
-    )
-
-
-def test_fetched_in_the_pool_gives_what_the_threads_give(pool: DecodePool, tmp_path: Path) -> None:
-    """Files and http, good and bad, a server's 503 and a missing file: the pool's processes
-    fetch and decode them to exactly what the worker's threads give, failures word for word,
-    and a transient failure stays transient (the job is retried)."""
-    cut = truncated_jpeg(tmp_path / "cut.jpg").read_bytes()
-    blobs = [*sample_blobs(), cut, b"not an image at all"]
-    urls = []
-    for i, blob in enumerate(blobs):
-        (tmp_path / f"{i}.img").write_bytes(blob)
-        urls.append((tmp_path / f"{i}.img").as_uri())
-    urls.append((tmp_path / "missing.jpg").as_uri())
-    with serve() as server:
-        urls += [f"{server.base_url}/slow/0", f"{server.base_url}/status/503"]
-        requests = [ImageRequest(i, url) for i, url in enumerate(urls)]
-        policy = _policy(tmp_path)
-        with ThreadPoolExecutor(4) as executor:
-            by_threads = fetch_each(requests, policy, executor)
-            by_pool = fetch_each(requests, policy, executor, elsewhere=pool.fetch_many)
-
-    assert isinstance(by_pool[-1], TransientError) and isinstance(by_threads[-1], TransientError)
-    assert str(by_pool[-1]) == str(by_threads[-1])
-    pooled = [item for item in by_pool if not isinstance(item, TransientError)]
-    threaded = [item for item in by_threads if not isinstance(item, TransientError)]
-    for item in pooled:  # the bytes stayed in the pool process, the pixels came back
-        if isinstance(item, FetchedBytes):
-            assert item.data == b"" and item.decoded is not None
-    got, want = prepare_all(pooled, None), prepare_all(threaded, None)
-    assert len(got) == len(want) == len(urls) - 1
-    for one, other in zip(got, want, strict=True):
-        assert type(one) is type(other)
-        if isinstance(other, FailedImage):
-            assert one == other
-            continue
-        assert isinstance(one, PreparedImage) and isinstance(other, PreparedImage)
-        assert one.facts == other.facts
-        assert isinstance(one.pixels, torch.Tensor) and isinstance(other.pixels, torch.Tensor)
-        assert torch.equal(one.pixels, other.pixels)
-    assert sum(isinstance(r, FailedImage) for r in got) == 3  # truncated, not an image, missing
-
-
-def test_an_image_that_kills_its_fetching_process_fails_alone(
-    pool: DecodePool, tmp_path: Path
-) -> None:
-    blobs = [encode(textured(50, 40, seed=i), "JPEG") for i in range(5)]
-    blobs.insert(2, KILLER)
-    for i, blob in enumerate(blobs):
-        (tmp_path / f"{i}.jpg").write_bytes(blob)
-    requests = [ImageRequest(i, (tmp_path / f"{i}.jpg").as_uri()) for i in range(len(blobs))]
-
-    got = pool.fetch_many(requests, _policy(tmp_path), None)
-
-    assert [i for i, r in enumerate(got) if isinstance(r, FailedImage)] == [2]
-    assert isinstance(got[2], FailedImage) and "decoder process died" in got[2].error
-    assert all(isinstance(r, FetchedBytes) and r.decoded for i, r in enumerate(got) if i != 2)
-    assert pool.replaced == 1
-
-
-def test_for_a_device_that_decodes_jpegs_the_pool_sends_them_back_encoded(tmp_path: Path) -> None:
-    jpeg = encode(textured(50, 40), "JPEG")
-    png = encode(textured(50, 40), "PNG")
-    (tmp_path / "a.jpg").write_bytes(jpeg)
-    (tmp_path / "b.png").write_bytes(png)
-    requests = [
-        ImageRequest(0, (tmp_path / "a.jpg").as_uri()),
-        ImageRequest(1, (tmp_path / "b.png").as_uri()),
-    ]
-    keeping = DecodePool(1, max_pixels=MAX_PIXELS, draft_size=DRAFT, side=SIDE, keep_jpegs=True)
-    try:
-        left, decoded = keeping.fetch_many(requests, _policy(tmp_path), None)
-    finally:
-        keeping.close()
-
-    assert isinstance(left, FetchedBytes) and left.data == jpeg and left.decoded is None
-    assert isinstance(decoded, FetchedBytes) and decoded.data == b""
-    assert isinstance(decoded.decoded, DecodedForModel)
-    assert decoded.sha256 == hashlib.sha256(png).hexdigest()
-
-
-def test_a_fetch_in_the_pool_keeps_the_attempts_deadline(pool: DecodePool, tmp_path: Path) -> None:
-    """The deadline is on the monotonic clock the pool's processes share: past it, nothing is
-    fetched and the image is transiently failed (the job is retried); a slow host is cut
-    short at it."""
-    (tmp_path / "a.jpg").write_bytes(encode(textured(20, 20), "JPEG"))
-    with serve() as server:
-        requests = [
-            ImageRequest(0, (tmp_path / "a.jpg").as_uri()),
-            ImageRequest(1, f"{server.base_url}/slow/5"),
-        ]
-        began = time.monotonic()
-        (late,) = pool.fetch_many(requests[:1], _policy(tmp_path), began - 1)
-        (_, cut) = pool.fetch_many(requests, _policy(tmp_path), time.monotonic() + 1.0)
-        took = time.monotonic() - began
-
-    assert isinstance(late, TransientError) and "LV_TASK_TIME_LIMIT" in str(late)
-    assert isinstance(cut, TransientError) and "LV_TASK_TIME_LIMIT" in str(cut)
-    assert took < 4
 
 
 def test_waiting_behind_other_tasks_is_not_being_stuck() -> None:
