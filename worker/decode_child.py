@@ -1,7 +1,7 @@
-"""What a decode process runs (`LV_DECODE_PROCESSES`): an image fetched, and its bytes turned
-into its facts, its blur and brightness, and the tensor input path's uint8 pixels. It needs
-Pillow, numpy, the fetch code and plain records, no torch; the worker's threads run the same
-functions when there is no pool, so both give the same numbers."""
+"""What a decode process runs (`LV_DECODE_PROCESSES`; a fetch process too, `worker.fetch_child`):
+an image's bytes turned into its facts, its blur and brightness, and the tensor input path's
+uint8 pixels. It needs Pillow, numpy and plain records, no torch; the worker's threads run the
+same functions when there is no pool, so both give the same numbers."""
 
 from __future__ import annotations
 
@@ -9,20 +9,17 @@ import contextlib
 import ctypes
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from contract.errors import ListingError, TransientError, one_line
+from contract.errors import ListingError, one_line
 from db.records import ImageFacts
 from worker.decode import decode_image
-from worker.fetch import FetchPolicy
-from worker.image_fetch import Fetched, FetchedBytes, ImageRequest, fetch_one
 from worker.quality import measure_quality
 
 
@@ -35,10 +32,6 @@ class DecodedForModel:
 
 
 _PR_SET_PDEATHSIG = 1
-# A fetch process (`worker.fetch_child`) decodes two images at a time: more would hold more
-# pixels, not finish sooner under one GIL.
-_DECODE_SLOTS = threading.BoundedSemaphore(2)
-_JPEG_START = b"\xff\xd8\xff"
 _began: Any = None  # the pool's shared array of task start times (monotonic; 0: idle)
 _tasks: Any = None  # the pool's shared array of the tasks begun then
 _slot = -1  # this process's place in it
@@ -112,28 +105,6 @@ def decode_one(
 ) -> DecodedForModel | str:
     """One image alone (in a private process, after its chunk broke the pool)."""
     return work(image[0], image[1], max_pixels, draft_size, side)
-
-
-def fetch_and_decode_one(
-    work: DecodeWork,
-    request: ImageRequest,
-    policy: FetchPolicy,
-    deadline: float | None,
-    max_pixels: int,
-    draft_size: int,
-    side: int,
-    keep_jpegs: bool,
-) -> Fetched | TransientError:
-    """One image fetched and, unless it is a JPEG left for the device, decoded: its bytes stay
-    here, its pixels (or why it cannot be used) go back. It is decoded even when the model has
-    embedded its content already (the worker looks that up after the fetch): the CPU is the
-    pool's, and one hand-off instead of two."""
-    got = fetch_one(request, policy, deadline)
-    if not isinstance(got, FetchedBytes) or (keep_jpegs and got.data.startswith(_JPEG_START)):
-        return got
-    with _DECODE_SLOTS:
-        decoded = work(got.data, got.sha256, max_pixels, draft_size, side)
-    return replace(got, data=b"", decoded=decoded)
 
 
 def decode_and_measure(

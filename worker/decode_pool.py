@@ -48,6 +48,7 @@ from worker.decode_child import (
 )
 from worker.image_fetch import FailedImage, FetchedBytes
 from worker.images import PreparedImage, prepared_from
+from worker.spawner import on_spawner
 
 log = logging.getLogger(__name__)
 # A spawned process imports the decoder's modules before its first task: on a loaded host that
@@ -218,7 +219,11 @@ class DecodePool:
 
     def _new_pool(self, processes: int) -> _Pool:
         """A pool whose processes have all started (each is spawned for a task that finds no
-        idle one): the first images do not wait for them."""
+        idle one): the first images do not wait for them. Started on the spawner thread, so
+        they die with the worker, not with the job thread that happened to need them."""
+        return on_spawner(lambda: self._start_pool(processes)).result()
+
+    def _start_pool(self, processes: int) -> _Pool:
         began = self._context.Array("d", processes, lock=False)
         tasks = self._context.Array("q", processes, lock=False)
         slots = self._context.Value("i", 0)

@@ -8,12 +8,13 @@ run took five times as long as the worker's threads). Here every request has a t
 own in the process (`worker.fetch_child`) and its answer comes back the moment it is ready, over
 a pipe a reader thread drains; a slow host holds only its own requests, as with the threads.
 
-A process that dies (a decoder crash on a hostile file, the OOM killer) or has run one request
-past the fetch timeout plus the decode's (stuck: killed) ends its requests in flight; those
-images are fetched again by the worker's threads and left undecoded, so the job decodes them in
-the decode pool, which finds the image that kills or hangs a process and fails it alone
-(`worker.decode_pool`). The process is started again for the next request. Its processes die
-with the worker, however it ends (the parent-death signal)."""
+A process that dies (a decoder crash on a hostile file, the OOM killer) or has run one step of a
+request (its fetch, or its decode) past the fetch timeout plus the decode's (stuck: killed) ends
+its requests in flight. Those that had not begun go to its successor; those that had (suspects)
+are fetched again by the worker's threads and left undecoded, so the job decodes them in the
+decode pool, which finds the image that kills or hangs a process and fails it alone
+(`worker.decode_pool`). Its processes die with the worker, however it ends (the parent-death
+signal, `worker.spawner`)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ import itertools
 import logging
 import multiprocessing
 import os
+import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -34,17 +36,24 @@ from typing import Any
 from contract.errors import TransientError
 from worker.decode_child import DecodeWork, decode_for_model
 from worker.fetch import FetchPolicy
-from worker.fetch_child import THREADS, serve
+from worker.fetch_child import THREADS, Board, Requests, serve
 from worker.image_fetch import FailedImage, Fetched, ImageRequest, fetch_one
+from worker.spawner import on_spawner
 
 log = logging.getLogger(__name__)
 _START_TIMEOUT = 60.0  # a spawned process imports Pillow, numpy and httpx before it is ready
-_STUCK_CHECK_SECONDS = 5.0  # how often a wait looks for a request stuck past its time
+_CHECK_SECONDS = 5.0  # how often a wait looks for a process stuck past its time
 _REFETCH_THREADS = 16
+_ROUNDS = 3  # sends of a request whose process ended before it began, before it is fetched here
 
 
 class _Ended(Exception):
-    """The process ended (died, or was killed as stuck) with the request in flight."""
+    """The process ended (died, or was killed as stuck) with the request in flight; `begun`:
+    whether the request was running then (a suspect) or only waiting (innocent)."""
+
+    def __init__(self, begun: bool) -> None:
+        super().__init__("the fetch process ended")
+        self.begun = begun
 
 
 class FetchProcesses:
@@ -70,12 +79,20 @@ class FetchProcesses:
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._closed = False
+        self._stopped: Future[None] = Future()  # done once closed: ends a wait at once
         self._ids = itertools.count(1)
         self._turn = itertools.count()
         self._refetch = ThreadPoolExecutor(_REFETCH_THREADS, thread_name_prefix="refetch")
+        self._starting: dict[int, Future[_Child]] = {}
         self.restarted = 0  # processes started again after one ended (for tests and the log)
         self.refetched = 0  # images fetched again by the worker's threads (for tests)
-        self._children = [self._start() for _ in range(max(1, processes))]
+        self._children: list[_Child] = []
+        try:
+            for _ in range(max(1, processes)):
+                self._children.append(on_spawner(self._start).result())
+        except BaseException:
+            self.close()
+            raise
 
     def fetch_many(
         self, requests: Sequence[ImageRequest], policy: FetchPolicy, deadline: float | None
@@ -83,26 +100,31 @@ class FetchProcesses:
         """A group's images fetched and decoded, in the order asked: each fetched with its
         pixels (or why it cannot be used; a JPEG for the device still encoded), unchanged,
         failed, or transiently failed (the job is retried)."""
-        if not requests:
-            return []
         limit = policy.timeout + self._decode_timeout
-        sent = self._send(requests, policy, deadline)
         out: dict[int, Fetched | TransientError] = {}
-        again: list[int] = []  # in flight when their process ended
-        for index, (request, (child, future)) in enumerate(zip(requests, sent, strict=True)):
-            try:
-                got = child.wait(future, limit)
-            except _Ended:
-                again.append(index)
-                continue
-            except TransientError as error:  # the worker is stopping
-                got = error
-            if isinstance(got, str):  # why it cannot be used
-                got = FailedImage(request.position, request.url, got)
-            out[index] = got  # type: ignore[assignment]
-        if again:
-            refetched = self._fetch_here([requests[i] for i in again], policy, deadline)
-            out.update(zip(again, refetched, strict=True))
+        todo = list(range(len(requests)))
+        suspects: list[int] = []  # running when their process ended
+        for round_ in range(_ROUNDS):
+            if not todo:
+                break
+            sent = self._send([requests[i] for i in todo], policy, deadline)
+            waiting: list[int] = []  # their process ended before they began
+            for index, (child, future) in zip(todo, sent, strict=True):
+                try:
+                    got = child.wait(future, limit, self._stopped)
+                except _Ended as ended:
+                    (suspects if ended.begun or round_ == _ROUNDS - 1 else waiting).append(index)
+                    continue
+                except TransientError as error:  # the worker is stopping
+                    got = error
+                if isinstance(got, str):  # why it cannot be used
+                    request = requests[index]
+                    got = FailedImage(request.position, request.url, got)
+                out[index] = got  # type: ignore[assignment]
+            todo = waiting
+        if suspects:
+            refetched = self._fetch_here([requests[i] for i in suspects], policy, deadline)
+            out.update(zip(suspects, refetched, strict=True))
         return [out[index] for index in range(len(requests))]
 
     def close(self) -> None:
@@ -111,8 +133,10 @@ class FetchProcesses:
         with self._lock:
             self._closed = True
             children = list(self._children)
+        with contextlib.suppress(Exception):
+            self._stopped.set_result(None)
         for child in children:
-            child.end(_stopping())
+            child.end(lambda _: _stopping())
             child.kill()
         self._refetch.shutdown(wait=False, cancel_futures=True)
 
@@ -123,13 +147,11 @@ class FetchProcesses:
         answer will complete."""
         count = len(self._children)
         first = next(self._turn)
+        places = [(first + offset) % count for offset in range(len(requests))]
+        children = {place: self._child(place) for place in dict.fromkeys(places)}
         mine: dict[int, list[tuple[int, ImageRequest]]] = {}
         sent: list[tuple[_Child, Future[object]]] = []
-        children = {}
-        for offset, request in enumerate(requests):
-            place = (first + offset) % count
-            if place not in children:
-                children[place] = self._child(place)
+        for place, request in zip(places, requests, strict=True):
             request_id = next(self._ids)
             mine.setdefault(place, []).append((request_id, request))
             sent.append((children[place], children[place].expect(request_id)))
@@ -140,108 +162,157 @@ class FetchProcesses:
     def _fetch_here(
         self, requests: Sequence[ImageRequest], policy: FetchPolicy, deadline: float | None
     ) -> list[Fetched | TransientError]:
-        """Images whose process ended with them in flight, fetched by the worker's threads and
-        left undecoded: the job decodes them in the decode pool, which isolates the one that
-        kills (or hangs) a process."""
-        self.refetched += len(requests)
+        """Images their process was on when it ended, fetched again by the worker's threads
+        and left undecoded: the job decodes them in the decode pool, which isolates the one
+        that kills (or hangs) a process."""
+        with self._lock:
+            self.refetched += len(requests)
         try:
-            return list(self._refetch.map(lambda r: fetch_one(r, policy, deadline), requests))
+            futures = [self._refetch.submit(fetch_one, r, policy, deadline) for r in requests]
         except RuntimeError as error:  # shut down: the worker is stopping
             raise _stopping() from error
+        got: list[Fetched | TransientError] = []
+        for future in futures:
+            self._until_stopped(future)
+            if not future.done() or future.cancelled():
+                raise _stopping()
+            got.append(future.result())
+        return got
+
+    def _until_stopped(self, future: Future[Any]) -> None:
+        """Wait for `future`, or for the close, whichever comes first."""
+        both: list[Future[Any]] = [future, self._stopped]
+        wait(both, return_when=FIRST_COMPLETED)
 
     def _child(self, place: int) -> _Child:
-        """The process at `place`, started again if it has ended."""
+        """The process at `place`, started again (on the spawner thread, outside the lock: a
+        start takes a second or more) if it has ended."""
         with self._lock:
             if self._closed:
                 raise _stopping()
             child = self._children[place]
-            if child.ended is not None:
+            if child.ended is None:
+                return child
+            starting = self._starting.get(place)
+            if starting is None:
                 log.warning("a fetch process ended; starting another")
-                child = self._children[place] = self._start()
-                self.restarted += 1
-            return child
+                starting = self._starting[place] = on_spawner(self._start)
+        self._until_stopped(starting)
+        with self._lock:
+            if self._starting.get(place) is starting and starting.done():
+                del self._starting[place]
+                if starting.exception() is None:
+                    self._children[place] = starting.result()
+                    self.restarted += 1
+            if self._closed:
+                if starting.done() and starting.exception() is None:
+                    starting.result().kill()
+                raise _stopping()
+        return starting.result()  # its TransientError if it could not start
 
     def _start(self) -> _Child:
-        began = self._context.Array("d", THREADS, lock=False)
+        board = Board(
+            self._context.Array("d", THREADS, lock=False),
+            self._context.Array("q", THREADS, lock=False),
+        )
         mine, theirs = self._context.Pipe()
         process = self._context.Process(
             target=serve,
-            args=(theirs, os.getpid(), began, self._work, self._decode_args),
+            args=(theirs, os.getpid(), board, self._work, self._decode_args),
             name="lv-fetch",
             daemon=True,
         )
         try:
             process.start()
             theirs.close()
-            if not mine.poll(_START_TIMEOUT):
-                raise TimeoutError(f"not ready in {_START_TIMEOUT:.0f} s")
+            ready_by = time.monotonic() + _START_TIMEOUT
+            while not mine.poll(0.1):
+                if self._closed or time.monotonic() > ready_by or not process.is_alive():
+                    raise TimeoutError(f"not ready (exit code {process.exitcode})")
             mine.recv()
+            if self._closed:
+                raise TimeoutError("closed while it started")
         except (OSError, EOFError, TimeoutError) as error:  # no memory to start one
             with contextlib.suppress(Exception):
                 process.kill()
+            mine.close()
             raise TransientError(f"cannot start a fetch process: {error}") from error
-        return _Child(process, mine, began)
+        return _Child(process, mine, board)
 
 
 class _Child:
-    """One fetch process: its pipe, the requests it has in flight, and a reader thread that
-    completes each as its answer arrives."""
+    """One fetch process: its pipe, the requests it has in flight, a writer thread that sends
+    (so no caller blocks on a full pipe) and a reader thread that completes each request as
+    its answer arrives."""
 
-    def __init__(self, process: BaseProcess, conn: Connection, began: Any) -> None:
+    def __init__(self, process: BaseProcess, conn: Connection, board: Board) -> None:
         self.process = process
         self._conn = conn
-        self._began = began
-        self._lock = threading.Lock()  # the pipe's sending end and `_pending`
+        self._board = board
+        self._lock = threading.Lock()  # `_pending` and `ended`; never held across I/O
         self._pending: dict[int, Future[object]] = {}
-        self.ended: Exception | None = None
+        self.ended: bool | None = None
+        self._outbox: queue.SimpleQueue[Requests | None] = queue.SimpleQueue()
+        self._writing_since = 0.0  # when the message being sent began (0: none)
+        threading.Thread(target=self._write, name="fetch-requests", daemon=True).start()
         threading.Thread(target=self._read, name="fetch-answers", daemon=True).start()
 
     def expect(self, request_id: int) -> Future[object]:
         future: Future[object] = Future()
         with self._lock:
-            if self.ended is not None:
-                future.set_exception(self.ended)
-            else:
+            ended = self.ended is not None
+            if not ended:
                 self._pending[request_id] = future
+        if ended:
+            future.set_exception(_Ended(False))
         return future
 
-    def send(self, message: object) -> None:
-        with self._lock:
-            if self.ended is not None:
-                return  # its futures have their exception already
-            try:
-                self._conn.send(message)
-                return
-            except (OSError, ValueError):  # it died a moment ago
-                pass
-        self.end(_Ended())
+    def send(self, message: Requests) -> None:
+        self._outbox.put(message)
 
-    def wait(self, future: Future[object], limit: float) -> object:
-        """The request's answer; `_Ended` if the process ends first. One that has run a
-        request longer than `limit` is stuck and killed (a request that waits for one of its
-        threads has not begun, so a slow host's queue is not mistaken for a hang)."""
+    def wait(self, future: Future[object], limit: float, stopped: Future[None]) -> object:
+        """The request's answer; `_Ended` if the process ends first. One that has run a step
+        of a request longer than `limit`, or has not read a message for that long, is stuck
+        and killed."""
         while True:
             try:
-                return future.result(timeout=_STUCK_CHECK_SECONDS)
+                return future.result(timeout=_CHECK_SECONDS)
             except FutureTimeout:
-                now = time.monotonic()
-                if any(0 < began < now - limit for began in self._began[:]):
+                if stopped.done():
+                    raise _stopping() from None
+                writing = self._writing_since
+                if self._board.stuck(limit) or 0 < writing < time.monotonic() - limit:
                     log.warning("a fetch process ran one image past %.0f s; killing it", limit)
                     self.kill()
 
-    def end(self, error: Exception) -> None:
-        """Fail every request in flight with `error` (the first reason to end wins)."""
+    def end(self, reason: object = None) -> None:
+        """Fail every request in flight: with `reason(request_id)` when given, else `_Ended`
+        saying whether it had begun. A fresh exception for each: one shared would gather
+        every raiser's traceback (and the frames it holds)."""
         with self._lock:
-            if self.ended is None:
-                self.ended = error
+            self.ended = True
             pending, self._pending = self._pending, {}
-            reason = self.ended
-        for future in pending.values():
-            future.set_exception(reason)
+        begun = self._board.begun() if reason is None else set()
+        for request_id, future in pending.items():
+            error = reason(request_id) if callable(reason) else _Ended(request_id in begun)
+            with contextlib.suppress(Exception):  # completed meanwhile
+                future.set_exception(error)
+        self._outbox.put(None)  # the writer stops
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
             self.process.kill()
+
+    def _write(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            self._writing_since = time.monotonic()
+            try:
+                self._conn.send(message)
+            except Exception:  # it died (or the kill of a stuck one broke the pipe)
+                self.kill()
+                return
+            finally:
+                self._writing_since = 0.0
 
     def _read(self) -> None:
         while True:
@@ -253,9 +324,11 @@ class _Child:
                 future = self._pending.pop(request_id, None)
             if future is not None:
                 future.set_result(got)
-        self.end(_Ended())
+        self.kill()  # already dead, or alive with a pipe it can no longer use
         with contextlib.suppress(Exception):
             self.process.join(timeout=5)
+        self.end()
+        with contextlib.suppress(Exception):
             self._conn.close()
 
 

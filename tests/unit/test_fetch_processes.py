@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ import pytest
 import torch
 
 from contract.errors import TransientError
-from tests.decode_cues import HANG, KILLER, crash_on_cue
+from tests.decode_cues import HANG, KILLER, SLOW, crash_on_cue
 from tests.images import truncated_jpeg
 from tests.unit.fetch_servers import serve
 from tests.unit.test_decode_pool import DRAFT, MAX_PIXELS, SIDE, prepare_all
@@ -183,6 +185,112 @@ def test_a_process_stuck_on_an_image_is_killed_and_its_images_fetched_again(
     assert stuck.refetched >= 1
     assert all(isinstance(a, FetchedBytes) and a.decoded for a in after)
     assert stuck.restarted == 1
+
+
+def test_waiting_for_a_decode_slot_is_not_being_stuck(tmp_path: Path) -> None:
+    """Nine images that each take a second to decode, two decode slots, and a limit of 3 s
+    (fetch 1 s + decode 2 s): the last waits about 4 s for a slot but decodes in 1, so the
+    process is not killed and nothing is fetched again."""
+    single = _processes(1, decode_timeout=2.0)
+    try:
+        got = single.fetch_many(_files(tmp_path, [SLOW] * 9), _policy(tmp_path, 1.0), None)
+    finally:
+        single.close()
+
+    assert single.refetched == 0 and single.restarted == 0
+    assert all(isinstance(r, FetchedBytes) and r.decoded is not None for r in got)
+
+
+def test_a_process_started_again_from_a_short_lived_thread_outlives_it(tmp_path: Path) -> None:
+    """The parent-death signal follows the thread that started a process: one started again
+    for a job's passing thread must not die with that thread (processes start on the
+    spawner thread)."""
+    single = _processes(1)
+    requests = _files(tmp_path, [encode(textured(40, 30), "JPEG")])
+    try:
+        first = single._children[0].process
+        first.kill()
+        first.join()
+        deadline = time.monotonic() + 10
+        while single._children[0].ended is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        policy = _policy(tmp_path)
+        passing = threading.Thread(target=single.fetch_many, args=(requests, policy, None))
+        passing.start()
+        passing.join(30)
+        second = single._children[0].process
+        time.sleep(1.0)  # the thread has ended
+        assert second.pid != first.pid and second.is_alive()
+        (got,) = single.fetch_many(requests, _policy(tmp_path), None)
+    finally:
+        single.close()
+
+    assert isinstance(got, FetchedBytes) and got.decoded is not None
+    assert single.restarted == 1
+
+
+def test_closing_ends_a_wait_on_a_frozen_process_at_once(tmp_path: Path) -> None:
+    """A process that reads nothing (stopped here; a decoder hang holding its GIL in life)
+    while a group sends it 10,000 requests, more than the pipe holds: neither the group nor
+    the close blocks on the pipe."""
+    frozen = _processes(1)
+    pid = frozen._children[0].process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    requests = [ImageRequest(i, f"http://127.0.0.1:9/{'x' * 80}/{i}.jpg") for i in range(10_000)]
+    answers: list[object] = []
+
+    def group() -> None:
+        try:
+            answers.append(frozen.fetch_many(requests, _policy(tmp_path), None))
+        except BaseException as error:
+            answers.append(error)
+
+    thread = threading.Thread(target=group)
+    thread.start()
+    time.sleep(1.0)
+    began = time.monotonic()
+    frozen.close()
+    thread.join(10)
+    took = time.monotonic() - began
+
+    assert not thread.is_alive() and took < 5, f"{took:.1f} s"
+    (answer,) = answers
+    assert isinstance(answer, list) and len(answer) == len(requests)
+    assert all(isinstance(a, TransientError) and "stopping" in str(a) for a in answer)
+
+
+def test_closing_while_images_are_fetched_again_gives_a_transient_error(tmp_path: Path) -> None:
+    """The process died with slow images in flight and the worker's threads fetch them again
+    when the worker stops: the group gets the stopping error at once (its jobs are retried),
+    not a CancelledError after the slowest refetch."""
+    single = _processes(1)
+    killer = _files(tmp_path, [KILLER])
+    answers: list[object] = []
+    with serve() as server:
+        slow = [ImageRequest(i, f"{server.base_url}/slow/{4 if i == 0 else 1}") for i in range(5)]
+
+        def group() -> None:
+            try:
+                answers.append(single.fetch_many([*slow, killer[0]], _policy(tmp_path), None))
+            except BaseException as error:
+                answers.append(error)
+
+        thread = threading.Thread(target=group)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while single.refetched == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        began = time.monotonic()
+        single.close()
+        thread.join(10)
+        took = time.monotonic() - began
+
+    assert single.refetched > 0
+    assert not thread.is_alive() and took < 2, f"{took:.1f} s"
+    (answer,) = answers
+    assert isinstance(answer, TransientError) and "stopping" in str(answer)
 
 
 def test_for_a_device_that_decodes_jpegs_the_processes_send_them_back_encoded(
