@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     decode: Literal["auto", "pil", "device"] = "auto"
     # Processes that decode images for the tensor input path (0: each job's own threads).
     decode_processes: int = Field(0, ge=0, le=64)
-    # With decode processes: they fetch the images too (docs/architecture.md).
+    # With decode processes: as many fetch processes fetch and decode the images
+    # (docs/architecture.md).
     pool_fetches: bool = False
     worker_concurrency: int | None = Field(None, ge=1)
     # Jobs per message when one `enqueue` call carries several events: a worker claims,
