@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from contract.errors import TransientError
+from tests.child_processes import gone_within, started_by_a_worker_that_exits
 from tests.decode_cues import HANG, KILLER, SLOW, crash_on_cue
 from tests.images import png_claiming_size, truncated_jpeg
 from tests.unit.test_tensor_input import encode, sample_blobs, textured
@@ -111,8 +112,6 @@ def test_a_dying_process_fails_only_the_image_that_killed_it(pool: DecodePool) -
 def test_the_child_needs_no_torch() -> None:
     """A decode process imports Pillow and numpy, not torch: it starts in a fraction of a
     second, and the pixels cross as a plain array."""
-    import subprocess
-    import sys
 
     code = "import sys, worker.decode_child; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -190,37 +189,17 @@ def test_groups_queued_when_the_pool_closes_get_a_transient_error() -> None:
 def test_the_pool_processes_die_with_the_worker_however_it_ends() -> None:
     """`os._exit` (the stall watchdog's way out) and SIGKILL skip every clean-up: the pool's
     processes must not live on without their worker."""
-    code = (
-        "import multiprocessing, os, sys\n"
-        "from worker.decode_pool import DecodePool\n"
-        "if __name__ == '__main__':\n"
-        "    DecodePool(2, max_pixels=10**6, draft_size=64, side=32)\n"
-        "    print(' '.join(str(c.pid) for c in multiprocessing.active_children()), flush=True)\n"
-        "    os._exit(0)\n"
+    pids = started_by_a_worker_that_exits(
+        "worker.decode_pool", "DecodePool(2, max_pixels=10**6, draft_size=64, side=32)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    pids = [int(pid) for pid in out.stdout.split()]
     assert len(pids) == 2
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in pids)
+    assert gone_within(pids)
 
 
 def _children() -> list:  # type: ignore[type-arg]
     import multiprocessing
 
     return multiprocessing.active_children()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_waiting_behind_other_tasks_is_not_being_stuck() -> None:

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from contract.errors import TransientError
+from tests.child_processes import gone_within, started_by_a_worker_that_exits
 from tests.decode_cues import HANG, KILLER, SLOW, crash_on_cue
 from tests.images import truncated_jpeg
 from tests.unit.fetch_servers import serve
@@ -363,43 +364,20 @@ def test_closing_ends_the_waits_at_once_and_their_jobs_are_retried(tmp_path: Pat
     with pytest.raises(TransientError, match="stopping"):
         closing.fetch_many(_files(tmp_path, [b"x"]), _policy(tmp_path), None)
     assert closing.restarted == 0
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in pids if pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in pids if pid)
+    assert gone_within(pid for pid in pids if pid)
 
 
 def test_the_fetch_processes_die_with_the_worker_however_it_ends() -> None:
     """`os._exit` (the stall watchdog's way out) and SIGKILL skip every clean-up: the fetch
     processes must not live on without their worker."""
-    code = (
-        "import multiprocessing, os\n"
-        "from worker.fetch_processes import FetchProcesses\n"
-        "if __name__ == '__main__':\n"
-        "    FetchProcesses(2, max_pixels=10**6, draft_size=64, side=32)\n"
-        "    print(' '.join(str(c.pid) for c in multiprocessing.active_children()), flush=True)\n"
-        "    os._exit(0)\n"
+    pids = started_by_a_worker_that_exits(
+        "worker.fetch_processes", "FetchProcesses(2, max_pixels=10**6, draft_size=64, side=32)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    pids = [int(pid) for pid in out.stdout.split()]
     assert len(pids) == 2
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(pid) for pid in pids)
+    assert gone_within(pids)
 
 
 def test_the_fetch_child_needs_no_torch() -> None:
     code = "import sys, worker.fetch_child; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
