@@ -265,14 +265,18 @@ class _Pool:
 
     def result(self, future: Future[R], timeout: float) -> R:
         """The task's result. FutureTimeout only once one of the pool's processes has been on
-        one task longer than `timeout`: a task that waits behind others (a slow host's
-        fetches, many groups at once) is not stuck, and killing the pool for it would fail
-        healthy work."""
+        one task longer than `timeout` (a task that waits behind others, a slow host's fetches
+        or many groups at once, is not stuck, and killing the pool for it would fail healthy
+        work), or once every process has been idle through two checks while the task waited:
+        processes that read nothing (stopped, or one frozen holding the task queue's lock)
+        would otherwise hold it for good."""
+        idle_checks = 0
         while True:
             try:
                 return future.result(timeout=min(timeout, _STUCK_CHECK_SECONDS))
             except FutureTimeout:
-                if self.stuck(timeout):
+                idle_checks = idle_checks + 1 if not any(self.began[:]) else 0
+                if self.stuck(timeout) or idle_checks >= 2:
                     raise
 
     def stuck(self, timeout: float) -> bool:

@@ -45,6 +45,11 @@ class Board:
         now = time.monotonic()
         return any(0 < began < now - limit for began in self.began[:])
 
+    def idle(self) -> bool:
+        """No thread is fetching or decoding: with a request in flight, a process that reads
+        nothing (stopped, or frozen) looks so, a healthy one only for a moment."""
+        return not any(began > 0 for began in self.began[:])
+
     def begun(self) -> set[int]:
         return {
             request_id

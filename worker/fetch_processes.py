@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _START_TIMEOUT = 60.0  # a spawned process imports Pillow, numpy and httpx before it is ready
 _CHECK_SECONDS = 5.0  # how often a wait looks for a process stuck past its time
 _REFETCH_THREADS = 16
+_DEADLINE_GRACE = 10.0  # past the attempt's deadline, for a decode under way to answer
 _ROUNDS = 3  # sends of a request whose process ended before it began, before it is fetched here
 
 
@@ -54,6 +55,10 @@ class _Ended(Exception):
     def __init__(self, begun: bool) -> None:
         super().__init__("the fetch process ended")
         self.begun = begun
+
+
+class _PastDeadline(Exception):
+    """The attempt's deadline passed and the request's process has not answered."""
 
 
 class FetchProcesses:
@@ -111,7 +116,12 @@ class FetchProcesses:
             waiting: list[int] = []  # their process ended before they began
             for index, (child, future) in zip(todo, sent, strict=True):
                 try:
-                    got = child.wait(future, limit, self._stopped)
+                    got = child.wait(future, limit, self._stopped, deadline)
+                except _PastDeadline:
+                    got = TransientError(
+                        f"image {requests[index].position} not fetched: its fetch process did"
+                        " not answer before the attempt's LV_TASK_TIME_LIMIT"
+                    )
                 except _Ended as ended:
                     (suspects if ended.begun or round_ == _ROUNDS - 1 else waiting).append(index)
                     continue
@@ -270,20 +280,29 @@ class _Child:
     def send(self, message: Requests) -> None:
         self._outbox.put(message)
 
-    def wait(self, future: Future[object], limit: float, stopped: Future[None]) -> object:
-        """The request's answer; `_Ended` if the process ends first. One that has run a step
-        of a request longer than `limit`, or has not read a message for that long, is stuck
-        and killed."""
+    def wait(
+        self, future: Future[object], limit: float, stopped: Future[None], deadline: float | None
+    ) -> object:
+        """The request's answer; `_Ended` if the process ends first. A process is stuck, and
+        killed, when it has run one step of a request longer than `limit`, has not read a
+        message for that long, or has been idle through two checks while the request waited
+        (it reads nothing: a healthy one answers or begins within the moment). Past the
+        attempt's `deadline` (with a grace for a decode under way) the request is given up,
+        transiently: the process may be fine, the attempt is not (`_PastDeadline`)."""
+        idle_checks = 0
         while True:
             try:
                 return future.result(timeout=_CHECK_SECONDS)
             except FutureTimeout:
                 if stopped.done():
                     raise _stopping() from None
-                writing = self._writing_since
-                if self._board.stuck(limit) or 0 < writing < time.monotonic() - limit:
-                    log.warning("a fetch process ran one image past %.0f s; killing it", limit)
+                now, writing = time.monotonic(), self._writing_since
+                idle_checks = idle_checks + 1 if self._board.idle() else 0
+                if self._board.stuck(limit) or 0 < writing < now - limit or idle_checks >= 2:
+                    log.warning("a fetch process is stuck (past %.0f s, or frozen); killing", limit)
                     self.kill()
+                elif deadline is not None and now > deadline + _DEADLINE_GRACE:
+                    raise _PastDeadline() from None
 
     def end(self, reason: object = None) -> None:
         """Fail every request in flight: with `reason(request_id)` when given, else `_Ended`

@@ -5,6 +5,8 @@ only the image that killed it; the pool is replaced and keeps serving."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -227,6 +229,27 @@ def test_waiting_behind_other_tasks_is_not_being_stuck() -> None:
     for answer in answers:  # decoded, and refused as what it is: not an image
         assert isinstance(answer, FailedImage), answer
         assert "longer than" not in answer.error and "died" not in answer.error, answer
+
+
+def test_a_pool_whose_processes_read_nothing_is_replaced() -> None:
+    """Every process stopped (one frozen holding the task queue's lock does as much): all are
+    idle while the group waits, so after two checks the pool is replaced and the group, which
+    no process had begun, is decoded in the new one."""
+    frozen = DecodePool(2, max_pixels=MAX_PIXELS, draft_size=DRAFT, side=SIDE, timeout=3.0)
+    try:
+        pids = [p.pid for p in frozen._pool.executor._processes.values()]  # type: ignore[attr-defined]
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        good = [encode(textured(40, 30, seed=i), "JPEG") for i in range(3)]
+
+        results = prepared(good, frozen)
+    finally:
+        frozen.close()
+
+    assert all(isinstance(r, PreparedImage) for r in results), results
+    assert frozen.replaced == 1 and frozen.run_alone == 0
+    assert gone_within(pids)
 
 
 def test_closing_ends_a_running_task_and_its_group_is_retried() -> None:

@@ -261,6 +261,47 @@ def test_closing_ends_a_wait_on_a_frozen_process_at_once(tmp_path: Path) -> None
     assert all(isinstance(a, TransientError) and "stopping" in str(a) for a in answer)
 
 
+def test_a_frozen_process_is_killed_and_its_requests_go_to_its_successor(tmp_path: Path) -> None:
+    """A process that reads nothing (stopped here) is idle with requests in flight: after two
+    checks it is killed, and the requests, none of which had begun, are sent to a new one."""
+    single = _processes(1)
+    pid = single._children[0].process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    requests = _files(tmp_path, [encode(textured(40, 30, seed=i), "JPEG") for i in range(3)])
+    try:
+        began = time.monotonic()
+        got = single.fetch_many(requests, _policy(tmp_path), None)
+        took = time.monotonic() - began
+    finally:
+        single.close()
+
+    assert all(isinstance(r, FetchedBytes) and r.decoded is not None for r in got)
+    assert single.restarted == 1 and single.refetched == 0
+    assert took < 30
+    assert gone_within([pid])
+
+
+def test_a_process_that_does_not_answer_by_the_attempts_deadline_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode that hangs well inside the stuck limit: the request is given up transiently
+    (the job is retried) soon after the attempt's deadline, not when the process is killed
+    minutes later."""
+    monkeypatch.setattr("worker.fetch_processes._DEADLINE_GRACE", 1.0)
+    single = _processes(1, decode_timeout=600.0)
+    requests = _files(tmp_path, [HANG])
+    try:
+        began = time.monotonic()
+        (got,) = single.fetch_many(requests, _policy(tmp_path), began + 1.0)
+        took = time.monotonic() - began
+    finally:
+        single.close()
+
+    assert isinstance(got, TransientError) and "LV_TASK_TIME_LIMIT" in str(got), got
+    assert took < 15
+
+
 def test_closing_while_images_are_fetched_again_gives_a_transient_error(tmp_path: Path) -> None:
     """The process died with slow images in flight and the worker's threads fetch them again
     when the worker stops: the group gets the stopping error at once (its jobs are retried),
